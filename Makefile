@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Each sets up its own environment.
+#
+# The venv sees system site-packages so a machine that already has torch (the GPU image's
+# torch 2.11 + CUDA) reuses it. Where no torch is importable we ask for torch==2.13.0, which on
+# these machines is the CPU build lying on disk; never a bare `torch` that would pull a
+# multi-GB CUDA wheel.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-fast aot bench gpu-check clean
+
+$(VENV)/.staged-env: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import staged, staged.kernels; import torch; print('env ok: torch', torch.__version__)"
+	touch $@
+
+env: $(VENV)/.staged-env
+
+demo: env
+	$(PY) -m staged.train
+
+test: env
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+aot: env
+	env -u TRITON_INTERPRET $(PY) -m staged.kernels.aot
+
+bench: env
+	$(PY) -m benchmarks --all
+
+gpu-check: env
+	$(PY) -m benchmarks.gpu_check
+
+clean:
+	rm -rf $(VENV) build *.egg-info staged/_C*.so

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references of every kernel; tests and benchmarks both import them."""
