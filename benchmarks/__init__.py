@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks and trainer throughput. Run ``python -m benchmarks --list``."""
