@@ -3,3 +3,5 @@
 Each op lives in one file beside its autograd Function; its plain-PyTorch reference lives in
 ``staged.kernels.reference`` where tests and benchmarks import it.
 """
+from staged.kernels.linear_logprob import fused_linear_logprob  # noqa: E402,F401
+from staged.kernels.grpo_loss import grpo_loss  # noqa: E402,F401
