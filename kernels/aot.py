@@ -59,16 +59,27 @@ def register_aot(fn, signature: dict, constexprs: dict | None = None, *, num_war
 
 
 def registered() -> list[AotSpec]:
+    # Under `python -m staged.kernels.aot` this file runs as __main__, while kernel modules
+    # register into the imported staged.kernels.aot: always read that module's registry.
+    registry = importlib.import_module("staged.kernels.aot")._REGISTRY
     for mod in KERNEL_MODULES:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if exc.name != mod:  # a real import error inside an existing module
                 raise
-    return sorted(_REGISTRY.values(), key=lambda s: s.name)
+    return sorted(registry.values(), key=lambda s: s.name)
 
 
-def _ptxas_path() -> str:
+def _ptxas_path(cc: int) -> str:
+    # Triton >= 3.9 pairs newer archs with a newer ptxas (the PTX it emits for sm_90 has a
+    # .version the older bundled ptxas rejects), so ask Triton which one it uses for this cc.
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(cc).path
+    except Exception:  # noqa: BLE001 - older Triton layouts
+        pass
     try:
         from triton import knobs
 
@@ -103,7 +114,7 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
         with open(ptx_file, "w") as f:
             f.write(ptx)
         arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
-        out = subprocess.run([_ptxas_path(), "-v", f"--gpu-name={arch}", ptx_file,
+        out = subprocess.run([_ptxas_path(cc), "-v", f"--gpu-name={arch}", ptx_file,
                               "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True)
     log = out.stdout + out.stderr

@@ -34,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    AOT_REPORT = getattr(terminalreporter.config, "_staged_aot_report", None)
+    if not AOT_REPORT:
+        return
+    tr = terminalreporter
+    tr.section("AOT compile: registers / spills / shared memory per kernel")
+    tr.write_line(f"{'kernel':64s} {'sm':>3s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s}")
+    for r in AOT_REPORT:
+        tr.write_line(f"{r['kernel'][:64]:64s} {r['cc']:>3d} {r['registers']:>5d} "
+                      f"{r['spill_stores'] + r['spill_loads']:>8d} {r['shared_bytes']:>7d}")

@@ -1,0 +1,602 @@
+"""Fused GRPO loss: Triton forward + backward with TRL's semantics (trl 1.16 ``_compute_loss``).
+
+Shapes and dtypes (N tokens, B sequences):
+    logp, old_logp, ref_logp, sampling_logp : [B, T] padded, or any shape with N elements plus
+                                              cu_seqlens [B+1] (packed); fp32 (bf16/fp16 accepted,
+                                              math is fp32)
+    mask                                    : like logp; bool / int / float (float = token weight)
+    advantages                              : [B] (or [B, 1]) float, one per sequence
+    vllm_is_ratio (precomputed, optional)   : like logp (per token) or [B] (per sequence)
+    loss -> 0-d fp32; metrics -> dict of 0-d fp32 device tensors; d loss / d logp -> like logp
+
+One program per sequence loops over its tokens in BLOCK chunks, so the grid is (B,) whatever the
+sequence length (no (B, L) grid to overflow, int64 token offsets throughout). The per-sequence
+reductions that GSPO (sequence-level ratio) and the sequence-level vLLM correction need are a
+first pass over the row inside the same program. The forward also writes d(m_t * loss_t)/d logp_t
+(fp32, before the per-sequence normaliser) because that costs one write where recomputing in the
+backward would cost re-reading every input; the backward is then a scale by the normaliser times
+the upstream gradient, plus, for sequence-level ratios, a per-row term times the mask.
+
+Byte model (what the op must move; the benchmark divides it by time for GB/s):
+    forward  : N * (4 [logp] + 4 [old] + 4*(beta != 0) [ref] + 4*(vLLM) [sampling or ratio]
+               + mask bytes (1 bool / 4 float)) read, + 4N [grad buffer] written when logp
+               requires grad; + O(B) (advantages, cu_seqlens, 8 row stats).
+               The sequence-level first pass re-reads logp, old, mask (+ sampling) of each row;
+               a row fits in L2, so it is not counted.
+    backward : 4N [grad buffer] (+ mask bytes for sequence-level ratios) read, 4N [d logp] written.
+               (Sequence-level without KL/CISPO reads only the mask: its buffer is all zeros and
+               is never written.)
+Host syncs: none. Options and shapes are read on the host; cu_seqlens' values only on the device
+(``torch._assert_async``); the normalisers (token counts, ``num_items_in_batch``) stay tensors.
+(A ``num_items_in_batch`` CPU tensor on a CUDA run is copied non-blocking; a device tensor or a
+Python number costs nothing.)
+
+Semantics: TRL's ``GRPOTrainer._compute_loss`` for every option the two share; see ``grpo_loss``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import register_aot
+from .grpo_options import (GRPOLossOptions, check_num_items, prepare_inputs, resolve_options,
+                           resolve_tensor_aliases, split_kwargs)
+from .reference.grpo_loss import EXP_CLAMP
+
+# Row statistics written by the forward kernel, [B, ROW_STATS] fp32.
+ROW_LOSS, ROW_COUNT, ROW_CLIP_LOW, ROW_CLIP_HIGH, ROW_KL, ROW_RATIO, ROW_SEQ_GRAD = range(7)
+ROW_STATS = 8  # padded to 8 floats (32 B) per row
+
+# Loss kinds (constexpr): the normaliser is applied on the host, so grpo/bnpo/dr_grpo/dapo/luspo
+# share one kernel specialisation.
+_CLIPPED, _CISPO_TRL, _CISPO_VERL, _SAPO = 0, 1, 2, 3
+# vLLM importance-ratio sources (constexpr).
+_IS_NONE, _IS_TOKEN_TENSOR, _IS_ROW_TENSOR, _IS_TOKEN_LOGP, _IS_SEQ_LOGP = 0, 1, 2, 3, 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _row_bounds(CU, b, T, PACKED: tl.constexpr):
+    # int64: B * T and cu_seqlens may exceed 2^31 tokens
+    if PACKED:
+        start = tl.load(CU + b).to(tl.int64)
+        end = tl.load(CU + b + 1).to(tl.int64)
+    else:
+        start = b * T
+        end = start + T
+    return start, end
+
+
+@triton.jit
+def _load_mask(MASK, offs, inb, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        m = tl.load(MASK + offs, mask=inb, other=0).to(tl.float32)
+    else:
+        m = tl.where(inb, 1.0, 0.0)
+    return m
+
+
+@triton.jit
+def _cap(x, hi):
+    # min(x, hi) that keeps NaN, like torch.clamp (tl.minimum may return the non-NaN operand on
+    # a GPU, which would turn a NaN log-prob at a valid position into a finite loss)
+    return tl.where(x > hi, hi, x)
+
+
+@triton.jit
+def _clip(x, lo, hi):
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def _vllm_ratio(d, is_lo, is_hi, TRUNC: tl.constexpr, EXP_MAX: tl.constexpr):
+    # TRL: exp(diff) then clamp (truncate) or zero outside [C_min, C_max] (mask); None bounds
+    # arrive as -inf / +inf
+    r = tl.exp(_cap(d, EXP_MAX))
+    if TRUNC:
+        r = _clip(r, is_lo, is_hi)
+    else:
+        r = tl.where((r < is_lo) | (r > is_hi), 0.0, r)
+    return r
+
+
+@triton.jit
+def _grpo_loss_fwd_kernel(
+    # per-token inputs, [N] (a flag off means the pointer is a dummy never read)
+    LOGP, OLD, REF, SAMP, ISR, MASK,
+    # per-sequence inputs: advantages [B]; cu_seqlens [B+1] (PACKED) or a dummy
+    ADV, CU,
+    # outputs: GRAD [N] fp32 d(m_t*loss_t)/d logp_t (STORE_GRAD); ROW [B, 8] fp32 row statistics
+    GRAD, ROW,
+    # padded row length (unused when PACKED)
+    T,
+    # fp32 scalars: clip epsilons, delta (+inf = off), KL coefficient, SAPO temperatures, vLLM
+    # ratio bounds C_min / C_max (-inf / +inf = off)
+    eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi,
+    # meta-parameters
+    PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
+    LOSS_KIND: tl.constexpr, SEQ_LEVEL: tl.constexpr, IS_KIND: tl.constexpr, IS_TRUNC: tl.constexpr,
+    USE_KL: tl.constexpr, KL_BIAS: tl.constexpr, STORE_GRAD: tl.constexpr, ROW_PASS: tl.constexpr,
+    EXP_MAX: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    start, end = _row_bounds(CU, b, T, PACKED)
+    n = end - start
+    cols = tl.arange(0, BLOCK)
+    adv = tl.load(ADV + b).to(tl.float32)
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
+
+    # ---- pass 1 (sequence-level ratio and/or sequence-level vLLM ratio): per-row sums ----
+    if ROW_PASS:
+        acc_x = tl.zeros([BLOCK], tl.float32)
+        acc_m = tl.zeros([BLOCK], tl.float32)
+        acc_d = tl.zeros([BLOCK], tl.float32)
+        for k in range(0, n, BLOCK):
+            offs = start + k + cols
+            inb = (k + cols) < n
+            m = _load_mask(MASK, offs, inb, HAS_MASK)
+            valid = m != 0.0
+            lp = tl.where(valid, tl.load(LOGP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+            if HAS_OLD:
+                old = tl.where(valid, tl.load(OLD + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+            else:
+                old = lp
+            if SEQ_LEVEL:
+                acc_x += (lp - old) * m
+                acc_m += m
+            if IS_KIND == 4:
+                s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+                d = (old - s) * m
+                acc_d += tl.where(d == d, d, 0.0)  # TRL: nan_to_num (vLLM could not score it)
+        if SEQ_LEVEL:
+            # GSPO: mean log-ratio over the sequence's (weighted) tokens, denominator clamped at 1
+            lw = tl.sum(acc_x, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
+            c_row = tl.exp(_cap(lw, EXP_MAX))
+            dc_row = tl.where(lw <= EXP_MAX, c_row, 0.0)  # d ratio / d lw (0 past the clamp)
+        if IS_KIND == 4:
+            isr_row = _vllm_ratio(tl.sum(acc_d, axis=0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
+    if IS_KIND == 2:
+        isr_row = tl.load(ISR + b).to(tl.float32)
+
+    # ---- pass 2: per-token loss, its gradient, metrics ----
+    acc_loss = tl.zeros([BLOCK], tl.float32)
+    acc_cnt = tl.zeros([BLOCK], tl.float32)
+    acc_low = tl.zeros([BLOCK], tl.float32)
+    acc_high = tl.zeros([BLOCK], tl.float32)
+    acc_kl = tl.zeros([BLOCK], tl.float32)
+    acc_ratio = tl.zeros([BLOCK], tl.float32)
+    acc_s = tl.zeros([BLOCK], tl.float32)
+    # the advantage as a vector: per-token flags combine it with per-token ratios (and the
+    # interpreter cannot `&` a vector with a scalar)
+    advv = tl.zeros([BLOCK], tl.float32) + adv
+    for k in range(0, n, BLOCK):
+        offs = start + k + cols
+        inb = (k + cols) < n
+        m = _load_mask(MASK, offs, inb, HAS_MASK)
+        valid = m != 0.0
+        # masked inputs are zeroed at load: padding garbage (NaN, inf) never reaches the math
+        lp = tl.where(valid, tl.load(LOGP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+        if HAS_OLD:
+            old = tl.where(valid, tl.load(OLD + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+        else:
+            old = lp  # on-policy: ratio 1, but d ratio / d logp = ratio still flows
+        if SEQ_LEVEL:
+            c = c_row
+            dc = dc_row
+        else:
+            x = lp - old
+            c = tl.exp(_cap(x, EXP_MAX))
+            dc = tl.where(x <= EXP_MAX, c, 0.0)
+
+        if IS_KIND == 1:
+            isr = tl.where(valid, tl.load(ISR + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+        elif IS_KIND == 3:
+            s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+            d = (old - s) * m
+            isr = _vllm_ratio(tl.where(d == d, d, 0.0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
+        elif IS_KIND != 0:
+            isr = isr_row
+
+        # surrogate: pg = policy loss, direct = its d/d logp at fixed ratio, dpg = its d/d ratio
+        if LOSS_KIND == 0:
+            c2 = _clip(c, lo, hi)
+            c1d = _cap(c, delta)
+            a1 = c1d * adv
+            a2 = c2 * adv
+            pg = -tl.where(a1 > a2, a2, a1)  # NaN in either stays NaN (a NaN ratio makes both NaN)
+            # torch.min's gradient (ties split it in half) through torch.clamp's (inclusive) bounds,
+            # so on-policy steps, where every token ties, match TRL's autograd exactly
+            g1 = tl.where(c <= delta, adv, 0.0)
+            g2 = tl.where((c >= lo) & (c <= hi), adv, 0.0)
+            dpg = -tl.where(a1 < a2, g1, tl.where(a1 > a2, g2, 0.5 * (g1 + g2)))
+            direct = 0.0
+            if not SEQ_LEVEL:
+                is_low = (c1d < lo) & (advv < 0.0)
+                is_high = (c1d > hi) & (advv > 0.0)
+        elif LOSS_KIND == 1:
+            w = _cap(c, eps_high)  # detached: no gradient through the ratio
+            pg = -w * adv * lp
+            direct = -w * adv
+            dpg = 0.0
+            if not SEQ_LEVEL:
+                is_low = c < 0.0
+                is_high = (c > eps_high) & (advv > 0.0)
+        elif LOSS_KIND == 2:
+            w = _clip(c, lo, hi)
+            pg = -w * adv * lp
+            direct = -w * adv
+            dpg = 0.0
+            if not SEQ_LEVEL:
+                is_low = c < lo
+                is_high = c > hi
+        else:
+            tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+            sg = 1.0 / (1.0 + tl.exp(-tau * (c - 1.0)))  # tau*(c-1) >= -tau: exp cannot overflow
+            pg = -sg * 4.0 / tau * adv
+            dpg = -4.0 * sg * (1.0 - sg) * adv
+            direct = 0.0
+            if not SEQ_LEVEL:
+                is_low = c < 0.0
+                is_high = c < 0.0
+
+        if IS_KIND != 0:
+            pg = pg * isr
+            direct = direct * isr
+            dpg = dpg * isr
+
+        if USE_KL:
+            ref = tl.where(valid, tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+            y = ref - lp
+            ey = tl.exp(_cap(y, EXP_MAX))
+            kl = ey - y - 1.0
+            dkl = 1.0 - tl.where(y <= EXP_MAX, ey, 0.0)  # d kl / d logp
+            if KL_BIAS:
+                loss_t = pg + beta * kl * c
+                direct = direct + beta * dkl * c
+                dlc = dpg + beta * kl
+                kl = kl * c
+            else:
+                loss_t = pg + beta * kl
+                direct = direct + beta * dkl
+                dlc = dpg
+            acc_kl += kl * m
+        else:
+            loss_t = pg
+            dlc = dpg
+
+        acc_loss += loss_t * m
+        acc_cnt += m
+        if not SEQ_LEVEL:
+            acc_low += tl.where(is_low, m, 0.0)
+            acc_high += tl.where(is_high, m, 0.0)
+            acc_ratio += c * m
+        if STORE_GRAD:
+            if SEQ_LEVEL:
+                # the ratio term is shared by the row: sum it here, spread it in the backward
+                acc_s += dlc * m
+                if LOSS_KIND == 1 or LOSS_KIND == 2 or USE_KL:
+                    tl.store(GRAD + offs, direct * m, mask=inb)
+            else:
+                tl.store(GRAD + offs, (direct + dlc * dc) * m, mask=inb)
+
+    cnt = tl.sum(acc_cnt, axis=0)
+    rp = ROW + b * 8
+    tl.store(rp + 0, tl.sum(acc_loss, axis=0))
+    tl.store(rp + 1, cnt)
+    tl.store(rp + 4, tl.sum(acc_kl, axis=0))
+    if SEQ_LEVEL:
+        # sequence level: clip flags and ratio are one value per sequence (TRL's [B, 1] metrics)
+        if LOSS_KIND == 0:
+            c1r = _cap(c_row, delta)
+            low_r = (c1r < lo) & (adv < 0.0)
+            high_r = (c1r > hi) & (adv > 0.0)
+        elif LOSS_KIND == 1:
+            low_r = c_row < 0.0
+            high_r = (c_row > eps_high) & (adv > 0.0)
+        elif LOSS_KIND == 2:
+            low_r = c_row < lo
+            high_r = c_row > hi
+        else:
+            low_r = c_row < 0.0
+            high_r = c_row < 0.0
+        tl.store(rp + 2, tl.where(low_r, 1.0, 0.0))
+        tl.store(rp + 3, tl.where(high_r, 1.0, 0.0))
+        tl.store(rp + 5, c_row)
+        # d lw / d logp_t = m_t / max(sum m, 1): the backward adds m_t * this to each token
+        tl.store(rp + 6, dc_row * tl.sum(acc_s, axis=0) / tl.maximum(cnt, 1.0))
+    else:
+        tl.store(rp + 2, tl.sum(acc_low, axis=0))
+        tl.store(rp + 3, tl.sum(acc_high, axis=0))
+        tl.store(rp + 5, tl.sum(acc_ratio, axis=0))
+        tl.store(rp + 6, 0.0)
+    tl.store(rp + 7, 0.0)
+
+
+@triton.jit
+def _grpo_loss_bwd_kernel(
+    GRAD, MASK,        # [N] fp32 forward gradient buffer (read when HAS_DIRECT); [N] mask
+    ROW, W,            # [B, 8] fp32 row stats (sequence-level term); [B] fp32 normaliser * dloss
+    CU, DLOGP,         # [B+1] cu_seqlens (PACKED) or dummy; [N] fp32 output
+    T,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DIRECT: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    start, end = _row_bounds(CU, b, T, PACKED)
+    n = end - start
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(W + b)
+    if SEQ_LEVEL:
+        r = tl.load(ROW + b * 8 + 6)
+    for k in range(0, n, BLOCK):
+        offs = start + k + cols
+        inb = (k + cols) < n
+        if HAS_DIRECT:
+            g = tl.load(GRAD + offs, mask=inb, other=0.0)
+        else:
+            g = tl.zeros([BLOCK], tl.float32)
+        if SEQ_LEVEL:
+            m = _load_mask(MASK, offs, inb, HAS_MASK)
+            g += m * r
+        tl.store(DLOGP + offs, g * w, mask=inb)
+
+
+# Representative launches for ahead-of-time compilation (python -m staged.kernels.aot): the
+# heaviest specialisations (every input read, KL with bias correction, vLLM correction).
+_FWD_SIG = {
+    "LOGP": "*fp32", "OLD": "*fp32", "REF": "*fp32", "SAMP": "*fp32", "ISR": "*fp32", "MASK": "*u8",
+    "ADV": "*fp32", "CU": "*i32", "GRAD": "*fp32", "ROW": "*fp32", "T": "i64",
+    "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "beta": "fp32", "tau_pos": "fp32",
+    "tau_neg": "fp32", "is_lo": "fp32", "is_hi": "fp32",
+}
+_FWD_META = dict(PACKED=False, HAS_OLD=True, HAS_MASK=True, LOSS_KIND=_CLIPPED, SEQ_LEVEL=False,
+                 IS_KIND=_IS_TOKEN_LOGP, IS_TRUNC=True, USE_KL=True, KL_BIAS=True, STORE_GRAD=True,
+                 ROW_PASS=False, EXP_MAX=EXP_CLAMP, BLOCK=1024)
+register_aot(_grpo_loss_fwd_kernel, _FWD_SIG, _FWD_META, num_warps=8)
+register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
+             {**_FWD_META, "PACKED": True, "SEQ_LEVEL": True, "IS_KIND": _IS_SEQ_LOGP, "IS_TRUNC": False,
+              "ROW_PASS": True},
+             num_warps=8, name="_grpo_loss_fwd_kernel[sequence,packed]")
+register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
+             {**_FWD_META, "LOSS_KIND": _SAPO, "IS_KIND": _IS_TOKEN_TENSOR},
+             num_warps=8, name="_grpo_loss_fwd_kernel[sapo]")
+register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
+             {**_FWD_META, "LOSS_KIND": _CISPO_TRL, "PACKED": True},
+             num_warps=8, name="_grpo_loss_fwd_kernel[cispo,packed]")
+_BWD_SIG = {"GRAD": "*fp32", "MASK": "*u8", "ROW": "*fp32", "W": "*fp32", "CU": "*i32",
+            "DLOGP": "*fp32", "T": "i64"}
+register_aot(_grpo_loss_bwd_kernel, _BWD_SIG,
+             dict(PACKED=True, HAS_MASK=True, HAS_DIRECT=True, SEQ_LEVEL=True, BLOCK=1024), num_warps=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+def _launch_config(inp, block_size):
+    if block_size is None:
+        avg = inp.T if not inp.packed else -(-inp.N // inp.B)
+        block_size = min(max(triton.next_power_of_2(max(avg, 1)), 16), 1024)
+    elif block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"grpo_loss: block_size={block_size} must be a power of two >= 16")
+    # 4 fp32 per thread and array: the forward keeps ~7 accumulators live plus the loads
+    num_warps = max(1, min(8, block_size // 128))
+    return block_size, num_warps
+
+
+def _mask_arg(mask):
+    # Triton has no bool pointer loads on every version: view bool as uint8 (zero-copy)
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _row_weights(opts: GRPOLossOptions, cnt, num_items):
+    """Per-sequence factor d loss / d (sum_t m_t loss_t): TRL's normaliser for each loss type."""
+    B = cnt.numel()
+    ga = opts.gradient_accumulation_steps
+    lt = opts.loss_type
+    if lt in ("grpo", "sapo"):  # mean over each sequence's tokens, then over sequences
+        return 1.0 / (cnt.clamp(min=1.0) * float(B * ga))
+    if lt == "bnpo":  # local token count
+        return (1.0 / (cnt.sum().clamp(min=1.0) * ga)).expand(B)
+    if lt == "dr_grpo":  # constant B * max_completion_length
+        return cnt.new_full((B,), 1.0 / (B * opts.max_completion_length * ga))
+    if lt in ("dapo", "cispo"):  # global token count of the generation batch, per process
+        scale = ga / (opts.num_processes * opts.steps_per_generation)
+        if num_items is not None and not isinstance(num_items, torch.Tensor):
+            # a Python number: a fill, no host-to-device copy
+            return cnt.new_full((B,), 1.0 / (max(float(num_items), 1.0) * scale))
+        n = cnt.sum() if num_items is None else num_items.to(cnt.device, non_blocking=True)
+        return (1.0 / (n.to(torch.float32).clamp(min=1.0) * scale)).expand(B)
+    if lt == "luspo":  # sum over each sequence, mean over sequences
+        return cnt.new_full((B,), 1.0 / (B * ga))
+    raise AssertionError(lt)
+
+
+_METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
+                 "ratio_mean", "num_tokens")
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    """loss, metrics = GRPOLossFunction.apply(logp_flat, inputs, opts, num_items, block, warps).
+
+    Only ``logp`` gets a gradient: old/ref/sampling log-probs and advantages are constants, as
+    in TRL (computed under no_grad there)."""
+
+    @staticmethod
+    def forward(ctx, logp, inp, opts: GRPOLossOptions, num_items, block, num_warps):
+        dev = logp.device
+        B, N = inp.B, inp.N
+        store_grad = bool(ctx.needs_input_grad[0])
+        if inp.packed:
+            cu = inp.cu_seqlens
+            # device-side check (no host sync): rows are ordered and inside the token buffer
+            torch._assert_async(((cu[1:] >= cu[:-1]).all() & (cu[0] >= 0) & (cu[-1] <= N)),
+                                "grpo_loss: cu_seqlens must be non-decreasing, within [0, N]")
+        loss_kind = {"cispo": _CISPO_TRL if opts.cispo_variant == "trl" else _CISPO_VERL,
+                     "sapo": _SAPO}.get(opts.loss_type, _CLIPPED)
+        if inp.sampling_logp is not None:
+            is_kind = _IS_SEQ_LOGP if opts.vllm_is_sequence else _IS_TOKEN_LOGP
+        elif inp.is_ratio_token is not None:
+            is_kind = _IS_TOKEN_TENSOR
+        elif inp.is_ratio_row is not None:
+            is_kind = _IS_ROW_TENSOR
+        else:
+            is_kind = _IS_NONE
+        seq = opts.sequence_level
+        use_kl = opts.beta != 0.0
+        has_direct = (not seq) or use_kl or loss_kind in (_CISPO_TRL, _CISPO_VERL)
+        lo = opts.vllm_importance_sampling_clip_min
+        hi = opts.vllm_importance_sampling_clip_max
+
+        # at least one element: Triton wants a real pointer even when nothing is read or written
+        grad_buf = torch.empty(max(N, 1) if (store_grad and has_direct) else 1, dtype=torch.float32, device=dev)
+        rows = torch.empty(B, ROW_STATS, dtype=torch.float32, device=dev)
+        mask = _mask_arg(inp.mask) if inp.mask is not None else logp
+        isr = inp.is_ratio_token if inp.is_ratio_token is not None else inp.is_ratio_row
+        _grpo_loss_fwd_kernel[(B,)](
+            logp,
+            inp.old_logp if inp.old_logp is not None else logp,
+            inp.ref_logp if use_kl else logp,
+            inp.sampling_logp if inp.sampling_logp is not None else logp,
+            isr if isr is not None else logp,
+            mask,
+            inp.advantages, inp.cu_seqlens if inp.packed else inp.advantages,
+            grad_buf, rows,
+            inp.T,
+            float(opts.eps_low), float(opts.eps_high),
+            float("inf") if opts.delta is None else float(opts.delta),
+            float(opts.beta), float(opts.sapo_temperature_pos), float(opts.sapo_temperature_neg),
+            -float("inf") if lo is None else float(lo), float("inf") if hi is None else float(hi),
+            PACKED=inp.packed, HAS_OLD=inp.old_logp is not None, HAS_MASK=inp.mask is not None,
+            LOSS_KIND=loss_kind, SEQ_LEVEL=seq, IS_KIND=is_kind, IS_TRUNC=opts.vllm_is_truncate,
+            USE_KL=use_kl, KL_BIAS=bool(opts.use_bias_correction_kl), STORE_GRAD=store_grad,
+            ROW_PASS=seq or is_kind == _IS_SEQ_LOGP, EXP_MAX=EXP_CLAMP, BLOCK=block,
+            num_warps=num_warps,
+        )
+
+        cnt = rows[:, ROW_COUNT]
+        w = _row_weights(opts, cnt, num_items)
+        loss = (rows[:, ROW_LOSS] * w).sum()
+
+        tokens = cnt.sum()
+        tok_denom = tokens.clamp(min=1.0)
+        denom = float(B) if seq else tok_denom  # TRL: sequence-level metrics count sequences
+        low = rows[:, ROW_CLIP_LOW].sum() / denom
+        high = rows[:, ROW_CLIP_HIGH].sum() / denom
+        kl = rows[:, ROW_KL].sum() / tok_denom if use_kl else torch.zeros((), device=dev)
+        metrics = torch.stack([low, high, low + high, kl, rows[:, ROW_RATIO].sum() / denom, tokens])
+
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(grad_buf, rows, w, inp.mask if inp.mask is not None else grad_buf,
+                              inp.cu_seqlens if inp.packed else w)
+        ctx.meta = (inp.packed, inp.mask is not None, has_direct, seq, inp.T, B, N, block, num_warps,
+                    logp.dtype)
+        return loss, metrics
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss, dmetrics):
+        grad_buf, rows, w, mask, cu = ctx.saved_tensors
+        packed, has_mask, has_direct, seq, T, B, N, block, num_warps, dtype = ctx.meta
+        # rows outside every sequence (packed buffer padding) get no gradient: zeros, not empty
+        dlogp = (torch.zeros if packed else torch.empty)(max(N, 1), dtype=torch.float32, device=rows.device)
+        wg = (w * dloss.to(torch.float32)).contiguous()
+        _grpo_loss_bwd_kernel[(B,)](
+            grad_buf, _mask_arg(mask) if has_mask else grad_buf, rows, wg, cu, dlogp, T,
+            PACKED=packed, HAS_MASK=has_mask, HAS_DIRECT=has_direct, SEQ_LEVEL=seq, BLOCK=block,
+            num_warps=num_warps,
+        )
+        return dlogp[:N].to(dtype), None, None, None, None, None
+
+
+def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
+              cu_seqlens=None, sampling_logp=None, vllm_is_ratio=None, num_items_in_batch=None,
+              block_size=None, **options):
+    """Fused GRPO policy loss with TRL's semantics. Returns ``(loss, metrics)``.
+
+    Layouts: padded ``logp [B, T]`` (``mask [B, T]``), or packed ``logp`` of any shape with N
+    elements plus ``cu_seqlens [B+1]`` (sequence b owns flat tokens ``cu[b]:cu[b+1]``; tokens
+    outside every sequence are ignored and get zero gradient). ``advantages`` are per sequence,
+    ``[B]``. ``old_logp=None`` means on-policy (``old = logp.detach()``, TRL's shortcut).
+    Only ``logp`` receives a gradient.
+
+    Options (keyword; TRL's defaults; see ``GRPOLossOptions`` for each field):
+    ``loss_type`` (dapo), ``importance_sampling_level`` (token), ``eps_low`` (0.2), ``eps_high``
+    (None = eps_low), ``delta`` (None), ``beta`` (0.0; at 0 no ref work and ``ref_logp`` may be
+    None), ``use_bias_correction_kl`` (True), ``cispo_variant`` (trl), ``sapo_temperature_pos``/
+    ``_neg`` (1.0/1.05), ``vllm_importance_sampling_mode`` (sequence_mask),
+    ``vllm_importance_sampling_clip_min``/``_max`` (None/3.0), ``max_completion_length``
+    (dr_grpo), ``num_processes``, ``gradient_accumulation_steps``, ``steps_per_generation``.
+    Aliases: ``epsilon``/``epsilon_low`` -> eps_low, ``epsilon_high`` -> eps_high,
+    ``completion_mask``/``attention_mask`` -> mask, ``old_per_token_logps``, ``ref_per_token_logps``,
+    ``sampling_per_token_logps`` -> sampling_logp, ``importance_sampling_ratio`` -> vllm_is_ratio.
+    ``block_size`` (power of two) overrides the token chunk per program; the default is sized to
+    the mean row length, at most 1024 (much larger blocks spill registers on a GPU).
+
+    vLLM correction: pass ``sampling_logp`` (the rollout engine's log-probs) and the ratio
+    ``exp(old - sampling)`` is built in the kernel exactly as TRL builds it (NaN -> ratio 1, token
+    or sequence granularity, truncate or mask to [C_min, C_max]); or pass a precomputed
+    ``vllm_is_ratio`` (Liger's argument; per token like logp, or per sequence [B]).
+
+    Per token (ratio r = exp(logp - old), or GSPO's per-sequence exp(masked mean log-ratio)):
+        clipped (grpo, bnpo, dr_grpo, dapo, luspo): -min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A)
+        cispo  (TRL):  -sg(min(r, eps_high)) A logp      (verl variant: sg(clip(r, 1-eps_low, 1+eps_high)))
+        sapo:          -sigmoid(tau (r - 1)) 4/tau A,   tau = tau_pos if A > 0 else tau_neg
+        times the vLLM ratio, plus beta * k3 KL (exp(ref-logp) - (ref-logp) - 1), times r when
+        ``use_bias_correction_kl``.
+    Normalisers, with GA = gradient_accumulation_steps (TRL, train mode):
+        grpo, sapo:  mean_b(sum_t m l / max(sum_t m, 1)) / GA
+        bnpo:        sum m l / max(sum m, 1) / GA
+        dr_grpo:     sum m l / (B * max_completion_length) / GA
+        dapo, cispo: sum m l / (max(num_items_in_batch, 1) / num_processes * GA / steps_per_generation)
+        luspo:       mean_b(sum_t m l) / GA
+
+    Metrics (0-d device tensors, no host sync): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean`` (TRL's definitions; for cispo TRL's ``cispo_clip_ratio`` is the
+    high one), ``kl`` (only when beta != 0), ``ratio_mean`` (mean importance ratio before delta),
+    ``num_tokens`` (sum of the mask). Token-level values are means over tokens; sequence-level
+    ones over sequences, all sequences counted, as TRL does.
+
+    Where we differ from TRL (all deliberate):
+      * every exp() argument (log-ratio, ref - logp, vLLM log-ratio) is clamped to <= 20 (verl's
+        bound; exp(20) = 4.85e8) so extreme log-ratios give finite values and gradients (zero
+        gradient past the clamp). TRL overflows to inf at 88.7 in fp32, and its bias-corrected KL
+        at ~44; below 20 the two agree exactly.
+      * inputs at masked positions are zeroed before use; TRL multiplies by the mask, so a NaN or
+        inf in padding turns its loss into NaN.
+      * ``num_items_in_batch=None`` (TRL always passes it) falls back to this call's token count.
+      * TRL's per-sequence ``clip_ratio/low_min`` / ``high_max``, the entropy bonus, top-entropy
+        masking, off-policy sequence masking and the ``vespo`` loss are not provided (the caller
+        can fold masks into ``mask``).
+      * ``delta`` with cispo/sapo is a ValueError (TRL ignores it silently); dr_grpo without
+        ``max_completion_length`` is a ValueError (TRL's config always has one, default 512).
+    Where Liger and verl differ from TRL (we follow TRL):
+      * Liger defaults ``use_bias_correction_kl=False``, ``beta=0.04``, and eps_high 0.4 (triton op)
+        / 0.2 (chunked); TRL and we: True, 0.0, eps_high = eps_low.
+      * Liger's luspo averages ``loss * len`` over all B*T positions, unmasked; TRL 1.16 sums each
+        sequence's masked loss and averages over sequences. They agree only when the per-token
+        loss is one value per sequence (sequence level, no KL, no per-token vLLM ratio).
+      * Liger's clip metric for sequence-level ratios is token-weighted; TRL's counts sequences.
+        Liger measures clipping before the delta cap; TRL after.
+      * Liger's dapo without num_items_in_batch all-reduces the token count across ranks; we never
+        communicate (pass num_items_in_batch).
+      * verl clamps log-ratios to [-20, 20] on both sides; we clamp only above (below, exp -> 0 is
+        harmless). verl's CISPO clips two-sided with relative bounds: ``cispo_variant='verl'``.
+    """
+    tensor_aliases, option_kwargs = split_kwargs(options)
+    named = resolve_tensor_aliases(
+        dict(old_logp=old_logp, ref_logp=ref_logp, mask=mask, sampling_logp=sampling_logp,
+             vllm_is_ratio=vllm_is_ratio), tensor_aliases)
+    opts = resolve_options(option_kwargs)
+    inp = prepare_inputs(opts, logp, named["old_logp"], named["ref_logp"], advantages, named["mask"],
+                         cu_seqlens, named["sampling_logp"], named["vllm_is_ratio"])
+    num_items = check_num_items(num_items_in_batch)
+    block, num_warps = _launch_config(inp, block_size)
+    loss, mvec = GRPOLossFunction.apply(inp.logp, inp, opts, num_items, block, num_warps)
+    metrics = {name: mvec[i] for i, name in enumerate(_METRIC_NAMES)}
+    if opts.beta == 0.0:
+        del metrics["kl"]
+    return loss, metrics

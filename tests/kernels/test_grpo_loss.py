@@ -1,0 +1,642 @@
+"""staged.kernels.grpo_loss against its float64 reference (values, metrics, autograd gradients).
+
+Fresh random inputs every run; the seed is printed with every failure (reproduce with
+STAGED_TEST_SEED=<seed>). Under TRITON_INTERPRET each case is small; the long-row case uses
+B = 1 and a large block so it stays cheap. Parity with TRL and Liger: test_grpo_loss_parity.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from staged.kernels import grpo_loss
+from staged.kernels.grpo_options import CLIPPED_LOSS_TYPES
+from staged.kernels.reference.grpo_loss import EXP_CLAMP, grpo_loss_reference
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("STAGED_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"seed={seed}")  # pytest shows captured stdout of a failing test
+    return torch.Generator().manual_seed(seed)
+
+
+KINK_GAP = 1e-4  # keep log-ratios this far (in log space) from every clip/clamp threshold
+
+
+def _kinks(opts: dict):
+    """Log-space thresholds where the loss or its gradient jumps. fp32 (kernel) and fp64
+    (reference) can fall on different sides of one, so test inputs keep clear of them."""
+    ks = [EXP_CLAMP]
+    eps_low = opts.get("eps_low", 0.2)
+    eps_high = opts.get("eps_high", eps_low)
+    if eps_low < 1:
+        ks.append(math.log(1 - eps_low))
+    ks.append(math.log(1 + eps_high))
+    if opts.get("loss_type") == "cispo":
+        ks.append(math.log(eps_high))
+    if opts.get("delta") is not None:
+        ks.append(math.log(opts["delta"]))
+    return ks
+
+
+def _is_kinks(opts: dict):
+    ks = [EXP_CLAMP]
+    for k in ("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"):
+        v = opts.get(k, 3.0 if k.endswith("max") else None)
+        if v is not None and v > 0:
+            ks.append(math.log(v))
+    return ks
+
+
+def _shift(x, kinks):
+    """x + GAP*3 where x is within KINK_GAP of a kink (x: float64 tensor)."""
+    near = torch.zeros_like(x, dtype=torch.bool)
+    for k in kinks:
+        near |= (x - k).abs() < KINK_GAP
+    return torch.where(near, x + 3 * KINK_GAP, x), bool(near.any())
+
+
+def make_inputs(gen, B, T, opts, *, packed=False, old=True, mask_kind="bool", masked_rows=(),
+                spread=0.25, row_spread=0.3, vllm=None, dtype=torch.float32):
+    """Random GRPO inputs in the padded layout [B, T] (converted to packed when asked), kept
+    clear of the thresholds of ``opts``. ``vllm``: None | "logp" | "ratio_token" | "ratio_row"."""
+    f64 = torch.float64
+    logp = -torch.rand(B, T, generator=gen, dtype=f64) * 3
+    x = torch.randn(B, T, generator=gen, dtype=f64) * spread + torch.randn(B, 1, generator=gen, dtype=f64) * row_spread
+    ref = logp + torch.randn(B, T, generator=gen, dtype=f64) * 0.3
+    adv = torch.randn(B, generator=gen, dtype=f64)
+    if mask_kind == "bool":
+        mask = torch.rand(B, T, generator=gen) > 0.25
+    elif mask_kind == "float":  # token weights, TRL multiplies by them
+        mask = torch.rand(B, T, generator=gen, dtype=f64).round(decimals=1) * (torch.rand(B, T, generator=gen) > 0.3)
+    else:
+        mask = None
+    if masked_rows:
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool)
+        for r in masked_rows:
+            mask[r] = 0
+    m = torch.ones(B, T, dtype=f64) if mask is None else mask.to(f64)
+    kinks = _kinks(opts)
+    if opts.get("importance_sampling_level") == "sequence":
+        for _ in range(4):  # the row mean of x is the log-ratio: nudge whole rows
+            lw = (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+            lw2, moved = _shift(lw, kinks)
+            # adding delta to every valid x moves lw by delta * sum(m) / max(sum(m), 1)
+            msum = m.sum(-1)
+            delta = (lw2 - lw) * msum.clamp(min=1) / msum.clamp(min=1e-3)
+            x = x + delta[:, None] * (m != 0)
+            if not moved:
+                break
+    else:
+        x, _ = _shift(x, kinks)
+    old_logp = logp - x if old else None
+    base = old_logp if old else logp
+    sampling = ratio = None
+    if vllm == "logp":
+        d = torch.randn(B, T, generator=gen, dtype=f64) * 0.15
+        d, _ = _shift(d, _is_kinks(opts))
+        seqwise = opts.get("vllm_importance_sampling_mode", "sequence_mask").startswith("sequence")
+        if seqwise:
+            d = d * 0.3
+            for _ in range(4):
+                D = (d * m).sum(-1)
+                D2, moved = _shift(D, _is_kinks(opts))
+                first = (m != 0).float().argmax(-1)
+                bump = torch.zeros_like(d)
+                bump[torch.arange(B), first] = (D2 - D) / m[torch.arange(B), first].clamp(min=1e-3)
+                d = d + bump * (m.sum(-1, keepdim=True) > 0)
+                if not moved:
+                    break
+        sampling = base - d
+    elif vllm == "ratio_token":
+        ratio = torch.rand(B, T, generator=gen, dtype=f64) * 1.5 + 0.25
+    elif vllm == "ratio_row":
+        ratio = torch.rand(B, generator=gen, dtype=f64) * 1.5 + 0.25
+
+    out = dict(logp=logp, old_logp=old_logp, ref_logp=ref, advantages=adv, mask=mask,
+               sampling_logp=sampling, vllm_is_ratio=ratio)
+    out = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "mask" else v)
+           for k, v in out.items()}
+    if isinstance(out["mask"], torch.Tensor) and out["mask"].is_floating_point():
+        out["mask"] = out["mask"].float()
+    if packed:
+        out = to_packed(out, gen)
+    return out
+
+
+def to_packed(inp, gen):
+    """Padded [B, T] -> packed [N] with cu_seqlens; rows get random lengths <= T (their tails
+    dropped) and the buffer gets a few trailing tokens that belong to no sequence."""
+    B, T = inp["logp"].shape
+    lens = torch.randint(0, T + 1, (B,), generator=gen)
+    lens[0] = T  # one full row
+    keep = torch.arange(T)[None, :] < lens[:, None]
+    tail = 3
+    packed = {}
+    for k, v in inp.items():
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == (B, T):
+            flat = v[keep]
+            pad = torch.full((tail,), float("nan")) if v.is_floating_point() else torch.zeros(tail, dtype=v.dtype)
+            packed[k] = torch.cat([flat, pad.to(v.dtype)])
+        else:
+            packed[k] = v
+    packed["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    return packed
+
+
+def _to(inp, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+
+
+def run_both(inp, device, *, upstream=1.0, **opts):
+    """(loss, metrics, grad) from the kernel and from the fp64 reference."""
+    kin = _to(inp, device)
+    lp = kin.pop("logp").detach().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, **kin, **opts)
+    (g,) = torch.autograd.grad(loss * upstream, lp)
+    rin = dict(inp)
+    lr = rin.pop("logp").detach().to(torch.float64).requires_grad_(True)
+    rloss, rmetrics = grpo_loss_reference(lr, **rin, **opts)
+    (rg,) = torch.autograd.grad(rloss * upstream, lr)
+    return (loss, metrics, g), (rloss, rmetrics, rg)
+
+
+def assert_match(kernel, ref, *, rtol=2e-5, grad_rtol=1e-4):
+    loss, metrics, g = kernel
+    rloss, rmetrics, rg = ref
+    assert torch.isfinite(loss).item(), f"loss not finite: {loss}"
+    assert torch.isfinite(g).all().item(), "gradient not finite"
+    scale = max(1.0, abs(rloss.item()))
+    assert abs(loss.item() - rloss.item()) <= rtol * scale + 1e-6, f"loss {loss.item()} vs ref {rloss.item()}"
+    assert set(metrics) == set(rmetrics), (sorted(metrics), sorted(rmetrics))
+    for k in metrics:
+        a, b = metrics[k].item(), rmetrics[k].item()
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"metric {k}: {a} vs ref {b}"
+    gs = rg.abs().max().item()
+    torch.testing.assert_close(g.double().cpu(), rg, rtol=grad_rtol, atol=1e-5 * gs + 1e-9,
+                               msg=lambda m: f"gradient mismatch (max |ref grad| {gs:.3g}): {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# every valid option combination
+
+LOSS_CONFIGS = (
+    [dict(loss_type=t) for t in CLIPPED_LOSS_TYPES]
+    # delta above and below 1 + eps_high (below it the cap also hides high clipping, which TRL
+    # measures after the cap)
+    + [dict(loss_type=t, delta=(1.5, 1.1)[i % 2]) for i, t in enumerate(CLIPPED_LOSS_TYPES)]
+    + [dict(loss_type="cispo", eps_high=1.1), dict(loss_type="cispo", cispo_variant="verl", eps_low=0.2, eps_high=0.28),
+       dict(loss_type="sapo")]
+)
+KL_CONFIGS = [dict(beta=0.0), dict(beta=0.05, use_bias_correction_kl=True),
+              dict(beta=0.05, use_bias_correction_kl=False)]
+IS_CONFIGS = [
+    None,
+    dict(vllm="logp", vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=0.9,
+         vllm_importance_sampling_clip_max=1.1),
+    dict(vllm="logp", vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.9,
+         vllm_importance_sampling_clip_max=1.1),
+    dict(vllm="logp", vllm_importance_sampling_mode="sequence_truncate", vllm_importance_sampling_clip_max=1.1),
+    dict(vllm="logp", vllm_importance_sampling_mode="sequence_mask"),  # TRL defaults: [None, 3.0]
+    dict(vllm="ratio_token"),
+    dict(vllm="ratio_row"),
+]
+
+
+def _id(d):
+    if d is None:
+        return "no_is"
+    return "-".join(f"{k}={v}" if not isinstance(v, str) else v for k, v in d.items()
+                    if k not in ("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"))
+
+
+GRID = [(lc, lvl, kc, ic) for lc in LOSS_CONFIGS for lvl in ("token", "sequence")
+        for kc in KL_CONFIGS for ic in IS_CONFIGS]
+
+
+@pytest.mark.parametrize("case", range(len(GRID)),
+                         ids=[f"{_id(lc)}-{lvl}-{_id(kc)}-{_id(ic)}" for lc, lvl, kc, ic in GRID])
+def test_option_grid(case, gen, device):
+    lc, level, kc, ic = GRID[case]
+    opts = dict(lc, importance_sampling_level=level, **kc)
+    if opts["loss_type"] == "dr_grpo":
+        opts["max_completion_length"] = 32
+    vllm = None
+    if ic is not None:
+        ic = dict(ic)
+        vllm = ic.pop("vllm")
+        opts.update(ic)
+    # alternate the layout, on/off-policy and mask kind across the grid, so each axis of the grid
+    # meets both layouts without multiplying the case count
+    packed = case % 2 == 1
+    old = case % 5 != 0
+    mask_kind = ("bool", "float", "none")[case % 3]
+    B, T = 3 + case % 3, 9 + case % 23
+    inp = make_inputs(gen, B, T, opts, packed=packed, old=old, mask_kind=mask_kind, vllm=vllm,
+                      masked_rows=(1,) if case % 4 == 0 else ())
+    kernel, ref = run_both(inp, device, **opts)
+    assert_match(kernel, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and layouts
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("B,T,block", [(1, 1, None), (1, 17, None), (4, 1, None), (2, 100, 16),
+                                       (3, 1025, 256), (5, 33, 32), (1, 300, None)])
+@pytest.mark.parametrize("opts", [dict(loss_type="grpo", beta=0.04),
+                                  dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04,
+                                       vllm_importance_sampling_mode="sequence_truncate")],
+                         ids=["grpo-token-kl", "dapo-seq-kl-seqIS"])
+def test_shapes(B, T, block, packed, opts, gen, device):
+    inp = make_inputs(gen, B, T, opts, packed=packed, vllm="logp", masked_rows=(B - 1,) if B > 2 else ())
+    kernel, ref = run_both(inp, device, block_size=block, **opts)
+    assert_match(kernel, ref)
+
+
+def test_all_rows_masked(gen, device):
+    inp = make_inputs(gen, 3, 8, dict(loss_type="grpo"), mask_kind="bool", masked_rows=(0, 1, 2))
+    for opts in (dict(loss_type="grpo", beta=0.1), dict(loss_type="bnpo", importance_sampling_level="sequence"),
+                 dict(loss_type="dapo")):
+        (loss, metrics, g), ref = run_both(inp, device, **opts)
+        assert loss.item() == 0.0 and metrics["num_tokens"].item() == 0.0
+        assert (g == 0).all()
+        assert_match((loss, metrics, g), ref)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_long_row(packed, gen, device):
+    """One row of 70k tokens: a (B, L) grid would need L programs; ours loops inside one."""
+    T = 70_001
+    opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+                vllm_importance_sampling_mode="token_truncate")
+    inp = make_inputs(gen, 1, T, opts, packed=False, vllm="logp")
+    if packed:  # the long row plus a short one, sharing the buffer
+        cu = torch.tensor([0, T - 50, T], dtype=torch.int64)
+        inp = {k: (v.reshape(-1) if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in inp.items()}
+        inp["advantages"] = torch.cat([inp["advantages"], -inp["advantages"]])
+        inp["cu_seqlens"] = cu
+    kernel, ref = run_both(inp, device, block_size=16384 if device == "cpu" else None, **opts)
+    assert_match(kernel, ref, grad_rtol=2e-4)
+
+
+def test_packed_equals_padded(gen, device):
+    """The same sequences as padded rows and as a packed buffer give the same loss and grads."""
+    opts = dict(loss_type="grpo", beta=0.02, importance_sampling_level="sequence")
+    B, T = 4, 21
+    inp = make_inputs(gen, B, T, opts, mask_kind="none", vllm=None)
+    lens = torch.tensor([21, 5, 13, 0])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    inp["mask"] = mask
+    (l1, m1, g1), _ = run_both(inp, device, **opts)
+    keep = mask
+    packed = {k: (v[keep] if isinstance(v, torch.Tensor) and tuple(v.shape) == (B, T) else v) for k, v in inp.items()}
+    packed["mask"] = None
+    packed["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    (l2, m2, g2), _ = run_both(packed, device, **opts)
+    assert abs(l1.item() - l2.item()) < 1e-6
+    for k in m1:
+        assert abs(m1[k].item() - m2[k].item()) < 1e-6, k
+    torch.testing.assert_close(g1[keep], g2, rtol=1e-5, atol=1e-9)
+    assert (g1[~keep] == 0).all()
+
+
+def test_packed_tokens_outside_sequences_get_zero_grad(gen, device):
+    opts = dict(loss_type="dapo", beta=0.04)
+    inp = make_inputs(gen, 3, 10, opts, packed=True)
+    (loss, _, g), ref = run_both(inp, device, **opts)
+    N = inp["logp"].numel()
+    end = int(inp["cu_seqlens"][-1])
+    assert end < N and (g[end:] == 0).all()
+    assert_match((loss, _, g), ref)
+
+
+def test_block_size_invariance(gen, device):
+    opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.05,
+                vllm_importance_sampling_mode="sequence_mask")
+    inp = make_inputs(gen, 3, 130, opts, vllm="logp")
+    results = [run_both(inp, device, block_size=bs, **opts)[0] for bs in (16, 64, 256)]
+    for loss, metrics, g in results[1:]:
+        assert abs(loss.item() - results[0][0].item()) <= 1e-6 * max(1, abs(loss.item()))
+        torch.testing.assert_close(g, results[0][2], rtol=1e-5, atol=1e-8)
+
+
+def test_noncontiguous_inputs(gen, device):
+    opts = dict(loss_type="bnpo", beta=0.04)
+    inp = make_inputs(gen, 4, 12, opts)
+    nc = {k: (v.t().contiguous().t() if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in inp.items()}
+    assert not nc["logp"].is_contiguous()
+    kernel, ref = run_both(nc, device, **opts)
+    assert_match(kernel, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype, gen, device):
+    """Low-precision log-probs are upcast in the kernel: identical to the fp64 reference on the
+    same (rounded) values; the gradient comes back in the input dtype."""
+    opts = dict(loss_type="dapo", beta=0.04, importance_sampling_level="token")
+    inp = make_inputs(gen, 3, 19, opts, dtype=dtype)
+    kin = _to(inp, device)
+    lp = kin.pop("logp").detach().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, **kin, **opts)
+    loss.backward()
+    assert lp.grad.dtype == dtype
+    rin = dict(inp)
+    lr = rin.pop("logp").detach().double().requires_grad_(True)
+    rloss, _ = grpo_loss_reference(lr, **rin, **opts)
+    rloss.backward()
+    assert abs(loss.item() - rloss.item()) <= 2e-5 * max(1, abs(rloss.item()))
+    torch.testing.assert_close(lp.grad.double().cpu(), lr.grad.to(dtype).double(), rtol=2e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics: extreme log-ratios, garbage in padding
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo"])
+def test_extreme_log_ratios_clamp(level, loss_type, gen, device):
+    """Log-ratios of +-80 (and ref / vLLM log-ratios of +-80) clamp: finite loss, metrics and
+    gradients, equal to the reference with the same clamp (TRL would give inf/NaN here)."""
+    B, T = 4, 16
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.1, use_bias_correction_kl=True,
+                vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None,
+                vllm_importance_sampling_clip_min=0.5)
+    if loss_type == "cispo":
+        opts["eps_high"] = 5.0
+    sign = torch.where(torch.rand(B, T, generator=gen) > 0.5, 80.0, -80.0)
+    logp = -torch.rand(B, T, generator=gen) * 3
+    inp = dict(logp=logp, old_logp=logp - sign, ref_logp=logp + sign.roll(1, 1), advantages=torch.randn(B, generator=gen),
+               mask=torch.ones(B, T, dtype=torch.bool), sampling_logp=(logp - sign) - sign.roll(2, 1))
+    if level == "sequence":  # rows whose mean log-ratio is +-80 exactly
+        inp["old_logp"] = logp - torch.tensor([80.0, -80.0, 80.0, -80.0])[:, None]
+    (loss, metrics, g), ref = run_both(inp, device, **opts)
+    assert all(torch.isfinite(v).item() for v in metrics.values())
+    assert_match((loss, metrics, g), ref)
+    # the clamp is exactly exp(20) on the ratio
+    assert metrics["ratio_mean"].item() <= math.exp(EXP_CLAMP) * (1 + 1e-6)
+
+
+def test_garbage_in_masked_positions_is_ignored(gen, device):
+    opts = dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence",
+                vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.5)
+    inp = make_inputs(gen, 3, 11, opts, vllm="logp")
+    clean, _ = run_both(inp, device, **opts)
+    dirty = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    bad = ~inp["mask"]
+    for k, val in (("logp", float("nan")), ("old_logp", float("inf")), ("ref_logp", -float("inf")),
+                   ("sampling_logp", float("nan"))):
+        dirty[k][bad] = val
+    got, _ = run_both(dirty, device, **opts)
+    assert got[0].item() == pytest.approx(clean[0].item(), rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(got[2], clean[2])
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo"])
+def test_nan_at_a_valid_position_propagates(level, loss_type, gen, device):
+    """NaN never passes: a NaN log-prob the mask keeps makes the loss NaN, as in TRL (the
+    kernel's clamps keep NaN; a plain tl.minimum on a GPU could swallow it)."""
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04)
+    inp = make_inputs(gen, 2, 6, opts, mask_kind="none")
+    for key in ("logp", "old_logp"):
+        bad = dict(inp)
+        bad[key] = inp[key].clone()
+        bad[key][1, 2] = float("nan")
+        kin = _to(bad, device)
+        loss, _ = grpo_loss(kin.pop("logp"), **kin, **opts)
+        assert torch.isnan(loss).item(), f"NaN in {key} did not reach the loss"
+
+
+def test_empty_rows_and_tokens(gen, device):
+    """T = 0 (no tokens at all) and B sequences of length 0 in a packed buffer: zero loss and
+    metrics, no NaN, no launch on a null pointer."""
+    opts = dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence")
+    z = torch.zeros(3, 0, device=device)
+    lp = z.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, z, z, torch.randn(3, device=device), None, **opts)
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["num_tokens"].item() == 0.0 and lp.grad.shape == (3, 0)
+    lp = torch.randn(5, device=device).requires_grad_(True)
+    loss, metrics = grpo_loss(lp, lp.detach(), lp.detach(), torch.randn(2, device=device), None,
+                              cu_seqlens=torch.tensor([0, 0, 0], device=device), **opts)
+    loss.backward()
+    assert loss.item() == 0.0 and (lp.grad == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_nan_sampling_logp_means_ratio_one(mode, gen, device):
+    """TRL: a token vLLM could not score (NaN) contributes log-ratio 0 (token ratio 1), not NaN."""
+    opts = dict(loss_type="dapo", vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.5,
+                vllm_importance_sampling_clip_max=2.0)
+    inp = make_inputs(gen, 2, 9, opts, vllm="logp", mask_kind="none")
+    inp["sampling_logp"][0, 3] = float("nan")
+    kernel, ref = run_both(inp, device, **opts)
+    assert_match(kernel, ref)
+    assert torch.isfinite(kernel[2]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# semantics that are easy to get subtly wrong
+
+
+def test_on_policy_old_none_equals_detached_logp(gen, device):
+    """old_logp=None is TRL's on-policy shortcut: every ratio is exactly 1 (all min() ties) and
+    the gradient still flows through the ratio's numerator."""
+    for opts in (dict(loss_type="grpo", beta=0.04), dict(loss_type="dapo", importance_sampling_level="sequence"),
+                 dict(loss_type="sapo"), dict(loss_type="cispo", eps_high=4.0)):
+        inp = make_inputs(gen, 3, 14, opts, old=False)
+        (l1, m1, g1), ref = run_both(inp, device, **opts)
+        assert_match((l1, m1, g1), ref)
+        inp2 = dict(inp, old_logp=inp["logp"].clone())
+        (l2, m2, g2), _ = run_both(inp2, device, **opts)
+        assert abs(l1.item() - l2.item()) < 1e-6
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
+        assert m1["ratio_mean"].item() == pytest.approx(1.0)
+
+
+def test_beta_zero_never_reads_ref(gen, device):
+    opts = dict(loss_type="dapo")
+    inp = make_inputs(gen, 3, 10, opts)
+    a, _ = run_both(dict(inp, ref_logp=None), device, **opts)
+    b, _ = run_both(dict(inp, ref_logp=torch.full_like(inp["logp"], float("nan"))), device, **opts)
+    assert a[0].item() == b[0].item() and "kl" not in a[1]
+    torch.testing.assert_close(a[2], b[2])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+def test_gradient_accumulation_and_num_items(loss_type, gen, device):
+    """TRL's train-mode scaling: GA divides grpo/bnpo/dr_grpo/sapo/luspo; dapo/cispo use
+    num_items_in_batch / num_processes * GA / steps_per_generation (tensor or number)."""
+    opts = dict(loss_type=loss_type, beta=0.03, gradient_accumulation_steps=4, num_processes=2,
+                steps_per_generation=8, max_completion_length=16)
+    if loss_type == "cispo":
+        opts["eps_high"] = 3.0
+    inp = make_inputs(gen, 3, 16, opts)
+    for n in (None, 57, torch.tensor(57.0), torch.tensor(0)):
+        kernel, ref = run_both(dict(inp, num_items_in_batch=n), device, **opts)
+        assert_match(kernel, ref)
+
+
+def test_upstream_gradient_scales(gen, device):
+    opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.05)
+    inp = make_inputs(gen, 3, 12, opts)
+    kernel, ref = run_both(inp, device, upstream=-3.5, **opts)
+    assert_match(kernel, ref)
+
+
+def test_metrics_are_detached_device_tensors(gen, device):
+    inp = _to(make_inputs(gen, 2, 7, dict(loss_type="dapo")), device)
+    lp = inp.pop("logp").detach().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, **inp, loss_type="dapo", beta=0.1)
+    assert set(metrics) == {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
+                            "ratio_mean", "num_tokens"}
+    for v in metrics.values():
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+        assert v.device == lp.device
+    assert loss.requires_grad and loss.device == lp.device
+
+
+def test_no_grad_forward(gen, device):
+    inp = _to(make_inputs(gen, 2, 7, dict(loss_type="dapo")), device)
+    with torch.no_grad():
+        loss, _ = grpo_loss(inp.pop("logp"), **inp, beta=0.1)
+    assert torch.isfinite(loss).item() and not loss.requires_grad
+
+
+def test_aliases_match_canonical_names(gen, device):
+    inp = _to(make_inputs(gen, 2, 9, dict(loss_type="dapo", eps_low=0.1, eps_high=0.3), vllm="ratio_token"), device)
+    lp = inp["logp"]
+    a, ma = grpo_loss(lp, inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"], eps_low=0.1,
+                      eps_high=0.3, beta=0.1, vllm_is_ratio=inp["vllm_is_ratio"])
+    b, mb = grpo_loss(lp, advantages=inp["advantages"], old_per_token_logps=inp["old_logp"],
+                      ref_per_token_logps=inp["ref_logp"], completion_mask=inp["mask"], epsilon=0.1,
+                      epsilon_high=0.3, beta=0.1, importance_sampling_ratio=inp["vllm_is_ratio"])
+    c, _ = grpo_loss(lp, advantages=inp["advantages"], old_per_token_logps=inp["old_logp"],
+                     ref_per_token_logps=inp["ref_logp"], attention_mask=inp["mask"], epsilon_low=0.1,
+                     epsilon_high=0.3, beta=0.1, vllm_is_ratio=inp["vllm_is_ratio"])
+    assert a.item() == b.item() == c.item()
+    with pytest.raises(ValueError, match="eps_low"):
+        grpo_loss(lp, advantages=inp["advantages"], eps_low=0.1, epsilon=0.2)
+    with pytest.raises(ValueError, match="mask"):
+        grpo_loss(lp, advantages=inp["advantages"], mask=inp["mask"], completion_mask=inp["mask"])
+    with pytest.raises(TypeError, match="epsilonn"):
+        grpo_loss(lp, advantages=inp["advantages"], epsilonn=0.2)
+
+
+def test_defaults_are_trls(gen, device):
+    """No options = TRL's GRPOConfig defaults: dapo, eps 0.2/0.2, beta 0, token level."""
+    inp = make_inputs(gen, 3, 10, dict(loss_type="dapo"))
+    kernel, _ = run_both(inp, device)
+    _, ref = run_both(inp, device, loss_type="dapo", eps_low=0.2, eps_high=0.2, beta=0.0,
+                      importance_sampling_level="token", use_bias_correction_kl=True)
+    assert_match(kernel, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# invalid combinations
+
+
+def _base(device):
+    B, T = 2, 5
+    return dict(logp=torch.randn(B, T, device=device), advantages=torch.randn(B, device=device))
+
+
+INVALID = [
+    (dict(loss_type="vespo"), "vespo"),
+    (dict(loss_type="ppo"), "loss_type"),
+    (dict(importance_sampling_level="batch"), "importance_sampling_level"),
+    (dict(loss_type="cispo", delta=2.0), "delta"),
+    (dict(loss_type="sapo", delta=2.0), "delta"),
+    (dict(loss_type="grpo", delta=0.0), "delta"),
+    (dict(loss_type="grpo", delta=float("inf")), "delta"),
+    (dict(loss_type="dr_grpo"), "max_completion_length"),
+    (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length"),
+    (dict(eps_low=-0.1), "eps_low"),
+    (dict(eps_high=float("nan")), "eps_high"),
+    (dict(loss_type="cispo", eps_high=0.0), "eps_high"),
+    (dict(beta=-0.1, ref_logp="same"), "beta"),
+    (dict(beta=0.04), "ref_logp"),
+    (dict(loss_type="grpo", cispo_variant="verl"), "cispo_variant"),
+    (dict(loss_type="cispo", cispo_variant="openrlhf"), "cispo_variant"),
+    (dict(loss_type="sapo", sapo_temperature_pos=0.0), "sapo_temperature_pos"),
+    (dict(loss_type="sapo", sapo_temperature_neg=-1.0), "sapo_temperature_neg"),
+    (dict(vllm_importance_sampling_mode="token"), "vllm_importance_sampling_mode"),
+    (dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None), "clip"),
+    (dict(vllm_importance_sampling_clip_min=2.0, vllm_importance_sampling_clip_max=1.0), "clip_min"),
+    (dict(vllm_importance_sampling_clip_max=-1.0), "clip_max"),
+    (dict(sampling_logp="same", vllm_is_ratio="same"), "sampling_logp"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    (dict(num_processes=0), "num_processes"),
+    (dict(steps_per_generation=0), "steps_per_generation"),
+    (dict(block_size=48), "block_size"),
+    (dict(block_size=8), "block_size"),
+    (dict(num_items_in_batch=torch.ones(2)), "num_items_in_batch"),
+    (dict(num_items_in_batch="7"), "num_items_in_batch"),
+    (dict(advantages="rows3"), "advantages"),
+    (dict(advantages="int"), "advantages"),
+    (dict(mask="wrong_shape"), "mask"),
+    (dict(old_logp="wrong_shape"), "old_logp"),
+    (dict(vllm_is_ratio="wrong_shape"), "vllm_is_ratio"),
+    (dict(logp="1d"), "logp"),
+    (dict(cu_seqlens="float"), "cu_seqlens"),
+    (dict(cu_seqlens="empty"), "cu_seqlens"),
+    (dict(logp="int"), "logp"),
+]
+
+
+@pytest.mark.parametrize("kwargs,needle", INVALID, ids=[n + "-" + "-".join(map(str, k)) for k, n in INVALID])
+def test_invalid_combinations_raise(kwargs, needle, device):
+    args = _base(device)
+    B, T = args["logp"].shape
+    kwargs = dict(kwargs)
+    for k, v in list(kwargs.items()):
+        if v == "same":
+            kwargs[k] = torch.randn(B, T, device=device)
+        elif v == "wrong_shape":
+            kwargs[k] = torch.randn(B, T + 1, device=device)
+        elif v == "rows3":
+            kwargs[k] = torch.randn(B + 1, device=device)
+        elif v == "int" and k == "advantages":
+            kwargs[k] = torch.ones(B, dtype=torch.int64, device=device)
+        elif v == "int" and k == "logp":
+            kwargs[k] = torch.ones(B, T, dtype=torch.int64, device=device)
+        elif v == "1d":
+            kwargs[k] = torch.randn(B * T, device=device)
+        elif v == "float":
+            kwargs[k] = torch.tensor([0.0, 5.0, 10.0], device=device)
+        elif v == "empty":
+            kwargs[k] = torch.zeros(1, dtype=torch.int32, device=device)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        grpo_loss(**args)
+
+
+@pytest.mark.cuda
+def test_no_host_sync_on_cuda(gen):
+    """The forward and backward never synchronise with the host (device tensors only)."""
+    opts = dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04,
+                vllm_importance_sampling_mode="sequence_mask")
+    inp = _to(make_inputs(gen, 8, 300, opts, packed=True, vllm="logp"), "cuda")
+    n_items = torch.tensor(1000.0, device="cuda")
+    lp = inp.pop("logp").requires_grad_(True)
+    grpo_loss(lp, **inp, num_items_in_batch=n_items, **opts)[0].backward()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in (n_items, 1000):  # a device tensor or a Python number
+            loss, metrics = grpo_loss(lp, **inp, num_items_in_batch=n, **opts)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -1,0 +1,384 @@
+"""fused_linear_logprob against a float64 reference: Triton kernels under TRITON_INTERPRET (small,
+odd shapes), the chunked PyTorch path (larger shapes), gradients, errors, and memory.
+
+Accuracy criterion (flash-attention's): the error of our output against float64 must be at most
+2x the error of PyTorch computing the same thing in the same precision (fp32: the naive path in
+fp32; bf16/fp16: an eager lm_head in the input dtype, softmax in fp32), plus a small floor for
+the cases where PyTorch happens to be near-exact. NaN or inf never passes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import staged.kernels.linear_logprob as LL
+import staged.kernels.linear_logprob_chunked as LC
+from staged.kernels import fused_linear_logprob
+from staged.kernels.reference.linear_logprob import (linear_logprob_eager,
+                                                     linear_logprob_reference)
+
+ROOT = Path(__file__).resolve().parents[2]
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interp = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def make_inputs(N, V, H, dtype, *, bias=False, scale=1.0, seed=0, device="cpu"):
+    """Fresh random inputs; logits ~ N(0, scale^2). Targets hit both vocab edges."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (scale / H ** 0.5)
+    b = torch.randn(V, generator=g, dtype=torch.float64) * scale if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    t[0] = V - 1
+    if N > 1:
+        t[-1] = 0
+    gl = torch.randn(N, generator=g, dtype=torch.float64)
+    ge = torch.randn(N, generator=g, dtype=torch.float64)
+    cast = lambda x: x.to(dtype).to(device) if x is not None else None  # noqa: E731
+    return cast(h), cast(w), cast(b), t.to(device), gl.to(device), ge.to(device)
+
+
+def run_with_grads(fn, h, w, b, t, gl, ge, *, use_logp=True, use_ent=True):
+    """logp, entropy and the grads of sum(gl*logp + ge*entropy) w.r.t. hidden, weight, bias."""
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    logp, ent = fn(h, w, b, t)
+    loss = 0
+    if use_logp:
+        loss = loss + (logp.double() * gl).sum()
+    if use_ent:
+        loss = loss + (ent.double() * ge).sum()
+    loss.backward()
+    out = {"logp": logp.detach(), "ent": ent.detach(), "dh": h.grad, "dw": w.grad}
+    if b is not None:
+        out["db"] = b.grad
+    return out
+
+
+def ours(backend, T):
+    return lambda h, w, b, t: fused_linear_logprob(h, w, t, temperature=T, bias=b,
+                                                   return_entropy=True, backend=backend)
+
+
+def ref64(T):
+    return lambda h, w, b, t: linear_logprob_reference(h, w, t, temperature=T, bias=b)
+
+
+def ref_same_precision(T, dtype):
+    if dtype == torch.float32:
+        return lambda h, w, b, t: linear_logprob_reference(h, w, t, temperature=T, bias=b,
+                                                           compute_dtype=torch.float32)
+    return lambda h, w, b, t: linear_logprob_eager(h, w, t, temperature=T, bias=b)
+
+
+def max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def check_case(backend, N, V, H, dtype, T, *, bias=False, scale=1.0, seed=0, use_logp=True,
+               use_ent=True, factor=2.0, device="cpu"):
+    h, w, b, t, gl, ge = make_inputs(N, V, H, dtype, bias=bias, scale=scale, seed=seed,
+                                     device=device)
+    kw = dict(use_logp=use_logp, use_ent=use_ent)
+    got = run_with_grads(ours(backend, T), h, w, b, t, gl, ge, **kw)
+    truth = run_with_grads(ref64(T), h.double(), w.double(),
+                           b.double() if b is not None else None, t, gl, ge, **kw)
+    torch_same = run_with_grads(ref_same_precision(T, dtype), h, w, b, t, gl, ge, **kw)
+    assert got["logp"].dtype == torch.float32 and got["logp"].shape == (N,)
+    for k, ref in truth.items():
+        assert got[k].shape == ref.shape, k
+        assert torch.isfinite(got[k]).all(), f"{k} has NaN/inf"
+        err = max_err(got[k], ref)
+        err_torch = max_err(torch_same[k], ref)
+        # Floor: a few fp32 ulps of the quantity's own scale (or of the logits' scale for the
+        # log-probs, whose cancellation error grows with |logits|).
+        mag = max(1.0, ref.abs().max().item())
+        if k in ("logp", "ent"):
+            mag = max(mag, scale)
+        floor = 8 * torch.finfo(torch.float32).eps * mag
+        assert err <= factor * err_torch + floor, (
+            f"{k}: error {err:.3e} > {factor} x torch {dtype} error {err_torch:.3e} + {floor:.1e} "
+            f"(N={N} V={V} H={H} T={T} bias={bias} scale={scale})")
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels: under the interpreter on CPU, compiled on a CUDA machine (``device`` fixture).
+# Small, odd shapes. Interpreter tiles are BLOCK_N=16, BLOCK_V=32, BLOCK_H=32 on a pretend 4-SM
+# machine, so these shapes cross token, vocab and hidden tile edges, split the vocab across
+# programs and merge the splits.
+
+TRITON_CASES = [
+    # N,  V,    H,  dtype,          T,   bias,  scale
+    (1, 1, 16, torch.float32, 1.0, False, 1.0),        # N = 1, V = 1: logp = 0, entropy = 0
+    (1, 300, 64, torch.float32, 0.7, True, 1.0),
+    (37, 300, 59, torch.float32, 1.3, True, 1.0),      # H not a power of two: K mask
+    (37, 257, 64, torch.float32, 1.0, False, 1.0),     # aligned K path, V = 8 * 32 + 1
+    (16, 33, 32, torch.float32, 0.7, False, 1.0),      # V = BLOCK_V + 1
+    (17, 31, 3, torch.float32, 1.0, True, 1.0),        # H < BLOCK_H, V < BLOCK_V
+    (9, 1031, 24, torch.float32, 1.0, True, 1.0),      # V ~ 1000, prime
+    (29, 211, 48, torch.float32, 1.0, True, 1e4),      # logits ~ +-1e4
+    (29, 211, 48, torch.float32, 0.7, False, 1e4),
+    (37, 300, 64, torch.bfloat16, 1.0, True, 1.0),
+    (20, 129, 59, torch.bfloat16, 0.7, False, 1.0),
+    (33, 97, 40, torch.bfloat16, 1.3, True, 3.0),
+    (25, 150, 64, torch.float16, 1.0, False, 1.0),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("N,V,H,dtype,T,bias,scale", TRITON_CASES)
+def test_triton_matches_reference(device, N, V, H, dtype, T, bias, scale):
+    check_case("triton", N, V, H, dtype, T, bias=bias, scale=scale, seed=N * 1000 + V,
+               device=device)
+
+
+@needs_interp
+@pytest.mark.parametrize("use_logp,use_ent", [(True, False), (False, True)])
+def test_triton_grad_branches(device, use_logp, use_ent):
+    """Each of d logp and d entropy reaches hidden, weight and bias on its own."""
+    check_case("triton", 21, 133, 40, torch.float32, 0.7, bias=True, use_logp=use_logp,
+               use_ent=use_ent, seed=7, device=device)
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_in_chunks(monkeypatch, device, dtype):
+    """Several backward chunks: dW accumulated across them (in fp32 for bf16), dH per chunk."""
+    V, elem = 190, torch.finfo(dtype).bits // 8
+    bn = LL._config(torch.empty(1, 64, dtype=dtype, device=device),
+                    torch.empty(V, 64, dtype=dtype, device=device))["BLOCK_N"]
+    N = 3 * bn - 5                              # three chunks, the last one short
+    monkeypatch.setattr(LL, "BWD_CHUNK_BYTES", bn * V * elem)
+    assert LL._bwd_chunk_rows(N, V, elem, bn) == bn
+    check_case("triton", N, V, 64, dtype, 1.3, bias=True, seed=11, device=device)
+
+
+@needs_interp
+@pytest.mark.parametrize("H", [64, 59])
+def test_triton_gpu_tiles(monkeypatch, H):
+    """The GPU tile sizes (aligned and unaligned variants), run by the interpreter."""
+    if not INTERPRET:
+        pytest.skip("the GPU tiles are what a CUDA run uses anyway")
+    aligned = H % 64 == 0
+    cfg = {k: v for k, v in LL._GPU_CONFIGS[("16", aligned)].items() if k.startswith("BLOCK")}
+    monkeypatch.setattr(LL, "_CONFIG_OVERRIDE", cfg)
+    assert LL._config(torch.empty(2, H), torch.empty(3, H))["ALIGNED"] is aligned
+    check_case("triton", 70, 300, H, torch.float32, 0.7, bias=True, seed=3)
+
+
+@needs_interp
+def test_triton_matches_chunked_torch(device):
+    """The two backends agree with each other closely (same maths, both fp32-accumulated)."""
+    h, w, b, t, gl, ge = make_inputs(30, 250, 48, torch.float32, bias=True, seed=5, device=device)
+    a = run_with_grads(ours("triton", 0.9), h, w, b, t, gl, ge)
+    c = run_with_grads(ours("torch", 0.9), h, w, b, t, gl, ge)
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked PyTorch path (the CPU default): larger shapes, several chunks
+
+TORCH_CASES = [
+    (300, 5003, 96, torch.float32, 1.0, True, 1.0),
+    (257, 4099, 59, torch.float32, 0.7, False, 1.0),
+    (128, 3001, 64, torch.float32, 1.3, True, 1e4),
+    (200, 2999, 64, torch.bfloat16, 1.0, True, 1.0),
+    (100, 1000, 33, torch.float16, 0.7, False, 2.0),
+    (1, 1, 8, torch.float32, 1.0, False, 1.0),
+]
+
+
+@pytest.mark.parametrize("N,V,H,dtype,T,bias,scale", TORCH_CASES)
+def test_chunked_torch_matches_reference(monkeypatch, N, V, H, dtype, T, bias, scale):
+    monkeypatch.setattr(LC, "CHUNK_BYTES", 37 * V * 4)     # 37-row chunks: several, uneven
+    check_case("torch", N, V, H, dtype, T, bias=bias, scale=scale, seed=N + V)
+
+
+def test_chunked_torch_float64_is_exact_to_reference():
+    h, w, b, t, gl, ge = make_inputs(50, 777, 20, torch.float64, bias=True, seed=2)
+    a = run_with_grads(ours("torch", 1.3), h, w, b, t, gl, ge)
+    r = run_with_grads(ref64(1.3), h, w, b, t, gl, ge)
+    for k in r:
+        torch.testing.assert_close(a[k], r[k], rtol=1e-10, atol=1e-12)
+
+
+def test_auto_on_cpu_uses_chunked_torch(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the Triton path ran on CPU under backend='auto'")
+    monkeypatch.setattr(LL, "_triton_forward", boom)
+    h, w, b, t, gl, ge = make_inputs(5, 40, 8, torch.float32)
+    fused_linear_logprob(h, w, t)     # must not raise
+
+
+@needs_interp
+def test_backend_triton_dispatches_to_kernels(monkeypatch, device):
+    calls = []
+    real = LL._triton_forward
+    monkeypatch.setattr(LL, "_triton_forward", lambda *a: calls.append(1) or real(*a))
+    h, w, b, t, gl, ge = make_inputs(5, 40, 8, torch.float32, device=device)
+    fused_linear_logprob(h, w, t, backend="triton")
+    assert calls == [1]
+
+
+def test_leading_dims_and_no_entropy():
+    h, w, b, t, gl, ge = make_inputs(12, 90, 16, torch.float32, bias=True)
+    flat = fused_linear_logprob(h, w, t, bias=b)
+    shaped, ent = fused_linear_logprob(h.view(3, 4, 16), w, t.view(3, 4), bias=b,
+                                       return_entropy=True)
+    assert shaped.shape == (3, 4) and ent.shape == (3, 4)
+    torch.testing.assert_close(shaped.reshape(-1), flat)
+
+
+def test_empty_batch_backward():
+    h = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    logp, ent = fused_linear_logprob(h, w, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert logp.shape == (0,) and ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert w.grad is not None and not w.grad.any()
+
+
+def test_frozen_weight_and_no_grad():
+    h, w, b, t, gl, ge = make_inputs(9, 70, 8, torch.float32)
+    h.requires_grad_()
+    fused_linear_logprob(h, w, t).sum().backward()     # weight frozen: grad only to hidden
+    assert h.grad is not None and w.grad is None
+    with torch.no_grad():
+        assert fused_linear_logprob(h, w, t).requires_grad is False
+
+
+def test_matches_trl_semantics():
+    """TRL computes selective_log_softmax(logits / T) and entropy_from_logits(logits / T):
+    temperature first, for both."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    h, w, b, t, gl, ge = make_inputs(40, 500, 32, torch.float32, bias=True, seed=9)
+    T = 0.7
+    logits = (h @ w.t() + b) / T
+    want_logp = trl_utils.selective_log_softmax(logits, t)
+    want_ent = trl_utils.entropy_from_logits(logits)
+    logp, ent = fused_linear_logprob(h, w, t, bias=b, temperature=T, return_entropy=True)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# invalid input
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param(
+    "triton", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors on the Triton path "
+                                       "need the interpreter; CUDA uses torch._assert_async"))])
+def test_out_of_range_targets_raise(backend):
+    h, w, b, t, gl, ge = make_inputs(6, 50, 8, torch.float32)
+    for bad in (-1, 50):
+        t2 = t.clone()
+        t2[3] = bad
+        with pytest.raises(ValueError, match=rf"\[0, V=50\).*targets\[3\] = {bad}"):
+            fused_linear_logprob(h, w, t2, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hidden=torch.zeros(4, 7)), r"hidden \(4, 7\) must end in H = 8"),
+    (dict(targets=torch.zeros(5, dtype=torch.long)), r"targets \(5,\) must match .*\(4,\)"),
+    (dict(targets=torch.zeros(4)), r"int64 or int32; got torch.float32"),
+    (dict(weight=torch.zeros(50, 8, dtype=torch.float64)), r"must share a dtype"),
+    (dict(bias=torch.zeros(49)), r"bias must be .* shape \(50,\); got \(49,\)"),
+    (dict(temperature=0.0), r"temperature must be a finite number > 0; got 0.0"),
+    (dict(temperature=float("nan")), r"temperature must be"),
+    (dict(backend="cuda"), r"backend must be 'auto', 'triton' or 'torch'; got 'cuda'"),
+    (dict(weight=torch.zeros(50)), r"weight must be \[V, H\]; got shape \(50,\)"),
+])
+def test_invalid_inputs_raise(kwargs, match):
+    args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(50, 8),
+                targets=torch.zeros(4, dtype=torch.long), temperature=1.0, bias=None,
+                backend="auto")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_logprob(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fused_linear_logprob(torch.zeros(2, 8), torch.zeros(5, 8), torch.zeros(2, dtype=torch.long),
+                             backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the chunked CPU path at the Qwen vocabulary never holds N x V
+
+
+@pytest.mark.slow
+def test_chunked_cpu_peak_memory_under_10pct_of_naive_logits():
+    """Peak extra RSS of fp32 forward + backward at N=4096, V=152064, H=256, measured in a
+    subprocess, minus the dH + dW gradients every path returns, must be under 10% of the naive
+    path's logits alone (N*V*4 B = 2.49 GB; the naive path's own peak is a multiple of that —
+    benchmarks/bench_linear_logprob.py measures it)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_linear_logprob import measure_rss_subprocess
+
+    N, V, H = 4096, 152064, 256
+    m = measure_rss_subprocess("staged", N, V, H)
+    logits_mb = N * V * 4 / 2**20
+    extra = m["extra_mb"] - m["grads_mb"]
+    assert m["extra_mb"] > m["grads_mb"] * 0.9, f"measurement implausible: {m}"
+    assert extra < 0.10 * logits_mb, (
+        f"chunked path peak extra {extra:.0f} MB (+{m['grads_mb']:.0f} MB grads) is not under "
+        f"10% of the naive logits' {logits_mb:.0f} MB: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,V,H,bias", [(512, 152064, 3584, False), (1000, 151936, 896, True),
+                                        (77, 32003, 59, True)])
+def test_cuda_bf16_head_shapes(N, V, H, bias):
+    torch.manual_seed(0)
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(V, H, device="cuda") * H ** -0.5).to(torch.bfloat16)
+    b = torch.randn(V, device="cuda", dtype=torch.bfloat16) if bias else None
+    t = torch.randint(0, V, (N,), device="cuda")
+    t[0], t[-1] = 0, V - 1
+    gl = torch.randn(N, device="cuda", dtype=torch.float64)
+    ge = torch.randn(N, device="cuda", dtype=torch.float64)
+    got = run_with_grads(ours("auto", 0.7), h, w, b, t, gl, ge)
+    truth = run_with_grads(ref64(0.7), h.double(), w.double(), b.double() if bias else None,
+                           t, gl, ge)
+    eager = run_with_grads(ref_same_precision(0.7, torch.bfloat16), h, w, b, t, gl, ge)
+    for k in truth:
+        assert torch.isfinite(got[k]).all()
+        assert max_err(got[k], truth[k]) <= 2 * max_err(eager[k], truth[k]) + 1e-6, k
+
+
+@pytest.mark.cuda
+def test_cuda_backward_is_deterministic():
+    torch.manual_seed(1)
+    h = torch.randn(3000, 896, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(151936, 896, device="cuda") * 0.03).to(torch.bfloat16)
+    t = torch.randint(0, 151936, (3000,), device="cuda")
+    gl = torch.randn(3000, device="cuda", dtype=torch.float64)
+    ge = torch.randn(3000, device="cuda", dtype=torch.float64)
+    a = run_with_grads(ours("auto", 1.0), h, w, None, t, gl, ge)
+    c = run_with_grads(ours("auto", 1.0), h, w, None, t, gl, ge)
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_matches_reference():
+    h, w, b, t, gl, ge = make_inputs(300, 5003, 96, torch.float32, bias=True, device="cuda")
+    got = run_with_grads(ours("auto", 0.7), h, w, b, t, gl, ge)
+    truth = run_with_grads(ref64(0.7), h.double(), w.double(), b.double(), t, gl, ge)
+    same = run_with_grads(ref_same_precision(0.7, torch.float32), h, w, b, t, gl, ge)
+    for k in truth:
+        assert max_err(got[k], truth[k]) <= 2 * max_err(same[k], truth[k]) + 1e-5, k
