@@ -8,12 +8,14 @@
 #include <Python.h>
 
 #include "planner.h"
+#include "span_table.h"
 
 namespace {
 
 PyMethodDef kMethods[] = {
     {"plan_micro_batches", staged::plan_micro_batches, METH_VARARGS,
      staged::kPlanMicroBatchesDoc},
+    {"build_span_tables", staged::build_span_tables, METH_VARARGS, staged::kBuildSpanTablesDoc},
     {nullptr, nullptr, 0, nullptr},
 };
 

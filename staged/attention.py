@@ -1,0 +1,286 @@
+"""Packed (varlen) attention, and the hook that runs transformers' Qwen2-VL / Qwen2.5-VL on a
+packed micro-batch.
+
+``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal)`` attends within each sequence of
+a packed [T, heads, head_dim] batch. Backends, the first available wins (``backend="auto"``):
+
+  flash_attn  flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16): cu_seqlens and the
+              host int max_seqlen go straight to the kernel; no host sync.
+  xformers    ``memory_efficient_attention`` with a block-diagonal (causal) bias built from the
+              host sequence lengths (CUDA).
+  sdpa        an exact loop of ``scaled_dot_product_attention`` over the sequences (CPU, or CUDA
+              without the two above): no [T, T] mask, O(sum L^2) work, one call per sequence.
+
+The xformers bias and the sdpa loop need the sequence lengths on the host. The collate knows
+them (``PackedMicroBatch.seqlens``); ``register_seqlens`` attaches them to the cu_seqlens tensor
+so that no layer reads cu_seqlens back from the device. Only a cu_seqlens that was never
+registered is read back (one named host sync, then cached for the other layers).
+
+Hook into transformers (public API, same on 5.17 and 5.24): an attention function registered
+as ``AttentionInterface.register("staged_varlen", ...)`` and selected for the text model only
+with ``model.set_attn_implementation({"text_config": "staged_varlen"})`` (the vision tower
+keeps its own). The packed forward (``packed_forward``) calls the text model with
+``inputs_embeds`` [1, T, H] from ``pack_embed``, 4-row ``position_ids`` [4, 1, T] (row 0 =
+per-sample arange, which the model strips off), the FlashAttentionKwargs ``cu_seq_lens_q/k``
+and ``max_length_q/k``, and ``attention_mask={"full_attention": None, ...}``: a prepared mask
+mapping, so transformers builds no mask and never scans position ids for packed sequences
+(which would sync). Calls without ``cu_seq_lens_q`` (rollout generation, padded batches) are
+handed to transformers' own sdpa function, with sdpa's mask (registered for the same name), so
+the model stays usable unpacked.
+"""
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "staged_varlen"
+
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+# ---------------------------------------------------------------------------------------------
+# Host sequence lengths, attached to a cu_seqlens tensor
+
+_HOST: dict[int, tuple[weakref.ref, list[int], dict]] = {}
+registry_misses = 0  # cu_seqlens seen without registered host lengths (tests: stays 0)
+host_readbacks = 0  # ... of which on a device: each one a host sync
+
+
+def register_seqlens(cu_seqlens: torch.Tensor, seqlens: Sequence[int]) -> None:
+    """Tell the attention backends the host lengths of ``cu_seqlens`` (kept while it lives)."""
+    key = id(cu_seqlens)
+
+    def _drop(_ref, key=key):
+        _HOST.pop(key, None)
+
+    _HOST[key] = (weakref.ref(cu_seqlens, _drop), [int(x) for x in seqlens], {})
+
+
+def _entry(cu_seqlens: torch.Tensor) -> tuple[weakref.ref, list[int], dict]:
+    global host_readbacks, registry_misses
+    entry = _HOST.get(id(cu_seqlens))
+    if entry is not None and entry[0]() is cu_seqlens:
+        return entry
+    registry_misses += 1
+    if cu_seqlens.device.type != "cpu":
+        host_readbacks += 1  # HOST SYNC: cu_seqlens was not registered; read once, then cached
+    cu = cu_seqlens.tolist()
+    register_seqlens(cu_seqlens, [b - a for a, b in zip(cu, cu[1:])])
+    return _HOST[id(cu_seqlens)]
+
+
+def host_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
+    """The host lengths of a cu_seqlens tensor (registered, or read back once)."""
+    return _entry(cu_seqlens)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen attention
+
+
+def attention_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend ``backend="auto"`` picks for tensors on ``device`` with ``dtype``."""
+    if torch.device(device).type == "cuda":
+        if HAS_FLASH_ATTN and dtype in (torch.float16, torch.bfloat16):
+            return "flash_attn"
+        if HAS_XFORMERS:
+            return "xformers"
+    return "sdpa"
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, causal: bool = True, *, scale: float | None = None,
+                     dropout_p: float = 0.0, seqlens: Sequence[int] | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """Attention within each packed sequence. q [T, Hq, D], k / v [T, Hkv, D] (Hq a multiple of
+    Hkv: grouped-query attention), cu_seqlens int32 [B+1] on q's device, max_seqlen the longest
+    sequence (host int). Returns [T, Hq, D]. ``seqlens``: the host lengths, if known (else the
+    registered ones, see ``register_seqlens``). ``scale`` defaults to D**-0.5."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"varlen_attention wants [T, heads, head_dim]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != T or v.shape[:2] != k.shape[:2] or Hq % Hkv:
+        raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)}: same T, and q heads a multiple of kv heads")
+    if backend == "auto":
+        backend = attention_backend(q.device, q.dtype)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
+                                      cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p,
+                                      softmax_scale=scale, causal=causal)
+    if seqlens is None:
+        entry = _entry(cu_seqlens)
+        seqlens, cache = entry[1], entry[2]
+    else:
+        cache = {}
+    if backend == "xformers":
+        from xformers.ops import fmha
+
+        key = ("xformers_bias", causal)
+        bias = cache.get(key)
+        if bias is None:
+            mask_cls = fmha.attn_bias.BlockDiagonalCausalMask if causal else \
+                fmha.attn_bias.BlockDiagonalMask
+            bias = cache[key] = mask_cls.from_seqlens(list(seqlens))
+        if Hq != Hkv:  # grouped-query: head h reads kv head h // (Hq / Hkv), as repeat_kv
+            rep = Hq // Hkv
+            k = k[:, :, None].expand(T, Hkv, rep, D).reshape(T, Hq, D)
+            v = v[:, :, None].expand(T, Hkv, rep, D).reshape(T, Hq, D)
+        out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
+                                              p=dropout_p, scale=scale)
+        return out[0]
+    if backend != "sdpa":
+        raise ValueError(f"backend must be 'auto', 'flash_attn', 'xformers' or 'sdpa', got "
+                         f"{backend!r}")
+    if sum(seqlens) != T:
+        raise ValueError(f"varlen_attention: the sequence lengths sum to {sum(seqlens)} but q has "
+                         f"{T} rows")
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D] views
+    outs, a = [], 0
+    for n in seqlens:
+        if n:
+            o = F.scaled_dot_product_attention(
+                qh[None, :, a:a + n], kh[None, :, a:a + n], vh[None, :, a:a + n],
+                dropout_p=dropout_p, is_causal=causal and n > 1, scale=scale,
+                enable_gqa=Hq != Hkv)
+            outs.append(o[0].transpose(0, 1))
+        a += n
+    if not outs:
+        return q.new_zeros(T, Hq, D)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformers hook
+
+
+def _staged_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, is_causal: bool | None = None,
+                           sliding_window: int | None = None, **kwargs):
+    """transformers attention function: query [B, Hq, T, D], key / value [B, Hkv, T, D] ->
+    ([B, T, Hq, D], None). Packed when called with ``cu_seq_lens_q``; otherwise sdpa."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal,
+                                      sliding_window=sliding_window, **kwargs)
+    if sliding_window is not None:
+        raise NotImplementedError("staged_varlen: sliding-window layers are not supported packed "
+                                  "(Qwen-VL configs use use_sliding_window=False)")
+    if query.shape[0] != 1:
+        raise ValueError(f"staged_varlen: a packed batch is [1, T]; got batch {query.shape[0]}")
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    max_len = kwargs.get("max_length_q")
+    if max_len is None:
+        max_len = max(host_seqlens(cu))
+    out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                           value[0].transpose(0, 1), cu, int(max_len), causal=causal,
+                           scale=scaling, dropout_p=dropout if module.training else 0.0)
+    return out[None], None
+
+
+_REGISTERED = False
+
+
+def register_attention() -> None:
+    """Register ``staged_varlen`` with transformers' AttentionInterface (and sdpa's mask builder
+    under the same name, for unpacked calls). Idempotent."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _staged_varlen_forward)
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    _REGISTERED = True
+
+
+def _vl_parts(model):
+    """(the Qwen-VL base model with .visual and .language_model, lm_head or None)."""
+    inner = model
+    for _ in range(3):
+        if hasattr(inner, "language_model") and hasattr(inner, "visual"):
+            return inner, getattr(model, "lm_head", None)
+        inner = getattr(inner, "model", None)
+        if inner is None:
+            break
+    raise TypeError(f"{type(model).__name__} is not a Qwen-VL model (no .visual and "
+                    ".language_model): packed_forward supports Qwen2-VL and Qwen2.5-VL")
+
+
+def use_packed_attention(model) -> None:
+    """Select ``staged_varlen`` for the text model of a Qwen2-VL / Qwen2.5-VL model (the vision
+    tower keeps its implementation). Unpacked calls still work (they run sdpa)."""
+    register_attention()
+    inner, _ = _vl_parts(model)
+    text_cfg = inner.language_model.config
+    if text_cfg._attn_implementation == ATTN_NAME:
+        return
+    has_text_config = getattr(model.config, "text_config", None) is not None
+    model.set_attn_implementation({"text_config": ATTN_NAME} if has_text_config else ATTN_NAME)
+    if inner.language_model.config._attn_implementation != ATTN_NAME:
+        raise RuntimeError(f"could not select {ATTN_NAME} for {type(model).__name__}'s text model "
+                           f"(it uses {inner.language_model.config._attn_implementation!r})")
+
+
+def vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The vision tower's merged output [Nv, H] for pixel values in span order."""
+    inner, _ = _vl_parts(model)
+    visual = inner.visual
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    return getattr(out, "pooler_output", out)
+
+
+def packed_forward(model, batch, *, vision: torch.Tensor | None = None,
+                   return_logits: bool = False) -> torch.Tensor:
+    """Run a Qwen2-VL / Qwen2.5-VL model on a packed micro-batch (``PackedMicroBatch`` on the
+    model's device): vision tower on the micro-batch's images/videos (or ``vision``, features
+    computed elsewhere), ``pack_embed``, 4-row position ids, the text model with varlen
+    attention. Returns the final hidden states [T, H] (or logits [T, V] with
+    ``return_logits``). No host sync of our own (the vision tower's are transformers').
+
+    Under FSDP2 call it inside the root module's forward (``staged.parallel.bind_forward_method``)
+    so that the embedding table and lm_head are unsharded while it runs."""
+    from staged.kernels.packing import pack_embed
+
+    model_type = getattr(model.config, "model_type", "")
+    if model_type.startswith("qwen3"):
+        raise NotImplementedError("packed_forward: Qwen3-VL's deepstack vision features are not "
+                                  "packed yet (its position ids are: staged.packing.spans)")
+    inner, lm_head = _vl_parts(model)
+    use_packed_attention(model)
+    table = batch.table
+    if vision is None and batch.pixel_values is not None:
+        vision = vision_features(model, batch.pixel_values, batch.vision_grid_thw)
+    emb = inner.get_input_embeddings()
+    cfg = batch.config
+    embeds = pack_embed(batch.input_ids, emb.weight, vision, table.spans,
+                        num_vision_rows=table.num_vision_rows, image_token_id=cfg.image_token_id,
+                        video_token_id=cfg.video_token_id,
+                        padding_idx=getattr(emb, "padding_idx", None))
+    position_ids = batch.position_ids()
+    cu = table.cu_seqlens
+    register_seqlens(cu, batch.seqlens)
+    text = inner.language_model
+    layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
+    masks = {t: None for t in set(layer_types) | {"full_attention"}}
+    out = text(inputs_embeds=embeds[None], position_ids=position_ids[:, None, :],
+               attention_mask=masks, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+               max_length_q=table.max_seqlen, max_length_k=table.max_seqlen)
+    hidden = out.last_hidden_state[0]
+    if return_logits:
+        if lm_head is None:
+            raise ValueError("return_logits: the model has no lm_head")
+        return lm_head(hidden)
+    return hidden
