@@ -18,9 +18,11 @@ def S(answer, task, **kw):
 
 def R(text, sample, **kw):
     out = compute_rewards([text], [sample], **kw)
-    assert set(out) == {"reward", "accuracy", "format"}
-    assert all(v.dtype == torch.float32 and v.shape == (1,) for v in out.values())
-    return {k: round(v.item(), 6) for k, v in out.items()}
+    assert set(out) == {"reward", "accuracy", "format", "verifier_errors", "verifier_timeouts"}
+    assert all(out[k].dtype == torch.float32 and out[k].shape == (1,) for k in ("reward", "accuracy", "format"))
+    assert out["verifier_errors"].shape == () and out["verifier_timeouts"].shape == ()
+    assert out["verifier_errors"].item() == 0 and out["verifier_timeouts"].item() == 0
+    return {k: round(out[k].item(), 6) for k in ("reward", "accuracy", "format")}
 
 
 def test_correct_incorrect_and_format():
@@ -65,7 +67,8 @@ def test_mcq_variants_right(pred):
     assert R(f"<think>t</think>\\boxed{{{pred}}}", s)["accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("pred", ["B", "(B)", "CD", "a circle", "Because", "green", "", "C or D", "C, D", "(C) and (D)", "C/D"])
+@pytest.mark.parametrize("pred", ["B", "(B)", "CD", "a circle", "Because", "green", "", "C or D", "C, D", "(C) and (D)",
+                                  "C/D"])
 def test_mcq_variants_wrong(pred):
     s = S("C", "mcq", extra={"options": OPTIONS})
     assert R(f"<think>t</think>\\boxed{{{pred}}}", s)["accuracy"] == 0.0
@@ -87,7 +90,6 @@ def test_count_and_math_and_caption_and_bbox():
     assert R("<think>t</think>\\boxed{3}", S("3", "count"))["accuracy"] == 1.0
     assert R("<think>t</think>\\boxed{3.5}", S("3", "count"))["accuracy"] == 0.0
     assert R("<think>t</think>\\boxed{\\frac{1}{2}}", S("0.5", "math"))["accuracy"] == 1.0
-    assert R("<think>t</think>\\boxed{x^2 + 1}", S("x^{2}+1", "math"))["accuracy"] == 0.0  # no symbolic algebra
     assert R("<think>t</think>\\boxed{x^2+1}", S("x^2+1", "math"))["accuracy"] == 1.0
     assert R("<think>t</think>\\boxed{(B)}", S("B", "math"))["accuracy"] == 1.0  # letters under the default task
     assert R("There are 2 red circles", S("There are 2 red circles.", "caption"))["accuracy"] == 1.0
