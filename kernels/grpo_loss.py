@@ -35,6 +35,8 @@ Semantics: TRL's ``GRPOTrainer._compute_loss`` for every option the two share; s
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +44,7 @@ import triton.language as tl
 from .aot import register_aot
 from .grpo_options import (GRPOLossOptions, check_num_items, prepare_inputs, resolve_options,
                            resolve_tensor_aliases, split_kwargs)
-from .reference.grpo_loss import EXP_CLAMP
+from .reference.grpo_loss import EXP_CLAMP, grpo_loss_reference
 
 # Row statistics written by the forward kernel, [B, ROW_STATS] fp32.
 ROW_LOSS, ROW_COUNT, ROW_CLIP_LOW, ROW_CLIP_HIGH, ROW_KL, ROW_RATIO, ROW_SEQ_GRAD = range(7)
@@ -512,10 +514,38 @@ class GRPOLossFunction(torch.autograd.Function):
         return dlogp[:N].to(dtype), None, None, None, None, None
 
 
+def _resolve_backend(backend, device: torch.device) -> str:
+    """'auto' -> Triton on CUDA, and on CPU under TRITON_INTERPRET=1 (the tests); plain torch on a
+    CPU without the interpreter (compiled Triton needs a GPU)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"grpo_loss: backend must be 'auto', 'triton' or 'torch'; got {backend!r}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" or interpret) else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpret:
+        raise ValueError(f"grpo_loss: backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
+                         "set before triton is imported (or use backend='torch')")
+    return backend
+
+
+def _torch_compute_dtype(logp) -> torch.dtype:
+    # the torch path computes in the inputs' precision; half inputs are upcast to fp32, as the
+    # kernel does (a bf16 exp / sum over a sequence would lose the loss)
+    return torch.float64 if getattr(logp, "dtype", None) == torch.float64 else torch.float32
+
+
 def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
               cu_seqlens=None, sampling_logp=None, vllm_is_ratio=None, num_items_in_batch=None,
-              block_size=None, **options):
+              block_size=None, backend="auto", **options):
     """Fused GRPO policy loss with TRL's semantics. Returns ``(loss, metrics)``.
+
+    ``backend``: ``"auto"`` — the Triton kernels on CUDA, and on CPU under ``TRITON_INTERPRET=1``
+    (how the tests run them); on a CPU without the interpreter the plain-PyTorch path.
+    ``"triton"`` — the kernels (on CPU only under the interpreter). ``"torch"`` — the plain-PyTorch
+    path on any device: ``staged.kernels.reference.grpo_loss`` run in the inputs' precision (fp64
+    for fp64 ``logp``, else fp32; the loss and metrics come back in that dtype), both layouts, no
+    host sync (the packed layout's sequence of each token is found on the device). Same semantics,
+    same validation and errors; it materialises a few [N] temporaries and autograd keeps them.
 
     Layouts: padded ``logp [B, T]`` (``mask [B, T]``), or packed ``logp`` of any shape with N
     elements plus ``cu_seqlens [B+1]`` (sequence b owns flat tokens ``cu[b]:cu[b+1]``; tokens
@@ -586,6 +616,15 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
       * verl clamps log-ratios to [-20, 20] on both sides; we clamp only above (below, exp -> 0 is
         harmless). verl's CISPO clips two-sided with relative bounds: ``cispo_variant='verl'``.
     """
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 16
+                                   or block_size & (block_size - 1)):
+        raise ValueError(f"grpo_loss: block_size={block_size} must be a power of two >= 16")
+    kind = _resolve_backend(backend, logp.device if isinstance(logp, torch.Tensor) else torch.device("cpu"))
+    if kind == "torch":
+        return grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, cu_seqlens=cu_seqlens,
+                                   sampling_logp=sampling_logp, vllm_is_ratio=vllm_is_ratio,
+                                   num_items_in_batch=num_items_in_batch,
+                                   dtype=_torch_compute_dtype(logp), **options)
     tensor_aliases, option_kwargs = split_kwargs(options)
     named = resolve_tensor_aliases(
         dict(old_logp=old_logp, ref_logp=ref_logp, mask=mask, sampling_logp=sampling_logp,

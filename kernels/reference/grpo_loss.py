@@ -3,9 +3,14 @@ in float64 by default. Tests hold the Triton kernel against it (values and autog
 benchmarks time it in float32 as the eager baseline and under ``torch.compile``.
 
 It deliberately shares nothing with the kernel except option parsing and input validation
-(``staged.kernels.grpo_options``), so a semantic slip in the kernel cannot hide here. The packed
-layout is scattered into a padded [B, T_max] batch first, which reads ``cu_seqlens`` on the host:
-a sync that is fine for a reference and absent from the kernel.
+(``staged.kernels.grpo_options``), so a semantic slip in the kernel cannot hide here.
+
+It is also the CPU path of ``grpo_loss(backend="torch")`` (``dtype`` = the inputs' precision), so
+it has no host sync: the padded layout is viewed as [B, T]; the packed layout stays a flat [N]
+token axis whose sequence of each token comes from ``searchsorted`` over ``cu_seqlens`` on the
+device, and per-sequence sums are ``index_add`` over it (tokens outside every sequence count as
+masked). Per-sequence values (advantages, GSPO ratios) are [B, 1] in the padded layout, as in TRL,
+and gathered to [N] in the packed one.
 
 Where it departs from TRL it departs exactly like the kernel, on purpose (see
 ``staged.kernels.grpo_loss`` for the list): every ``exp`` argument is clamped to at most
@@ -25,12 +30,40 @@ from ..grpo_options import (check_num_items, prepare_inputs, resolve_options,
 EXP_CLAMP = 20.0
 
 
-def _padded(x, idx, inside, fill=0.0):
-    """[N] -> [B, T_max] by gather (differentiable); positions past a row's end get ``fill``."""
-    if x is None:
-        return None
-    g = x[idx]
-    return torch.where(inside, g, torch.as_tensor(fill, dtype=g.dtype, device=g.device))
+class _Layout:
+    """Row structure of the token axis: per-sequence sums and per-sequence -> per-token broadcast.
+
+    padded: tokens are [B, T]; ``rowsum`` sums the last axis, ``expand`` gives [B, 1] (TRL's shapes).
+    packed: tokens are [N]; ``seg`` [N] is each token's sequence (clamped into [0, B)), ``inside``
+    [N] whether it belongs to one at all. Built on the device: no ``cu_seqlens`` value is read.
+    """
+
+    def __init__(self, inp, dev):
+        self.B, self.packed = inp.B, inp.packed
+        if inp.packed:
+            cu = inp.cu_seqlens.to(torch.int64)
+            pos = torch.arange(inp.N, device=dev, dtype=torch.int64)
+            seg = torch.searchsorted(cu[1:], pos, right=True)  # sequence b owns cu[b] <= pos < cu[b+1]
+            self.inside = (pos >= cu[0]) & (seg < inp.B)
+            self.seg = seg.clamp(max=inp.B - 1)
+            self.shape = (inp.N,)
+        else:
+            self.inside = None
+            self.shape = (inp.B, inp.T)
+
+    def tokens(self, x):
+        """[N] flat input -> the token layout ([B, T] or [N])."""
+        return x.reshape(self.shape)
+
+    def rowsum(self, x):
+        """Per-sequence sum of a token tensor -> [B]."""
+        if not self.packed:
+            return x.sum(-1)
+        return torch.zeros(self.B, dtype=x.dtype, device=x.device).index_add(0, self.seg, x)
+
+    def expand(self, v):
+        """Per-sequence [B] -> broadcastable against tokens ([B, 1] padded, [N] packed)."""
+        return v[self.seg] if self.packed else v.unsqueeze(1)
 
 
 def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
@@ -49,27 +82,18 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
     num_items_in_batch = check_num_items(num_items_in_batch)
     dev, B = logp.device, inp.B
 
-    # ---- layout: everything becomes [B, T] with a float mask (0 past each row's end) ----
-    if inp.packed:
-        cu = inp.cu_seqlens.tolist()  # host sync: fine in a reference
-        lens = [cu[i + 1] - cu[i] for i in range(B)]
-        T = max(max(lens), 1)
-        ar = torch.arange(T, device=dev)
-        starts = torch.tensor(cu[:-1], device=dev)
-        inside = ar[None, :] < torch.tensor(lens, device=dev)[:, None]
-        idx = (starts[:, None] + ar[None, :]).clamp(max=max(inp.N - 1, 0))
-    else:
-        T = inp.T
-        idx = torch.arange(B * T, device=dev).view(B, T)
-        inside = torch.ones(B, T, dtype=torch.bool, device=dev)
+    # ---- layout: tokens stay [B, T] (padded) or [N] (packed), with a float mask (0 outside
+    # every sequence) ----
+    lay = _Layout(inp, dev)
 
     def tok(x):
-        return None if x is None else _padded(x.to(dtype), idx, inside)
+        return None if x is None else lay.tokens(x.to(dtype))
 
-    logp_flat = inp.logp
-    per_token_logps = _padded(logp_flat.to(dtype), idx, inside)
+    per_token_logps = tok(inp.logp)
     m = torch.ones(inp.N, dtype=dtype, device=dev) if inp.mask is None else inp.mask.to(dtype)
-    m = _padded(m, idx, inside)
+    if lay.inside is not None:
+        m = torch.where(lay.inside, m, torch.zeros((), dtype=dtype, device=dev))
+    m = lay.tokens(m)
     valid = m != 0
 
     def clean(x):  # masked positions never reach the math (the kernel zeroes them at load time)
@@ -78,7 +102,8 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
     per_token_logps = clean(per_token_logps)
     old = clean(tok(inp.old_logp))
     old = per_token_logps.detach() if old is None else old
-    advantages = inp.advantages.to(dtype).unsqueeze(1)  # [B, 1]
+    adv_row = inp.advantages.to(dtype)  # [B]
+    advantages = lay.expand(adv_row)  # [B, 1] (padded) / [N] (packed)
 
     # ---- vLLM importance-sampling correction (TRL builds it in _generate_and_score_completions) ----
     is_ratio = None
@@ -86,7 +111,7 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
         samp = clean(tok(inp.sampling_logp))
         diff = torch.nan_to_num((old.detach() - samp) * m, nan=0.0)
         if opts.vllm_is_sequence:
-            diff = diff.sum(dim=-1, keepdim=True)
+            diff = lay.expand(lay.rowsum(diff))
         is_ratio = torch.exp(diff.clamp(max=EXP_CLAMP))
         lo, hi = opts.vllm_importance_sampling_clip_min, opts.vllm_importance_sampling_clip_max
         if opts.vllm_is_truncate:
@@ -98,17 +123,21 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
     elif inp.is_ratio_token is not None:
         is_ratio = clean(tok(inp.is_ratio_token))
     elif inp.is_ratio_row is not None:
-        is_ratio = inp.is_ratio_row.to(dtype).unsqueeze(1)
+        is_ratio = lay.expand(inp.is_ratio_row.to(dtype))
 
     # ---- TRL's _compute_loss, line for line (exp arguments clamped) ----
+    # At sequence level TRL's coef_1 is [B, 1]; here ``coef_row`` [B] holds it and ``coef_1`` is
+    # its broadcast against the tokens, so the metrics can count sequences in both layouts.
+    seq = opts.sequence_level
     log_ratio = per_token_logps - old
-    if opts.importance_sampling_level == "token":
-        log_importance_weights = log_ratio
+    if not seq:
+        coef_1 = torch.exp(log_ratio.clamp(max=EXP_CLAMP))
+        coef_row = None
     else:
-        log_importance_weights = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-        log_importance_weights = log_importance_weights.unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights.clamp(max=EXP_CLAMP))
-    ratio_for_metric = coef_1.detach()
+        log_importance_weights = lay.rowsum(log_ratio * m) / lay.rowsum(m).clamp(min=1.0)
+        coef_row = torch.exp(log_importance_weights.clamp(max=EXP_CLAMP))
+        coef_1 = lay.expand(coef_row)
+    ratio_for_metric = (coef_row if seq else coef_1).detach()
 
     if opts.beta != 0.0:
         ref = clean(tok(inp.ref_logp))
@@ -118,23 +147,31 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
             per_token_kl = per_token_kl * coef_1
 
     eps_low, eps_high = opts.eps_low, opts.eps_high
-    is_low_clipped = is_high_clipped = None
+
+    def clip_flags(c, a):
+        """(is_low_clipped, is_high_clipped) of ratio(s) c with advantage(s) a, as TRL logs them."""
+        if opts.loss_type == "cispo":
+            if opts.cispo_variant == "trl":
+                return torch.zeros_like(c, dtype=torch.bool), (c > eps_high) & (a > 0)
+            # verl: two-sided, relative bounds, no advantage condition in its clip fraction
+            return c < 1 - eps_low, c > 1 + eps_high
+        if opts.loss_type == "sapo":
+            return torch.zeros_like(c, dtype=torch.bool), torch.zeros_like(c, dtype=torch.bool)
+        # TRL measures clipping on coef_1 after the delta cap
+        if opts.delta is not None:
+            c = torch.clamp(c, max=opts.delta)
+        return (c < 1 - eps_low) & (a < 0), (c > 1 + eps_high) & (a > 0)
+
     if opts.loss_type == "cispo":
         if opts.cispo_variant == "trl":
             clamped_ratios = torch.clamp(coef_1, max=eps_high).detach()
-            is_low_clipped = torch.zeros_like(coef_1, dtype=torch.bool)
-            is_high_clipped = (coef_1 > eps_high) & (advantages > 0)
-        else:  # verl: two-sided, relative bounds, no advantage condition in its clip fraction
+        else:
             clamped_ratios = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high).detach()
-            is_low_clipped = coef_1 < 1 - eps_low
-            is_high_clipped = coef_1 > 1 + eps_high
         per_token_loss = -clamped_ratios * advantages * per_token_logps
     elif opts.loss_type == "sapo":
         temperatures = torch.where(advantages > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
         per_token_loss = -soft_coef_1 * advantages
-        is_low_clipped = torch.zeros_like(coef_1, dtype=torch.bool)
-        is_high_clipped = torch.zeros_like(coef_1, dtype=torch.bool)
     else:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if opts.delta is not None:
@@ -142,9 +179,6 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
         per_token_loss1 = coef_1 * advantages
         per_token_loss2 = coef_2 * advantages
         per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
-        # TRL measures clipping on coef_1 after the delta cap
-        is_low_clipped = (coef_1 < 1 - eps_low) & (advantages < 0)
-        is_high_clipped = (coef_1 > 1 + eps_high) & (advantages > 0)
 
     if is_ratio is not None:
         per_token_loss = per_token_loss * is_ratio
@@ -154,7 +188,7 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
     ga = opts.gradient_accumulation_steps
     lt = opts.loss_type
     if lt in ("grpo", "sapo"):
-        loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / ga
+        loss = (lay.rowsum(per_token_loss * m) / lay.rowsum(m).clamp(min=1.0)).mean() / ga
     elif lt == "bnpo":
         loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0) / ga
     elif lt == "dr_grpo":
@@ -165,7 +199,7 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
         normalizer = normalizer * ga / opts.steps_per_generation
         loss = (per_token_loss * m).sum() / normalizer
     elif lt == "luspo":
-        loss = (per_token_loss * m).sum(-1).mean() / ga
+        loss = lay.rowsum(per_token_loss * m).mean() / ga
     else:  # pragma: no cover - options already validated
         raise ValueError(lt)
 
@@ -173,18 +207,16 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
     def masked_mean(x, per_sequence):
         # TRL tests x.shape[1] == 1 for "one value per sequence", which also fires for token-level
         # values when T == 1; we go by the importance-sampling level instead
-        if per_sequence:  # sequence level: one value per sequence, all sequences counted
+        if per_sequence:  # sequence level: one value per sequence [B], all sequences counted
             return x.sum() / max(x.shape[0], 1)
         return (x * m).sum() / m.sum().clamp(min=1.0)
 
-    seq = opts.sequence_level
-
     with torch.no_grad():
-        low = is_low_clipped.to(dtype)
-        high = is_high_clipped.to(dtype)
+        # ratio_for_metric is coef_1 before the delta cap: [B] at sequence level, else per token
+        is_low_clipped, is_high_clipped = clip_flags(ratio_for_metric, adv_row if seq else advantages)
         metrics = {
-            "clip_ratio/low_mean": masked_mean(low, seq),
-            "clip_ratio/high_mean": masked_mean(high, seq),
+            "clip_ratio/low_mean": masked_mean(is_low_clipped.to(dtype), seq),
+            "clip_ratio/high_mean": masked_mean(is_high_clipped.to(dtype), seq),
             "clip_ratio/region_mean": masked_mean((is_low_clipped | is_high_clipped).to(dtype), seq),
             "ratio_mean": masked_mean(ratio_for_metric, seq),
             "num_tokens": m.sum(),
