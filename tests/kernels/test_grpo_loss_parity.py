@@ -193,7 +193,11 @@ def ours(batch, opts, *, vllm_mode=None, device="cpu", **extra):
 def check_against_trl(ours_out, trl_out, opts):
     loss, g, m = ours_out
     tloss, tg, tm = trl_out
-    assert abs(loss.item() - tloss.item()) <= LOSS_TOL * max(1.0, abs(tloss.item())), \
+    # luspo scales each sequence's loss by its length, so fp32 rounding in the per-sequence
+    # sums (ours and TRL's are both fp32, summed in different orders) grows with T: the same
+    # 1e-6 bound then holds per token, not for the length-weighted total.
+    scale = g.shape[-1] if opts["loss_type"] == "luspo" else 1.0
+    assert abs(loss.item() - tloss.item()) <= LOSS_TOL * scale * max(1.0, abs(tloss.item())), \
         f"loss {loss.item():.9g} vs TRL {tloss.item():.9g}"
     gmax = tg.abs().max().item()
     torch.testing.assert_close(g, tg, rtol=1e-5, atol=1e-6 * max(gmax, 1e-3),
