@@ -1,0 +1,541 @@
+"""Typed configuration of a staged run: global settings plus an ordered list of stages.
+
+A run is one :class:`TrainConfig`. It is loaded from TOML (``tomllib``) and can be overridden
+on the command line, either as ``key.sub=value`` or as ``--key.sub value``; list entries are
+addressed by index (``stages.0.lr=1e-6``). Values are parsed as TOML literals (``1e-6``,
+``true``, ``["vision"]``) and fall back to plain strings (``loss_type=dapo``). An unknown key is
+an error that names the key and the keys that exist at that level.
+
+Every dataclass validates itself in ``__post_init__`` and raises ``ValueError`` naming the field
+(``stages[1].batch.group_size: must be >= 2 for GRPO, got 1``), so a bad config fails before
+any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SYNTHETIC_KINDS = ("perception", "textual", "visual", "caption")
+REWARD_KINDS = ("paper", "accuracy", "format")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+FREEZABLE = ("vision", "merger", "embed", "decoder", "lm_head")
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{where}: {msg}")
+
+
+# ------------------------------------------------------------------------------------------
+# stage-level sections
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's prompts come from: a synthetic generator or local files."""
+
+    synthetic: str | None = None
+    """Synthetic task generated on the fly: one of perception / textual / visual / caption."""
+    files: list[str] = field(default_factory=list)
+    """Local JSONL / Parquet files (EasyR1, verl or TRL-style rows; see staged.data.files)."""
+    image_dir: str | None = None
+    """Directory that relative image paths in ``files`` are resolved against (None: each file's own)."""
+    format: str = "auto"
+    """Row layout of ``files``: auto (detected per file), easyr1, verl or trl."""
+    default_task: str | None = None
+    """Verifier task of rows without a ``task`` field (mcq, number, math, count, ...)."""
+    on_bad_row: str = "error"
+    """error (stop at the first bad row, naming file, line and field) or skip (count and warn)."""
+    num_samples: int = 256
+    """Synthetic: how many samples to generate (the stage cycles through them in epochs)."""
+    seed: int | None = None
+    """Synthetic: generator seed; None = the run seed + 1000 * stage index."""
+
+    def __post_init__(self):
+        _check((self.synthetic is None) == bool(self.files), "synthetic",
+               "set exactly one of synthetic or files, got "
+               f"synthetic={self.synthetic!r}, files={self.files!r}")
+        if self.synthetic is not None:
+            _check(self.synthetic in SYNTHETIC_KINDS, "synthetic",
+                   f"expected one of {SYNTHETIC_KINDS}, got {self.synthetic!r}")
+        _check(self.on_bad_row in ("error", "skip"), "on_bad_row",
+               f"expected error or skip, got {self.on_bad_row!r}")
+        _check(self.format in ("auto", "easyr1", "verl", "trl"), "format",
+               f"expected auto, easyr1, verl or trl, got {self.format!r}")
+        _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class RewardConfig:
+    """The verifier reward: ``(1 - format_weight) * accuracy + format_weight * format``."""
+
+    kind: str = "paper"
+    """paper (accuracy + format, with the paper's guard against overly complex answers),
+    accuracy (accuracy only) or format (format only)."""
+    format_weight: float = 0.1
+    """Weight of the format term ``<think>...</think>...\\boxed{...}``."""
+
+    def __post_init__(self):
+        _check(self.kind in REWARD_KINDS, "kind",
+               f"expected one of {REWARD_KINDS}, got {self.kind!r}")
+        _check(0.0 <= self.format_weight <= 1.0, "format_weight",
+               f"must lie in [0, 1], got {self.format_weight}")
+
+
+@dataclass
+class BatchConfig:
+    """Batch geometry of one optimizer step (global, over all data-parallel ranks)."""
+
+    prompts_per_step: int = 8
+    """Prompts per optimizer step, over all ranks; must divide by the world size."""
+    group_size: int = 4
+    """G: completions sampled per prompt (the GRPO group)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (gradient accumulation inside one step)."""
+    rollout_batch_size: int = 0
+    """Sequences per generate call; 0 = all of a rank's sequences at once."""
+
+    def __post_init__(self):
+        _check(self.prompts_per_step >= 1, "prompts_per_step",
+               f"must be >= 1, got {self.prompts_per_step}")
+        _check(self.group_size >= 1, "group_size", f"must be >= 1, got {self.group_size}")
+        _check(self.micro_batch_size >= 1, "micro_batch_size",
+               f"must be >= 1, got {self.micro_batch_size}")
+        _check(self.rollout_batch_size >= 0, "rollout_batch_size",
+               f"must be >= 0, got {self.rollout_batch_size}")
+
+
+@dataclass
+class GRPOConfig:
+    """Sampling and loss options. Loss semantics follow TRL's GRPOTrainer."""
+
+    loss_type: str = "grpo"
+    """grpo (per-sequence mean, then mean), bnpo, dr_grpo, dapo (global token mean), cispo."""
+    importance_sampling_level: str = "token"
+    """token (GRPO) or sequence (GSPO)."""
+    eps_low: float = 0.2
+    """Lower clip range: ratio >= 1 - eps_low."""
+    eps_high: float = 0.3
+    """Upper clip range: ratio <= 1 + eps_high (the paper's clip-higher 0.3)."""
+    delta: float | None = None
+    """Optional two-sided clip of the ratio for negative advantages (TRL's ``delta``)."""
+    beta: float = 0.0
+    """Weight of the k3 KL to the stage's reference model; 0 = no reference model is built."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs and entropy use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    max_response_tokens: int = 64
+    """Longest completion; longer ones are cut (and count as truncated in the metrics)."""
+    std_normalize: bool = True
+    """Divide group advantages by the group's reward std (Dr. GRPO turns this off)."""
+    kl_bias_correction: bool = True
+    """Multiply the k3 KL by the importance ratio (TRL's default); EasyR1's low_var_kl does not."""
+    old_logp: str = "recompute"
+    """The importance ratio's denominator: recompute (the trainer's own log-probs, detached: TRL's
+    on-policy shortcut, ratio 1 in value) or rollout (the sampler's log-probs)."""
+    rollout_is_correction: bool = False
+    """TRL's vLLM importance-sampling correction: weight tokens by exp(trainer - sampler
+    log-prob), for engines whose numerics differ from the trainer's."""
+
+    def __post_init__(self):
+        _check(self.loss_type in LOSS_TYPES, "loss_type",
+               f"expected one of {LOSS_TYPES}, got {self.loss_type!r}")
+        _check(self.importance_sampling_level in ("token", "sequence"),
+               "importance_sampling_level",
+               f"expected token or sequence, got {self.importance_sampling_level!r}")
+        _check(0.0 <= self.eps_low < 1.0, "eps_low", f"must lie in [0, 1), got {self.eps_low}")
+        _check(self.eps_high >= 0.0, "eps_high", f"must be >= 0, got {self.eps_high}")
+        _check(self.delta is None or self.delta > 1.0, "delta",
+               f"must be > 1 when set, got {self.delta}")
+        _check(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
+        _check(self.temperature > 0.0, "temperature",
+               f"must be > 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
+        _check(self.max_response_tokens >= 1, "max_response_tokens",
+               f"must be >= 1, got {self.max_response_tokens}")
+        _check(self.old_logp in ("rollout", "recompute"), "old_logp",
+               f"expected rollout or recompute, got {self.old_logp!r}")
+
+
+@dataclass
+class StageConfig:
+    """One stage: its data, reward, trainable modules, schedule, batch and GRPO options."""
+
+    name: str = "stage"
+    """Shown in logs, plots and the export directory name."""
+    type: str = "grpo"
+    """grpo (RL with verifiable rewards) or sft (supervised on reference responses/captions)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic="perception"))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    freeze: list[str] = field(default_factory=list)
+    """Modules kept frozen in this stage: any of vision (the whole vision tower), merger (its
+    patch merger only), embed, decoder, lm_head."""
+    steps: int = 10
+    """Optimizer steps in this stage (format warm-up steps included)."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    schedule: str = "constant"
+    """constant, cosine (to min_lr_ratio * lr at the last step) or warmup (linear warm-up,
+    then constant); warmup_steps applies to all three. The schedule covers the GRPO steps (the
+    format warm-up runs at sft_lr before it) or, in an sft stage, all steps."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from lr / warmup_steps to lr. A fresh AdamW's first steps move every
+    weight by ~lr whatever the gradient's size, so RL from a new optimizer wants a few."""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of lr."""
+    vision_lr_scale: float = 1.0
+    """The vision tower's learning rate as a multiple of the stage's (a slower vision tower is
+    common in VLM training; at high learning rates a small one collapses to constant features)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping, the norm is still logged)."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    curriculum: str = "shuffle"
+    """shuffle (a fresh permutation per epoch) or easy_to_hard (sorted by pass_rate, high first)."""
+    sft_warmup_steps: int = 0
+    """Format warm-up: this many of the stage's first steps are SFT on reference responses."""
+    sft_lr: float | None = None
+    """Learning rate of SFT steps (sft stages and the warm-up); None = lr."""
+    system_prompt: str | None = None
+    """System message put before every prompt (e.g. the paper's format instruction)."""
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "name",
+               f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.type in ("grpo", "sft"), "type",
+               f"expected grpo or sft, got {self.type!r}")
+        for m in self.freeze:
+            _check(m in FREEZABLE, "freeze", f"unknown module {m!r}; expected any of {FREEZABLE}")
+        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.lr > 0.0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.sft_lr is None or self.sft_lr > 0.0, "sft_lr",
+               f"must be > 0 when set, got {self.sft_lr}")
+        _check(self.schedule in ("constant", "cosine", "warmup"), "schedule",
+               f"expected constant, cosine or warmup, got {self.schedule!r}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule != "warmup" or self.warmup_steps > 0, "warmup_steps",
+               "schedule = 'warmup' needs warmup_steps > 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio",
+               f"must lie in [0, 1], got {self.min_lr_ratio}")
+        _check(self.vision_lr_scale > 0.0, "vision_lr_scale", f"must be > 0, got {self.vision_lr_scale}")
+        _check(self.weight_decay >= 0.0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.max_grad_norm >= 0.0, "max_grad_norm",
+               f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.curriculum in ("shuffle", "easy_to_hard"), "curriculum",
+               f"expected shuffle or easy_to_hard, got {self.curriculum!r}")
+        _check(0 <= self.sft_warmup_steps <= self.steps, "sft_warmup_steps",
+               f"must lie in [0, steps={self.steps}], got {self.sft_warmup_steps}")
+        if self.type == "grpo" and self.sft_warmup_steps < self.steps:
+            _check(self.batch.group_size >= 2, "batch.group_size",
+                   f"must be >= 2 for GRPO (advantages are relative to the group), "
+                   f"got {self.batch.group_size}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step with 0-based index ``step`` in this stage. Format
+        warm-up steps use sft_lr (or lr), constant; the schedule runs over the steps after them."""
+        if self.type == "grpo" and step < self.sft_warmup_steps:
+            return self.sft_lr or self.lr
+        base = (self.sft_lr or self.lr) if self.type == "sft" else self.lr
+        first = 0 if self.type == "sft" else self.sft_warmup_steps
+        t, n = step - first, self.steps - first
+        if self.warmup_steps > 0 and t < self.warmup_steps:
+            return base * (t + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            span = max(1, n - 1 - self.warmup_steps)
+            frac = min(1.0, (t - self.warmup_steps) / span)
+            return base * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+        return base
+
+    def is_sft_step(self, step: int) -> bool:
+        return self.type == "sft" or step < self.sft_warmup_steps
+
+
+# ------------------------------------------------------------------------------------------
+# run-level sections
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 options (``staged.parallel``)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each decoder block (and vision block) in backward instead of storing it."""
+    reshard_after_forward: bool = True
+    """Free gathered block parameters after forward (ZeRO-3); False keeps them (ZeRO-2)."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: model, precision, parallelism, outputs and the ordered stages."""
+
+    model: str = "embedded"
+    """A local HF checkpoint directory, or ``embedded`` for the tiny built-in Qwen2.5-VL."""
+    embedded_dir: str = "outputs/embedded-model"
+    """Where the embedded checkpoint is built (once) and loaded from."""
+    precision: str = "auto"
+    """auto (bf16 params / fp32 reductions on GPU, fp32 on CPU), bf16 or fp32."""
+    attn_implementation: str = "sdpa"
+    """Attention backend handed to the model loader (sdpa, eager, flash_attention_2)."""
+    device: str = "auto"
+    """auto (cuda when available), cuda or cpu."""
+    cpu_threads: int = 1
+    """CPU runs: torch intra-op threads (0 = torch's default). The embedded model's matrices are
+    too small to gain from more threads, and spinning OpenMP threads on shared cores can be 10x
+    slower than one."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    output_dir: str = "outputs/default"
+    """Metrics JSONL, TensorBoard events, plot and HF exports go here."""
+    checkpoint_dir: str = ""
+    """DCP checkpoints; empty = <output_dir>/checkpoints."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many global steps (0 = only at stage ends)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk (0 = keep all)."""
+    resume: str = "auto"
+    """auto (continue from the newest complete checkpoint, if any) or never (start fresh and
+    delete checkpoints already in checkpoint_dir)."""
+    export_hf: bool = True
+    """Write an HF safetensors checkpoint (with processor files) at each stage end."""
+    seed: int = 0
+    """Seeds data order, synthetic data, sampling (per global sample index) and init RNGs."""
+    max_consecutive_bad_steps: int = 3
+    """Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run."""
+    finished_check_every: int = 8
+    """Rollout: look at the 'all sequences finished' flag (a host sync) every this many tokens."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when tensorboard is installed."""
+    plot: bool = True
+    """Save reward / response-length curves as a PNG at the end (when matplotlib is installed)."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(bool(self.model), "model", "must be a checkpoint path or 'embedded'")
+        _check(self.precision in ("auto", "bf16", "fp32"), "precision",
+               f"expected auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.device in ("auto", "cuda", "cpu"), "device",
+               f"expected auto, cuda or cpu, got {self.device!r}")
+        _check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
+        _check(self.checkpoint_every >= 0, "checkpoint_every",
+               f"must be >= 0, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 0, "keep_checkpoints",
+               f"must be >= 0, got {self.keep_checkpoints}")
+        _check(self.resume in ("auto", "never"), "resume",
+               f"expected auto or never, got {self.resume!r}")
+        _check(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
+               f"must be >= 1, got {self.max_consecutive_bad_steps}")
+        _check(self.finished_check_every >= 1, "finished_check_every",
+               f"must be >= 1, got {self.finished_check_every}")
+        _check(len(self.stages) >= 1, "stages", "a run needs at least one [[stages]] entry")
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, "stages", f"stage names must be unique, repeated: {dup}")
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.output_dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------
+# building dataclasses from nested dicts (TOML) with errors that name the key
+
+
+def _strip_optional(tp):
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else tp), True
+    return tp, False
+
+
+def _build(tp, value, where: str):
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: may not be empty")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown config key {'.'.join(filter(None, [where, unknown[0]]))!r}"
+                             f" (known keys here: {', '.join(sorted(known))})")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except ValueError as e:
+            if not where:
+                raise
+            name = f" (stage {value['name']!r})" if tp is StageConfig and "name" in value else ""
+            raise ValueError(f"{where}.{e}{name}") from None
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a nested dict (a parsed TOML file)."""
+    return _build(TrainConfig, d, "")
+
+
+# ------------------------------------------------------------------------------------------
+# command-line overrides
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal (1e-6, true, ["vision"], "x") or else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``d[a][b][i]... = value`` for the dotted ``key``; unknown keys raise ValueError."""
+    parts = key.split(".")
+    node: Any = d
+    tp: Any = TrainConfig
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        tp, _ = _strip_optional(tp)
+        if typing.get_origin(tp) is list:
+            if not part.isdigit():
+                raise ValueError(f"override {key!r}: {here!r} needs a list index, got {part!r}")
+            idx = int(part)
+            if idx >= len(node):
+                raise ValueError(f"override {key!r}: index {idx} is out of range "
+                                 f"({len(node)} entries at {'.'.join(parts[:depth])!r})")
+            (tp,) = typing.get_args(tp)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ValueError(f"override {key!r}: {'.'.join(parts[:depth])!r} is not a table")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise ValueError(f"unknown config key {here!r} (known keys here: "
+                             f"{', '.join(sorted(hints))})")
+        tp = hints[part]
+        if last:
+            node[part] = value
+        else:
+            inner, _ = _strip_optional(tp)
+            if part not in node or node[part] is None:
+                node[part] = [] if typing.get_origin(inner) is list else {}
+            node = node[part]
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "--c.d", "x", "--e=2"]`` -> ``[("a.b", 1), ("c.d", "x"), ("e", 2)]``."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            body = a[2:]
+            if "=" in body:
+                k, v = body.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise ValueError(f"override {a!r} has no value")
+                k, v = body, args[i + 1]
+                i += 1
+        elif "=" in a:
+            k, v = a.split("=", 1)
+        else:
+            raise ValueError(f"cannot parse argument {a!r}: expected key.sub=value or --key.sub value")
+        out.append((k.replace("-", "_"), _parse_value(v)))
+        i += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+
+
+def builtin_config_path(name: str) -> Path:
+    """Path of a shipped recipe in ``staged/configs`` (``default``, ``paper_qwen2_5_vl``)."""
+    return Path(str(resources.files("staged") / "configs" / f"{name}.toml"))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        shipped = builtin_config_path(str(path).removesuffix(".toml"))
+        if shipped.exists():
+            p = shipped
+        else:
+            raise FileNotFoundError(f"config {path!r} not found (shipped recipes: "
+                                    f"{sorted(q.stem for q in shipped.parent.glob('*.toml'))})")
+    with open(p, "rb") as f:
+        return tomllib.load(f)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a TOML recipe (the embedded default when ``path`` is None) and apply overrides."""
+    d = load_toml(path if path is not None else builtin_config_path("default"))
+    for k, v in parse_overrides(list(overrides or [])):
+        apply_override(d, k, v)
+    return from_dict(d)
+
+
+def from_cli(argv: list[str] | None = None) -> TrainConfig:
+    """``[--config recipe.toml] [key.sub=value | --key.sub value]...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a path")
+            path = argv[i + 1]
+            i += 2
+        elif argv[i].startswith("--config="):
+            path = argv[i].split("=", 1)[1]
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return load_config(path, rest)

@@ -1,0 +1,93 @@
+"""The GRPO pieces the loop calls: group advantages, the policy log-prob forward, micro-batch
+weights and the loss (``staged.kernels.grpo_loss``, TRL semantics).
+
+Normalisation across micro-batches and ranks. FSDP averages gradients over ranks, and we
+accumulate micro-batches by summing their backward passes, so each micro-batch's loss is
+scaled such that (sum over a rank's micro-batches, then mean over ranks) is the loss of the
+whole global batch as TRL defines it for one process:
+
+  grpo, bnpo, dr_grpo  per-sequence (or per-micro-batch) means: weight = rows_mb / rows_rank
+                       (ranks hold equal row counts, so the rank mean is the global mean)
+  dapo, cispo          token sums over the global token count: the kernel divides by
+                       ``num_items_in_batch / num_processes`` (TRL's normaliser), which undoes
+                       the ranks' mean; weight 1
+
+With equal row counts per rank this makes 1 process and N ranks compute the same gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from staged.kernels import fused_linear_logprob, grpo_loss
+from staged.models.loading import forward_hidden, lm_head_weight
+
+TOKEN_SUM_LOSSES = ("dapo", "cispo")
+
+
+# ------------------------------------------------------------------------------------------
+# advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, std_normalize: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P*G] (groups contiguous) -> advantages [P*G]: reward minus its group's mean,
+    divided by the group's (unbiased) std + eps when ``std_normalize`` (TRL's scale_rewards)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"rewards: {rewards.numel()} values do not split into groups of {group_size}")
+    r = rewards.view(-1, group_size).float()
+    adv = r - r.mean(dim=1, keepdim=True)
+    if std_normalize:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------
+# the policy forward: hidden states -> log-prob of given tokens (+ entropy)
+
+
+def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """Log-probs of ``targets`` [B, T - start] = the tokens at columns start.. of the sequence,
+    each predicted from the hidden state one column earlier; never materialises [tokens, V].
+
+    Bound to the model as an FSDP forward method (``staged.parallel.bind_forward_method``): the
+    root's lm_head weight is gathered while this runs and its gradient reduce-scattered after."""
+    hidden = forward_hidden(model, **inputs)  # [B, T, H]
+    h = hidden[:, start - 1: hidden.shape[1] - 1]
+    w = lm_head_weight(model)
+    out = fused_linear_logprob(h, w.to(h.dtype), targets, temperature=temperature, return_entropy=with_entropy)
+    # The kernel returns [N] reshaped to [B, T]: views, which FSDP warns about as forward outputs
+    # (an in-place op on them would drop its pre-backward hook). [B, T] floats: the copy is free.
+    return tuple(x.clone() for x in out) if with_entropy else out.clone()
+
+
+# ------------------------------------------------------------------------------------------
+# the loss
+
+
+def micro_batch_weight(loss_type: str, rows_mb: int, rows_rank: int) -> float:
+    """Scale of a micro-batch's loss in the accumulated gradient (see the module doc)."""
+    if loss_type in TOKEN_SUM_LOSSES:
+        return 1.0  # the kernel divides by num_items_in_batch / num_processes
+    return rows_mb / rows_rank
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, cfg, num_items_in_batch: int, world_size: int,
+                sampling_logp=None):
+    """One micro-batch's GRPO loss and metrics through ``staged.kernels.grpo_loss`` (TRL semantics).
+
+    logp / old_logp / ref_logp / mask [B, T]; old_logp None = on-policy (logp detached); ref_logp
+    None when beta == 0; advantages [B]; sampling_logp: the sampler's log-probs for TRL's
+    importance-sampling correction (None = off). cfg: the stage's GRPOConfig.
+    Returns (loss, metrics: dict of 0-d tensors, no host sync)."""
+    # CPU: the kernel's plain-PyTorch path even under TRITON_INTERPRET (which the test suite sets
+    # and training subprocesses inherit): interpreted Triton takes ~0.5 s per micro-batch.
+    return grpo_loss(
+        logp, old_logp, ref_logp, advantages, mask, sampling_logp=sampling_logp,
+        num_items_in_batch=num_items_in_batch, num_processes=world_size,
+        loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
+        use_bias_correction_kl=cfg.kl_bias_correction, max_completion_length=cfg.max_response_tokens,
+        backend="auto" if logp.is_cuda else "torch",
+    )
+

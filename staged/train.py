@@ -1,0 +1,485 @@
+"""The staged trainer: GRPO (or SFT) stages run in order, each starting from the last one's weights.
+
+    python -m staged.train                                   # the embedded default, CPU, minutes
+    python -m staged.train --config paper_qwen2_5_vl model=/ckpt/Qwen2.5-VL-7B-Instruct
+    torchrun --nproc_per_node=8 -m staged.train --config recipe.toml --stages.0.lr 1e-6
+
+One GRPO step, top to bottom:
+    prompts of this rank -> rollout: G completions each (KV-cache decode, per-row seeded)
+    -> rewards (verifier per task) -> group advantages
+    -> per micro-batch: policy forward to the final hidden state, fused lm_head x log-prob of the
+       sampled tokens (+ entropy), reference log-probs when beta > 0, the GRPO loss, backward
+    -> clip the global grad norm -> skip the step if anything is non-finite -> optimizer step
+    -> metrics (reduced over ranks), checkpoint every K steps and at each stage end.
+FSDP2 wrapping (staged.parallel), checkpoints (staged.checkpoint), sampling (staged.rollout),
+the loss (staged.grpo) and logging (staged.metrics) are called from here, never inherited.
+
+Host syncs per GRPO step, all named where they happen: the "all finished" check of the decode
+loop every few tokens, copying completions to the host to decode them for the reward, one
+all-reduce of the step's token count (the dapo normaliser) and one of the step's metrics
+(which also decides whether the step was finite).
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from staged import checkpoint, metrics, parallel
+from staged.config import StageConfig, TrainConfig, from_cli
+from staged.data.prompting import build_generation_batch, build_sft_batch
+from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
+from staged.models.loading import (decoder_layers, input_embeddings, language_model, load_model_and_processor,
+                                   vision_module)
+from staged.rewards import compute_rewards
+from staged.rollout import SamplingParams, generate, model_inputs, position_ids, row_seed, select_rows
+
+LOGPROBS = "staged_logprobs"  # the FSDP forward method bound onto the policy and reference models
+
+
+# ------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def resolve_model_path(cfg: TrainConfig, d: parallel.Dist) -> Path:
+    """``embedded``: build the tiny checkpoint once (rank 0 first; the builder is race-safe)."""
+    if cfg.model != "embedded":
+        return Path(cfg.model)
+    from staged.models.embedded import build_embedded_checkpoint
+
+    if d.is_main:
+        build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
+    parallel.barrier()
+    return build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
+
+
+def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str], *, trainable: bool = True):
+    """Load (fp32 master weights), freeze, shard with FSDP2, bind the log-prob forward."""
+    model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    set_frozen(model, freeze if trainable else ["all"])
+    parallel.parallelize(model, d, precision=cfg.precision,
+                         activation_checkpointing=cfg.fsdp.activation_checkpointing and trainable,
+                         reshard_after_forward=cfg.fsdp.reshard_after_forward)
+    parallel.bind_forward_method(model, LOGPROBS, token_logprobs)
+    model.train(trainable)
+    return model, processor
+
+
+def set_frozen(model, freeze: list[str]) -> None:
+    """requires_grad = False on the named modules, True elsewhere (see StageConfig.freeze)."""
+    for p in model.parameters():
+        p.requires_grad_("all" not in freeze)
+    groups = {
+        "vision": lambda: [vision_module(model)],
+        "merger": lambda: [vision_module(model).merger],
+        "embed": lambda: [input_embeddings(model)],
+        "decoder": lambda: list(decoder_layers(model)) + [language_model(model).norm],
+        "lm_head": lambda: [model.get_output_embeddings()],
+    }
+    for name in freeze:
+        if name in groups:
+            for m in groups[name]():
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+
+def build_optimizer(model, stage: StageConfig):
+    """AdamW over the trainable parameters; the vision tower in its own group (vision_lr_scale)."""
+    vision = {id(p) for p in vision_module(model).parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in vision], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in vision], "lr_scale": stage.vision_lr_scale}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = stage.lr_at(0) * g["lr_scale"]
+    return torch.optim.AdamW(groups, weight_decay=stage.weight_decay, foreach=True), params
+
+
+def load_stage_data(stage: StageConfig, index: int, seed: int):
+    if stage.data.synthetic is not None:
+        from staged.data.synthetic import make_synthetic_dataset
+
+        data_seed = stage.data.seed if stage.data.seed is not None else seed + 1000 * index
+        return make_synthetic_dataset(stage.data.synthetic, stage.data.num_samples, seed=data_seed)
+    from staged.data.files import load_dataset_files
+
+    ds = load_dataset_files(stage.data.files, image_dir=stage.data.image_dir, format=stage.data.format,
+                            on_bad_row=stage.data.on_bad_row, default_task=stage.data.default_task)
+    if not ds.samples:
+        raise ValueError(f"stage {stage.name!r}: no samples in {stage.data.files}")
+    return ds.samples
+
+
+def epoch_order(samples, stage: StageConfig, seed: int, stage_index: int, epoch: int) -> list[int]:
+    """The order of one pass over the stage's data: a seeded permutation (shuffle) or by pass_rate,
+    easy (high) first, ties and unknowns in file order (easy_to_hard)."""
+    n = len(samples)
+    if stage.curriculum == "easy_to_hard":
+        return sorted(range(n), key=lambda i: -(samples[i].pass_rate if samples[i].pass_rate is not None else 0.5))
+    return np.random.default_rng([seed, stage_index, epoch]).permutation(n).tolist()
+
+
+def step_prompts(samples, stage: StageConfig, seed: int, stage_index: int, step: int, d: parallel.Dist):
+    """This rank's prompts of ``step`` and their index in the global step batch. Stream position
+    q = step * P + i goes to epoch q // n: the data position is (stage, step), nothing else."""
+    P, n = stage.batch.prompts_per_step, len(samples)
+    per_rank = P // d.world_size
+    cache: dict[int, list[int]] = {}
+    out = []
+    for i in range(d.rank * per_rank, (d.rank + 1) * per_rank):
+        q = step * P + i
+        e = q // n
+        if e not in cache:
+            cache[e] = epoch_order(samples, stage, seed, stage_index, e)
+        out.append((i, samples[cache[e][q % n]]))
+    return out
+
+
+def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> SamplingParams:
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    # Vision placeholders and vocabulary rows past the tokenizer are never sampled.
+    vision = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    suppress = {tokenizer.convert_tokens_to_ids(t) for t in vision} - {None, tokenizer.unk_token_id}
+    suppress |= set(range(len(tokenizer), model.config.get_text_config().vocab_size))
+    g = stage.grpo
+    return SamplingParams(max_new_tokens=g.max_response_tokens, temperature=g.temperature, top_p=g.top_p,
+                          eos_token_ids=tuple(sorted(eos)), pad_token_id=tokenizer.pad_token_id,
+                          check_every=cfg.finished_check_every, batch_size=stage.batch.rollout_batch_size,
+                          suppress_token_ids=tuple(sorted(suppress)))
+
+
+def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
+    for i, s in enumerate(cfg.stages):
+        if s.batch.prompts_per_step % d.world_size:
+            raise ValueError(f"stages[{i}].batch.prompts_per_step: {s.batch.prompts_per_step} prompts do not split "
+                             f"evenly over {d.world_size} ranks")
+
+
+# ------------------------------------------------------------------------------------------
+# the two kinds of step
+
+
+def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, prompts, global_step, sp, dtype):
+    """One GRPO step on this rank's prompts. Returns the metrics (reduced over ranks)."""
+    g, G = stage.grpo, stage.batch.group_size
+    t0 = time.perf_counter()
+
+    # ---- rollout: G rows per prompt, each seeded by (run seed, step, global row index)
+    samples = [s for _, s in prompts for _ in range(G)]
+    base = build_generation_batch(processor, [s for _, s in prompts], system_prompt=stage.system_prompt)
+    base["images_per_row"] = [len(s.images) for _, s in prompts]
+    batch = select_rows(base, [j for j in range(len(prompts)) for _ in range(G)])
+    batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
+                                         batch.get("image_grid_thw"))
+    seeds = torch.tensor([row_seed(cfg.seed, global_step, i * G + k) for i, _ in prompts for k in range(G)])
+    ro = generate(model, batch, sp, seeds=seeds, device=d.device, dtype=dtype)
+    t_rollout = time.perf_counter() - t0
+
+    # ---- rewards: decode on the host (host sync: the completions must leave the device here)
+    comp_ids = ro.completion_ids.cpu()
+    comp_len = ro.completion_mask.sum(-1).cpu()
+    texts = processor.batch_decode(comp_ids, skip_special_tokens=True)
+    scores = compute_rewards(texts, samples, kind=stage.reward.kind, format_weight=stage.reward.format_weight)
+
+    # ---- advantages: relative to the group (all G rows of a prompt live on this rank)
+    adv = group_advantages(scores["reward"], G, std_normalize=g.std_normalize).to(d.device)
+
+    # ---- loss over micro-batches (padded; each trimmed to its own longest prompt / completion)
+    rows_rank = len(samples)
+    Tp = ro.prompt_ids.shape[1]
+    p_len = ro.prompt_mask.sum(-1).tolist()
+    # Host sync: the global completion-token count, dapo's normaliser (one all-reduce).
+    num_items = int(parallel.all_reduce_sum(torch.tensor(float(comp_len.sum()), device=d.device)).item())
+    sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
+    for r0 in range(0, rows_rank, stage.batch.micro_batch_size):
+        rows = list(range(r0, min(rows_rank, r0 + stage.batch.micro_batch_size)))
+        P, C = max(p_len[r] for r in rows), max(1, int(comp_len[rows].max()))
+        cols = list(range(Tp - P, Tp + C))
+        mb = select_rows(batch, rows)
+        ids = torch.cat([ro.prompt_ids[rows, Tp - P:], comp_ids[rows, :C]], 1)
+        attn = torch.cat([ro.prompt_mask[rows, Tp - P:], ro.completion_mask[rows, :C].cpu()], 1)
+        mb.update(input_ids=ids, attention_mask=attn, position_ids=ro.position_ids[:, rows][:, :, cols])
+        inputs = model_inputs(mb, d.device, dtype)
+        targets, mask = inputs["input_ids"][:, P:], ro.completion_mask[rows, :C].to(d.device)
+        sampler_logp = ro.logprobs[rows, :C].to(d.device)
+
+        logp, entropy = getattr(model, LOGPROBS)(inputs, targets, P, temperature=g.temperature, with_entropy=True)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = getattr(ref_model, LOGPROBS)(inputs, targets, P, temperature=g.temperature)
+                parallel.reshard(ref_model)
+        loss, m = policy_loss(logp, sampler_logp if g.old_logp == "rollout" else None, ref_logp, adv[rows], mask,
+                              cfg=g, num_items_in_batch=num_items, world_size=d.world_size,
+                              sampling_logp=sampler_logp if g.rollout_is_correction else None)
+        w = micro_batch_weight(g.loss_type, len(rows), rows_rank)
+        (loss * w).backward()
+
+        with torch.no_grad():
+            fm = mask.float()
+            tok = fm.sum()
+            sums += torch.stack([
+                loss.detach() * w, (entropy.detach() * fm).sum(), m.get("kl", torch.zeros(())).to(tok) * tok,
+                m["clip_ratio/region_mean"].to(tok) * tok, m["ratio_mean"].to(tok) * tok, tok,
+                ((logp.detach() - sampler_logp).abs() * fm).sum(), torch.tensor(float(len(rows)), device=d.device)])
+
+    # ---- optimizer step (skipped when the loss or the gradient is not finite)
+    grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
+    host = torch.cat([sums, torch.stack([scores[k].sum() for k in ("reward", "accuracy", "format")]).to(sums),
+                      torch.tensor([float((comp_len >= sp.max_new_tokens).sum()), float(ro.prompt_mask.sum())],
+                                   device=d.device)])
+    # Host sync: the step's metrics, reduced over ranks; they also say whether the step is finite.
+    host = parallel.all_reduce_sum(host).tolist()
+    loss_v, ent, kl, clip, ratio, tok, diff, rows_all, rew, acc, fmt, trunc, prompt_tok = host
+    loss_v /= d.world_size
+    gn = float(grad_norm)
+    finite = math.isfinite(loss_v) and math.isfinite(gn)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    return {
+        "reward": rew / rows_all, "accuracy": acc / rows_all, "format": fmt / rows_all,
+        "response_length": tok / rows_all, "truncated": trunc / rows_all,
+        "entropy": ent / max(tok, 1), "kl": kl / max(tok, 1), "clip_ratio": clip / max(tok, 1),
+        "ratio_mean": ratio / max(tok, 1), "sampler_logp_diff": diff / max(tok, 1),
+        "loss": loss_v, "grad_norm": gn, "tokens_per_s": (tok + prompt_tok) / dt, "step_time_s": dt,
+        "rollout_time_s": t_rollout, "skipped": not finite,
+    }
+
+
+def sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype):
+    """One supervised step on reference responses (format warm-up, or an sft stage)."""
+    t0 = time.perf_counter()
+    samples = [s for _, s in prompts]
+    missing = [i for i, s in enumerate(samples) if s.reference_response is None]
+    if missing:
+        raise ValueError(f"stage {stage.name!r}: SFT needs reference_response, missing on {len(missing)} of "
+                         f"{len(samples)} samples of this step")
+    batch = build_sft_batch(processor, samples, [s.reference_response for s in samples],
+                            system_prompt=stage.system_prompt)
+    batch["images_per_row"] = [len(s.images) for s in samples]
+    batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
+                                         batch.get("image_grid_thw"))
+    lab_mask = batch["labels"][:, 1:] != -100
+    # Host sync: label tokens over all ranks, the token-mean normaliser.
+    n_tok = parallel.all_reduce_sum(torch.tensor(float(lab_mask.sum()), device=d.device))
+    total = torch.zeros((), device=d.device)
+    B = len(samples)
+    for r0 in range(0, B, stage.batch.micro_batch_size):
+        rows = list(range(r0, min(B, r0 + stage.batch.micro_batch_size)))
+        inputs = model_inputs(select_rows(batch, rows), d.device, dtype)
+        logp = getattr(model, LOGPROBS)(inputs, inputs["input_ids"][:, 1:], 1, temperature=1.0)
+        m = lab_mask[rows].to(d.device)
+        # sum over this rank's label tokens / global count; x world size undoes FSDP's rank mean
+        loss = -(logp * m).sum() / n_tok * d.world_size
+        loss.backward()
+        total += loss.detach()
+    grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
+    loss_v = float(parallel.all_reduce_sum(total)) / d.world_size  # host sync: logging + finiteness
+    gn = float(grad_norm)
+    finite = math.isfinite(loss_v) and math.isfinite(gn)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    return {"loss": loss_v, "grad_norm": gn, "tokens_per_s": float(batch["attention_mask"].sum()) * d.world_size / dt,
+            "step_time_s": dt, "skipped": not finite}
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+
+
+def export_dir(cfg: TrainConfig, index: int, stage: StageConfig) -> Path:
+    return Path(cfg.output_dir) / "hf" / f"stage{index}-{stage.name}"
+
+
+def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar) -> None:
+    """The stage schedule: each stage's setup, then its steps (the body of ``train``)."""
+    log = (bar.write if bar is not None else print) if d.is_main else (lambda *a, **k: None)
+    tokenizer = processor.tokenizer
+    ckpt_dir = cfg.ckpt_dir
+    global_step = state["global_step"]
+    ref_model = None  # built on the first stage with beta > 0, refreshed at each stage start
+
+    for si, stage in enumerate(cfg.stages):
+        if si < state["stage"] or (si == state["stage"] and state["stage_step"] >= stage.steps):
+            # Done before the checkpoint we resumed from; a kill between that stage-end
+            # checkpoint and its export leaves the export to do.
+            if si == state["stage"] and cfg.export_hf and not (export_dir(cfg, si, stage) / "config.json").exists():
+                checkpoint.load(resume, model=model, optimizer=None, dist_info=d)
+                checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
+            continue
+
+        # ---- stage setup: frozen modules, a fresh optimizer, data, reference model
+        set_frozen(model, stage.freeze)
+        optimizer, params = build_optimizer(model, stage)
+        if stage.type == "grpo" and stage.grpo.beta > 0 and ref_model is None:
+            ref_model, _ = build_model(path, cfg, d, [], trainable=False)
+        use_ref = ref_model if stage.type == "grpo" and stage.grpo.beta > 0 else None
+        samples = load_stage_data(stage, si, cfg.seed)
+        with_images = sum(1 for x in samples if x.images)
+        if d.world_size > 1 and 0 < with_images < len(samples):
+            # A rank whose micro-batch has no image would skip the vision tower's all-gather that
+            # the other ranks wait in: FSDP would hang. Padding with a dummy image is future work.
+            raise ValueError(f"stage {stage.name!r}: {with_images} of {len(samples)} samples have images; mixing "
+                             f"image and text-only samples in one stage needs world size 1 for now "
+                             f"(got {d.world_size})")
+        sp = sampling_params(stage, cfg, model, tokenizer)
+        start = 0
+        if resume is not None and si == state["stage"]:  # mid-stage: weights, optimizer, reference, RNG
+            checkpoint.load(resume, model=model, optimizer=optimizer, ref_model=use_ref, dist_info=d)
+            start = state["stage_step"]
+        else:
+            if resume is not None:  # resumed at the end of the previous stage: its weights + RNG
+                checkpoint.load(resume, model=model, optimizer=None, dist_info=d)
+            if use_ref is not None:  # the stage's reference = its starting weights
+                checkpoint.copy_weights(model, use_ref)
+        bad = state.get("bad_steps", 0) if resume is not None and si == state["stage"] else 0
+        resume = None
+        log(f"\nstage {si} '{stage.name}' ({stage.type}): {stage.steps} steps, {len(samples)} samples, "
+            f"frozen: {stage.freeze or 'nothing'}, {sum(p.numel() for p in params):,} trainable parameters (this rank)")
+
+        for step in range(start, stage.steps):
+            lr = stage.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            prompts = step_prompts(samples, stage, cfg.seed, si, step, d)
+            if stage.is_sft_step(step):
+                rec = sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
+            else:
+                rec = grpo_step(model, use_ref, optimizer, params, processor, stage, cfg, d, prompts,
+                                global_step, sp, dtype)
+            global_step += 1
+
+            # ---- logging
+            rec = {"step": global_step, "stage": si, "stage_name": stage.name, "stage_step": step + 1,
+                   "kind": "sft" if stage.is_sft_step(step) else "grpo", "lr": lr, **rec,
+                   "peak_mem_mb": metrics.peak_memory_mb(d.device)}
+            logger.log(rec)
+            if bar is not None:
+                bar.update(1)
+                post = {"stage": stage.name}
+                if "reward" in rec:
+                    post.update(reward=f"{rec['reward']:.3f}", len=f"{rec['response_length']:.1f}")
+                else:
+                    post.update(sft_loss=f"{rec['loss']:.3f}")
+                bar.set_postfix(post)
+
+            # ---- non-finite steps: skipped above (no update); too many in a row stop the run
+            bad = bad + 1 if rec["skipped"] else 0
+            if bad >= cfg.max_consecutive_bad_steps:
+                raise RuntimeError(f"stage {stage.name!r} step {step + 1}: {bad} consecutive steps with a non-finite "
+                                   f"loss or gradient norm (last: loss={rec['loss']}, grad_norm={rec['grad_norm']}); "
+                                   f"stopping (max_consecutive_bad_steps={cfg.max_consecutive_bad_steps})")
+
+            # ---- checkpoint: every K global steps and at the stage end
+            stage_end = step + 1 == stage.steps
+            if stage_end or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+                checkpoint.save(ckpt_dir, global_step, model=model, optimizer=optimizer, ref_model=use_ref,
+                                trainer_state={"stage": si, "stage_name": stage.name, "stage_step": step + 1,
+                                               "global_step": global_step, "bad_steps": bad},
+                                dist_info=d, keep=cfg.keep_checkpoints)
+
+        if cfg.export_hf:
+            export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
+            log(f"stage {si} '{stage.name}' done: HF checkpoint at {export}")
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run every stage of ``cfg`` (resuming when a checkpoint exists). Returns the per-stage summary."""
+    d = parallel.init_distributed(cfg.device)
+    check_geometry(cfg, d)
+    if d.device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar (ours); HF's load/save bars would interleave with it
+    torch.manual_seed(cfg.seed + d.rank)
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    out_dir, ckpt_dir = Path(cfg.output_dir), cfg.ckpt_dir
+    log = print if d.is_main else (lambda *a, **k: None)
+
+    # ---- model: fp32 master weights, FSDP2 units, stage 0's frozen modules set before wrapping
+    path = resolve_model_path(cfg, d)
+    model, processor = build_model(path, cfg, d, cfg.stages[0].freeze)
+    _, dtype = parallel.mixed_precision(cfg.precision, d.device)
+
+    # ---- resume: the newest complete checkpoint, or a fresh start
+    checkpoint.clean_temp(ckpt_dir, d)
+    if cfg.resume == "never" and (n := checkpoint.remove_all(ckpt_dir, d)):
+        log(f"[resume=never] removed {n} old checkpoints from {ckpt_dir}")
+    resume = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else None
+    state = checkpoint.read_trainer_state(resume) if resume else {"stage": 0, "stage_step": 0, "global_step": 0}
+    if resume:
+        log(f"resuming from {resume} (stage {state['stage']} '{cfg.stages[state['stage']].name}', "
+            f"step {state['stage_step']} of it, global step {state['global_step']})")
+        if state["stage"] == len(cfg.stages) - 1 and state["stage_step"] >= cfg.stages[-1].steps:
+            log("every stage is already complete: nothing to train (resume=never starts over)")
+    global_step = state["global_step"]
+    logger = metrics.MetricsLogger(out_dir, enabled=d.is_main, tensorboard=cfg.tensorboard, resume_step=global_step)
+    total_steps = sum(s.steps for s in cfg.stages)
+    bar = None
+    if d.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+
+    try:
+        run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+    # ---- end of run: per-stage summary and curves
+    summary = []
+    if d.is_main:
+        records = metrics.read_jsonl(out_dir / metrics.METRICS_FILE)
+        names = [s.name for s in cfg.stages]
+        summary = metrics.stage_summary(records, names)
+        print("\n" + metrics.format_summary(summary))
+        if cfg.plot and (png := metrics.plot_curves(records, names, out_dir / metrics.PLOT_FILE)):
+            print(f"curves: {png}")
+        print(f"metrics: {out_dir / metrics.METRICS_FILE}")
+    summary = parallel.broadcast_object(summary)
+    return summary
+
+
+USAGE = """usage: python -m staged.train [--config RECIPE.toml] [key.sub=value | --key.sub value]...
+
+  no arguments      the embedded default (staged/configs/default.toml): a tiny model, CPU, minutes
+  --config NAME     a TOML recipe: a path, or a shipped one (default, paper_qwen2_5_vl)
+  key.sub=value     override any field; list entries by index: stages.0.lr=1e-6,
+                    --stages.1.freeze '["vision"]'. Values are TOML literals, else strings.
+Fields and their meaning: staged/config.py (TrainConfig, StageConfig, ...)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return
+    try:
+        cfg = from_cli(args)
+    except (ValueError, FileNotFoundError) as e:  # a bad config is the user's, not a crash
+        print(f"staged.train: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        train(cfg)
+    finally:
+        parallel.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
