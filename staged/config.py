@@ -41,8 +41,9 @@ def _check(cond: bool, where: str, msg: str) -> None:
 class DataConfig:
     """Where a stage's prompts come from: a synthetic generator or local files."""
 
-    synthetic: str | None = None
-    """Synthetic task generated on the fly: one of perception / textual / visual / caption."""
+    synthetic: str | list[str] | None = None
+    """Synthetic task generated on the fly: one of perception / textual / visual / caption, or a
+    list of them, mixed and shuffled into one dataset (num_samples of each: the merged baseline)."""
     files: list[str] = field(default_factory=list)
     """Local JSONL / Parquet files (EasyR1, verl or TRL-style rows; see staged.data.files)."""
     image_dir: str | None = None
@@ -54,7 +55,7 @@ class DataConfig:
     on_bad_row: str = "error"
     """error (stop at the first bad row, naming file, line and field) or skip (count and warn)."""
     num_samples: int = 256
-    """Synthetic: how many samples to generate (the stage cycles through them in epochs)."""
+    """Synthetic: how many samples to generate, per kind (the stage cycles through them in epochs)."""
     seed: int | None = None
     """Synthetic: generator seed; None = the run seed + 1000 * stage index."""
 
@@ -63,8 +64,10 @@ class DataConfig:
                "set exactly one of synthetic or files, got "
                f"synthetic={self.synthetic!r}, files={self.files!r}")
         if self.synthetic is not None:
-            _check(self.synthetic in SYNTHETIC_KINDS, "synthetic",
-                   f"expected one of {SYNTHETIC_KINDS}, got {self.synthetic!r}")
+            kinds = self.synthetic if isinstance(self.synthetic, list) else [self.synthetic]
+            _check(bool(kinds) and all(isinstance(k, str) and k in SYNTHETIC_KINDS for k in kinds), "synthetic",
+                   f"expected one of {SYNTHETIC_KINDS} or a non-empty list of them, got {self.synthetic!r}")
+            _check(len(set(kinds)) == len(kinds), "synthetic", f"kinds repeated in {self.synthetic!r}")
         _check(self.on_bad_row in ("error", "skip"), "on_bad_row",
                f"expected error or skip, got {self.on_bad_row!r}")
         _check(self.format in ("auto", "easyr1", "verl", "trl"), "format",
@@ -275,6 +278,59 @@ class FSDPConfig:
 
 
 @dataclass
+class PackingTrainConfig:
+    """Sequence packing of the GRPO step's policy forward (``staged.packed_step``)."""
+
+    enabled: bool = False
+    """Pack each rank's prompt+completion sequences back to back into micro-batches under a
+    token budget (planner: staged.packing.planner; varlen attention: staged.attention) instead
+    of padded [rows, longest] micro-batches. Same loss and gradients (tested to 1e-5 in fp32).
+    Off by default: on the embedded CPU demo the per-sequence SDPA loop is slower than one padded
+    batched call (see benchmarks/RESULTS.md); on GPU with flash-attn varlen it removes padding."""
+    token_budget: int = 0
+    """Most tokens in one packed micro-batch. 0 = micro_batch_size x this step's longest
+    sequence on the rank (never more micro-batches than the padded path)."""
+
+    def __post_init__(self):
+        _check(self.token_budget >= 0, "packing.token_budget", f"must be >= 0, got {self.token_budget}")
+
+
+@dataclass
+class EvalConfig:
+    """Stage-end evaluation (staged.eval.evaluate, greedy) on held-out sets; off while both lists are
+    empty. Results go into the metrics JSONL as one ``kind = "eval"`` record per stage end."""
+
+    synthetic: list[str] = field(default_factory=list)
+    """Synthetic eval sets (perception / textual / visual / caption), each ``n`` samples generated
+    with ``seed``: one benchmark per kind."""
+    files: list[str] = field(default_factory=list)
+    """Benchmark files (JSONL / Parquet, as ``python -m staged.eval --data``): one benchmark per file."""
+    n: int = 64
+    """Synthetic: samples per set; files: the first n rows of each (0 = all rows)."""
+    max_new_tokens: int = 64
+    """Response token limit of the evaluation."""
+    batch_size: int = 32
+    """Prompts per generate call."""
+    seed: int | None = None
+    """Synthetic eval data seed; None = the run seed + 1,000,003 (disjoint from the stages' seeds)."""
+    stages: str = "all"
+    """Evaluate at the end of every stage (all) or of the last one only (last)."""
+
+    def __post_init__(self):
+        for k in self.synthetic:
+            _check(k in SYNTHETIC_KINDS, "synthetic", f"expected any of {SYNTHETIC_KINDS}, got {k!r}")
+        _check(self.n >= 0 and (self.n >= 1 or not self.synthetic), "n",
+               f"must be >= 1 with synthetic sets (>= 0 with files only), got {self.n}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.stages in ("all", "last"), "stages", f"expected all or last, got {self.stages!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.synthetic or self.files)
+
+
+@dataclass
 class TrainConfig:
     """A whole run: model, precision, parallelism, outputs and the ordered stages."""
 
@@ -293,6 +349,9 @@ class TrainConfig:
     too small to gain from more threads, and spinning OpenMP threads on shared cores can be 10x
     slower than one."""
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Stage-end evaluation on held-out sets (off by default)."""
+    packing: PackingTrainConfig = field(default_factory=PackingTrainConfig)
     output_dir: str = "outputs/default"
     """Metrics JSONL, TensorBoard events, plot and HF exports go here."""
     checkpoint_dir: str = ""

@@ -73,17 +73,19 @@ def micro_batch_weight(loss_type: str, rows_mb: int, rows_rank: int) -> float:
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, cfg, num_items_in_batch: int, world_size: int,
-                sampling_logp=None):
+                sampling_logp=None, cu_seqlens=None):
     """One micro-batch's GRPO loss and metrics through ``staged.kernels.grpo_loss`` (TRL semantics).
 
     logp / old_logp / ref_logp / mask [B, T]; old_logp None = on-policy (logp detached); ref_logp
     None when beta == 0; advantages [B]; sampling_logp: the sampler's log-probs for TRL's
-    importance-sampling correction (None = off). cfg: the stage's GRPOConfig.
+    importance-sampling correction (None = off). cfg: the stage's GRPOConfig. cu_seqlens [B+1]:
+    the packed layout instead (all those [N], sequence b owning tokens cu[b]:cu[b+1]; see
+    staged.packed_step)
     Returns (loss, metrics: dict of 0-d tensors, no host sync)."""
     # CPU: the kernel's plain-PyTorch path even under TRITON_INTERPRET (which the test suite sets
     # and training subprocesses inherit): interpreted Triton takes ~0.5 s per micro-batch.
     return grpo_loss(
-        logp, old_logp, ref_logp, advantages, mask, sampling_logp=sampling_logp,
+        logp, old_logp, ref_logp, advantages, mask, cu_seqlens=cu_seqlens, sampling_logp=sampling_logp,
         num_items_in_batch=num_items_in_batch, num_processes=world_size,
         loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,

@@ -25,12 +25,13 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from staged import checkpoint, metrics, parallel
+from staged import checkpoint, metrics, packed_step, parallel
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data.prompting import build_generation_batch, build_sft_batch
 from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
@@ -66,6 +67,7 @@ def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str
                          activation_checkpointing=cfg.fsdp.activation_checkpointing and trainable,
                          reshard_after_forward=cfg.fsdp.reshard_after_forward)
     parallel.bind_forward_method(model, LOGPROBS, token_logprobs)
+    parallel.bind_forward_method(model, packed_step.PACKED_LOGPROBS, packed_step.packed_token_logprobs)
     model.train(trainable)
     return model, processor
 
@@ -105,7 +107,13 @@ def load_stage_data(stage: StageConfig, index: int, seed: int):
         from staged.data.synthetic import make_synthetic_dataset
 
         data_seed = stage.data.seed if stage.data.seed is not None else seed + 1000 * index
-        return make_synthetic_dataset(stage.data.synthetic, stage.data.num_samples, seed=data_seed)
+        if isinstance(stage.data.synthetic, str):
+            return make_synthetic_dataset(stage.data.synthetic, stage.data.num_samples, seed=data_seed)
+        # a list of kinds (the merged baseline): num_samples of each, shuffled into one dataset
+        mixed = [s for kind in stage.data.synthetic
+                 for s in make_synthetic_dataset(kind, stage.data.num_samples, seed=data_seed)]
+        random.Random(f"staged-mix:{data_seed}").shuffle(mixed)
+        return mixed
     from staged.data.files import load_dataset_files
 
     ds = load_dataset_files(stage.data.files, image_dir=stage.data.image_dir, format=stage.data.format,
@@ -167,6 +175,36 @@ def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
 # the two kinds of step
 
 
+@dataclass
+class PaddedMicroBatch:
+    """Rows of one padded micro-batch: model inputs [B, P + C], the completion columns' targets,
+    mask and sampler log-probs [B, C], advantages [B] (the packed twin: packed_step.PackedItem)."""
+
+    inputs: dict
+    targets: torch.Tensor
+    start: int
+    mask: torch.Tensor
+    sampler_logp: torch.Tensor
+    advantages: torch.Tensor
+    num_rows: int
+
+
+def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_size, d, dtype):
+    """Consecutive rows, each micro-batch trimmed to its own longest prompt and completion."""
+    Tp, n = ro.prompt_ids.shape[1], len(p_len)
+    for r0 in range(0, n, micro_batch_size):
+        rows = list(range(r0, min(n, r0 + micro_batch_size)))
+        P, C = max(p_len[r] for r in rows), max(1, int(comp_len[rows].max()))
+        cols = list(range(Tp - P, Tp + C))
+        mb = select_rows(batch, rows)
+        ids = torch.cat([ro.prompt_ids[rows, Tp - P:], comp_ids[rows, :C]], 1)
+        attn = torch.cat([ro.prompt_mask[rows, Tp - P:], ro.completion_mask[rows, :C].cpu()], 1)
+        mb.update(input_ids=ids, attention_mask=attn, position_ids=ro.position_ids[:, rows][:, :, cols])
+        inputs = model_inputs(mb, d.device, dtype)
+        yield PaddedMicroBatch(inputs, inputs["input_ids"][:, P:], P, ro.completion_mask[rows, :C].to(d.device),
+                               ro.logprobs[rows, :C].to(d.device), adv[rows], len(rows))
+
+
 def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, prompts, global_step, sp, dtype):
     """One GRPO step on this rank's prompts. Returns the metrics (reduced over ranks)."""
     g, G = stage.grpo, stage.batch.group_size
@@ -192,44 +230,56 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     # ---- advantages: relative to the group (all G rows of a prompt live on this rank)
     adv = group_advantages(scores["reward"], G, std_normalize=g.std_normalize).to(d.device)
 
-    # ---- loss over micro-batches (padded; each trimmed to its own longest prompt / completion)
+    # ---- loss over micro-batches: padded (each trimmed to its own longest prompt / completion),
+    #      or packed under a token budget (cfg.packing; staged.packed_step)
     rows_rank = len(samples)
-    Tp = ro.prompt_ids.shape[1]
     p_len = ro.prompt_mask.sum(-1).tolist()
-    # Host sync: the global completion-token count, dapo's normaliser (one all-reduce).
-    num_items = int(parallel.all_reduce_sum(torch.tensor(float(comp_len.sum()), device=d.device)).item())
+    c_len, plan = comp_len.tolist(), None
+    if cfg.packing.enabled:  # this rank's micro-batches; G rows of a prompt stay together
+        plan = packed_step.plan_rank([p + c for p, c in zip(p_len, c_len)], G, cfg.packing.token_budget,
+                                     stage.batch.micro_batch_size)
+    # Host sync: the global completion-token count, dapo's normaliser, and (packed) each rank's
+    # micro-batch count: every rank runs the largest, FSDP collectives line up (one all-reduce).
+    red = torch.zeros(1 + d.world_size, device=d.device)
+    red[0] = float(comp_len.sum())
+    red[1 + d.rank] = float(len(plan or []))
+    red = parallel.all_reduce_sum(red).tolist()
+    num_items = int(red[0])
+    if plan is not None:
+        mbs = packed_step.collate_items(
+            packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len), plan,
+            int(max(red[1:])), packed_step.PackingConfig.from_model(model), comp_ids=comp_ids,
+            comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype)
+    else:
+        mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype)
     sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
-    for r0 in range(0, rows_rank, stage.batch.micro_batch_size):
-        rows = list(range(r0, min(rows_rank, r0 + stage.batch.micro_batch_size)))
-        P, C = max(p_len[r] for r in rows), max(1, int(comp_len[rows].max()))
-        cols = list(range(Tp - P, Tp + C))
-        mb = select_rows(batch, rows)
-        ids = torch.cat([ro.prompt_ids[rows, Tp - P:], comp_ids[rows, :C]], 1)
-        attn = torch.cat([ro.prompt_mask[rows, Tp - P:], ro.completion_mask[rows, :C].cpu()], 1)
-        mb.update(input_ids=ids, attention_mask=attn, position_ids=ro.position_ids[:, rows][:, :, cols])
-        inputs = model_inputs(mb, d.device, dtype)
-        targets, mask = inputs["input_ids"][:, P:], ro.completion_mask[rows, :C].to(d.device)
-        sampler_logp = ro.logprobs[rows, :C].to(d.device)
-
-        logp, entropy = getattr(model, LOGPROBS)(inputs, targets, P, temperature=g.temperature, with_entropy=True)
+    for mb in mbs:
+        if plan is not None:
+            method, args, cu = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets), mb.cu_seqlens
+        else:
+            method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
+        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = getattr(ref_model, LOGPROBS)(inputs, targets, P, temperature=g.temperature)
+                ref_logp = getattr(ref_model, method)(*args, temperature=g.temperature)
                 parallel.reshard(ref_model)
-        loss, m = policy_loss(logp, sampler_logp if g.old_logp == "rollout" else None, ref_logp, adv[rows], mask,
-                              cfg=g, num_items_in_batch=num_items, world_size=d.world_size,
-                              sampling_logp=sampler_logp if g.rollout_is_correction else None)
-        w = micro_batch_weight(g.loss_type, len(rows), rows_rank)
+        sampler_logp = mb.sampler_logp
+        loss, m = policy_loss(logp, sampler_logp if g.old_logp == "rollout" else None, ref_logp, mb.advantages,
+                              mb.mask, cfg=g, num_items_in_batch=num_items, world_size=d.world_size,
+                              sampling_logp=sampler_logp if g.rollout_is_correction else None, cu_seqlens=cu)
+        # A packed filler micro-batch (num_rows 0) runs forward and backward for FSDP at weight 0.
+        w = micro_batch_weight(g.loss_type, mb.num_rows, rows_rank) if mb.num_rows else 0.0
         (loss * w).backward()
 
         with torch.no_grad():
-            fm = mask.float()
+            fm = mb.mask.float() * float(mb.num_rows > 0)
             tok = fm.sum()
             sums += torch.stack([
                 loss.detach() * w, (entropy.detach() * fm).sum(), m.get("kl", torch.zeros(())).to(tok) * tok,
                 m["clip_ratio/region_mean"].to(tok) * tok, m["ratio_mean"].to(tok) * tok, tok,
-                ((logp.detach() - sampler_logp).abs() * fm).sum(), torch.tensor(float(len(rows)), device=d.device)])
+                ((logp.detach() - sampler_logp).abs() * fm).sum(),
+                torch.tensor(float(mb.num_rows), device=d.device)])
 
     # ---- optimizer step (skipped when the loss or the gradient is not finite)
     grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
@@ -301,6 +351,29 @@ def sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
 
 def export_dir(cfg: TrainConfig, index: int, stage: StageConfig) -> Path:
     return Path(cfg.output_dir) / "hf" / f"stage{index}-{stage.name}"
+
+
+def stage_end_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageConfig, global_step: int) -> dict:
+    """cfg.eval at a stage end: greedy staged.eval.evaluate on the held-out sets (every rank takes a
+    share). Returns the metrics record (kind "eval": eval/<benchmark>/<metric>, eval/average/...)."""
+    from staged.data.synthetic import make_synthetic_dataset
+    from staged.eval import evaluate, load_benchmarks
+
+    e = cfg.eval
+    seed = e.seed if e.seed is not None else cfg.seed + 1_000_003
+    sets = {kind: make_synthetic_dataset(kind, e.n, seed=seed) for kind in e.synthetic}
+    if e.files:
+        sets.update(load_benchmarks(e.files, limit=e.n or None))
+    with torch.no_grad():
+        res = evaluate(model, processor, sets, greedy=True, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                       system_prompt=stage.system_prompt, seed=cfg.seed, device=d.device, progress=False,
+                       keep_completions=False)
+    rec = {"step": global_step, "stage": si, "stage_name": stage.name, "stage_step": stage.steps, "kind": "eval",
+           "eval_seconds": res["seconds"]}
+    for name, m in [*res["benchmarks"].items(), ("average", res["average"])]:
+        for key in ("accuracy", "format", "response_tokens", "truncated"):
+            rec[f"eval/{name}/{key}"] = m[key]
+    return rec
 
 
 def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar) -> None:
@@ -393,6 +466,15 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
         if cfg.export_hf:
             export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
             log(f"stage {si} '{stage.name}' done: HF checkpoint at {export}")
+
+        # ---- stage-end evaluation on the held-out sets (cfg.eval), logged as a kind="eval" record
+        if cfg.eval.enabled and (cfg.eval.stages == "all" or si == len(cfg.stages) - 1):
+            rec = stage_end_eval(cfg, d, model, processor, si, stage, global_step)
+            logger.log(rec)
+            names = [k.split("/")[1] for k in rec if k.endswith("/accuracy")]
+            log(f"stage {si} '{stage.name}' eval: " + ", ".join(
+                f"{n} {100 * rec[f'eval/{n}/accuracy']:.1f}%" for n in names)
+                + f" (greedy, {rec['eval_seconds']:.1f} s)")
 
 
 def train(cfg: TrainConfig) -> list[dict]:

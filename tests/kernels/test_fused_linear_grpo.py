@@ -598,7 +598,9 @@ _WORKER = textwrap.dedent('''
         V, H, B = data["V"], data["H"], data["ids"].shape[0]
         distributed = os.environ.get("WORLD_SIZE") is not None
         if distributed:
-            dist.init_process_group("gloo")
+            # A file rendezvous: a TCP port picked in advance can be taken by a concurrent job.
+            dist.init_process_group("gloo", init_method="file://" + os.path.join(path, "rendezvous"),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         r, ws = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         out = {}
         for mode in ("untied", "tied", "inner"):
