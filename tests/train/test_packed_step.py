@@ -1,0 +1,152 @@
+"""The packed GRPO step (packing.enabled, staged.packed_step) computes what the padded step
+computes: on a real rollout of the embedded model, the same loss, metrics and gradients within
+1e-5 (fp32, CPU) -- with a KL reference model, dapo's global normaliser, rollout log-probs as
+old log-probs with the importance-sampling correction, and a filler micro-batch (what a rank with
+fewer micro-batches than the others runs: forward and backward at weight 0). And 2 ranks packing
+their own rollouts match 1 process with padded micro-batches over a whole multi-stage run.
+
+Rewards are replaced by fixed random ones in the single-step tests: the untrained embedded model
+earns almost none, and zero advantages would leave only the KL term to compare."""
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import read_records, run_train, write_tiny_config
+
+from staged import packed_step, parallel, train
+from staged.config import from_cli
+
+
+class CaptureOptimizer:
+    """Stands in for AdamW: step() records the accumulated gradients (full tensors)."""
+
+    def __init__(self, model):
+        self.model, self.param_groups, self.grads = model, [], None
+
+    def step(self):
+        self.grads = {}
+        for n, p in self.model.named_parameters():
+            if p.grad is not None:
+                g = p.grad
+                self.grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.model.parameters():
+            p.grad = None
+
+
+def fake_rewards(texts, samples, **kw):
+    g = torch.Generator().manual_seed(1234 + len(texts))
+    r = torch.rand(len(texts), generator=g)
+    return {"reward": r, "accuracy": (r > 0.5).float(), "format": torch.zeros(len(texts))}
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory, embedded_dir):
+    root = tmp_path_factory.mktemp("packed_step")
+    path = write_tiny_config(root / "tiny.toml", root / "out", embedded_dir)
+    d = parallel.init_distributed("cpu")
+    yield path, d
+
+
+def one_step(run_cfg, embedded_dir, monkeypatch, *, packing: bool, overrides: list[str], stage_index: int = 1,
+             extra_micro_batches: int = 0):
+    path, d = run_cfg
+    cfg = from_cli(["--config", str(path), f"packing.enabled={str(packing).lower()}", *overrides])
+    stage = cfg.stages[stage_index]
+    monkeypatch.setattr(train, "compute_rewards", fake_rewards)
+    if extra_micro_batches:
+        orig = packed_step.collate_items
+
+        def collate_more(samples, micro_batches, n, *a, **k):
+            return orig(samples, micro_batches, n + extra_micro_batches, *a, **k)
+
+        monkeypatch.setattr(packed_step, "collate_items", collate_more)
+    torch.manual_seed(0)
+    model, processor = train.build_model(embedded_dir, cfg, d, stage.freeze)
+    ref = train.build_model(embedded_dir, cfg, d, [], trainable=False)[0] if stage.grpo.beta > 0 else None
+    opt = CaptureOptimizer(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sp = train.sampling_params(stage, cfg, model, processor.tokenizer)
+    samples = train.load_stage_data(stage, stage_index, cfg.seed)
+    prompts = train.step_prompts(samples, stage, cfg.seed, stage_index, 0, d)
+    _, dtype = parallel.mixed_precision(cfg.precision, d.device)
+    rec = train.grpo_step(model, ref, opt, params, processor, stage, cfg, d, prompts, 0, sp, dtype)
+    return rec, opt.grads
+
+
+CASES = {
+    # the tiny config's stage 1: beta 0.02 (reference model), grpo; micro-batches of 3 rows padded
+    "grpo-kl": (["stages.1.batch.micro_batch_size=3"], 1, 0),
+    # a filler micro-batch (weight 0) must change nothing
+    "grpo-kl-filler": (["stages.1.batch.micro_batch_size=3"], 1, 1),
+    # stage 2: dapo (global token normaliser), frozen vision tower, one padded micro-batch;
+    # packed under a small fixed budget (several micro-batches)
+    "dapo-frozen-budget": (["packing.token_budget=300"], 2, 0),
+    # rollout log-probs as old log-probs and TRL's importance-sampling correction
+    "rollout-old-logp": (["stages.1.grpo.old_logp=rollout", "stages.1.grpo.rollout_is_correction=true",
+                          "stages.1.batch.micro_batch_size=5"], 1, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_step_matches_padded(case, run_cfg, embedded_dir, monkeypatch):
+    overrides, si, extra = CASES[case]
+    pad, g_pad = one_step(run_cfg, embedded_dir, monkeypatch, packing=False, overrides=overrides, stage_index=si)
+    pack, g_pack = one_step(run_cfg, embedded_dir, monkeypatch, packing=True, overrides=overrides, stage_index=si,
+                            extra_micro_batches=extra)
+    assert pad["response_length"] > 1 and abs(pad["loss"]) > 0
+    for k in ("loss", "grad_norm", "reward", "response_length", "entropy", "kl", "clip_ratio", "ratio_mean",
+              "sampler_logp_diff"):
+        assert pack[k] == pytest.approx(pad[k], abs=1e-5, rel=1e-5), (k, pad[k], pack[k])
+    assert g_pad and g_pad.keys() == g_pack.keys()
+    assert any(g.abs().max() > 1e-3 for g in g_pad.values()), "the step should have real gradients"
+    for n in g_pad:
+        torch.testing.assert_close(g_pack[n], g_pad[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_plan_rank_keeps_groups_and_budget():
+    lengths = [30, 10, 25, 5, 40, 12, 8, 20]  # 4 groups of 2
+    mbs = packed_step.plan_rank(lengths, 2, 50, 4)
+    assert sorted(i for mb in mbs for i in mb) == list(range(8))
+    assert all(sum(lengths[i] for i in mb) <= 50 for mb in mbs)
+    with pytest.raises(ValueError, match="packing.token_budget: a sequence of 40 tokens"):
+        packed_step.plan_rank(lengths, 2, 39, 4)
+    assert packed_step.plan_rank(lengths, 2, 0, 2) == packed_step.plan_rank(lengths, 2, 80, 2)
+
+
+# ------------------------------------------------------------------------------------------
+# 2 ranks, packed, against 1 process, padded (the shared reference run)
+
+COMPARED = ("loss", "grad_norm", "reward", "accuracy", "format", "response_length", "entropy", "kl",
+            "clip_ratio", "ratio_mean")
+
+
+def _weights(out, stage_dir):
+    files = sorted(glob.glob(str(out / "hf" / stage_dir / "*.safetensors")))
+    assert files, f"no HF export in {out / 'hf' / stage_dir}"
+    w = {}
+    for f in files:
+        w.update(load_file(f))
+    return w
+
+
+@pytest.mark.slow
+def test_two_ranks_packed_match_one_process_padded(tmp_path, embedded_dir, reference_run):
+    out = tmp_path / "out"
+    cfg = write_tiny_config(tmp_path / "tiny.toml", out, embedded_dir)
+    run_train(["--config", str(cfg), "packing.enabled=true", "packing.token_budget=200",
+               "fsdp.activation_checkpointing=true"], nproc=2, cwd=tmp_path)
+    one, two = read_records(reference_run), read_records(out)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for k in COMPARED:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), (a["step"], k, a[k], b[k])
+    for stage_dir in ("stage1-perception", "stage2-frozen-vision"):
+        w1, w2 = _weights(reference_run, stage_dir), _weights(out, stage_dir)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m, s=stage_dir, k=k: f"{s} {k}: {m}")
