@@ -33,8 +33,12 @@ aot: env
 bench: env
 	$(PY) -m benchmarks --all
 
-gpu-check: env
-	$(PY) -m benchmarks.gpu_check
+# The GPU machines have torch/triton/transformers but no network: no venv, no dependency
+# install; only this package itself, installed without deps or build isolation.
+gpu-check:
+	@P=$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)); \
+	$$P -c "import staged.kernels" 2>/dev/null || $$P -m pip install -q --no-deps --no-build-isolation -e . ; \
+	$$P -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info staged/_C*.so
