@@ -1,17 +1,24 @@
 """One runner for every benchmark: ``python -m benchmarks --list | --only NAME ... | --all``.
 
-Each benchmark module exposes ``run(device: str) -> list[dict]``; rows share the keys
-``case``, ``impl``, ``median_ms``, ``p20_ms``, ``p80_ms`` and add what they measure (GB/s,
-TFLOP/s, % of the limit, peak memory, ratios). The runner prints one Markdown table per
-benchmark, saves a PNG plot of median times, and appends both to benchmarks/RESULTS.md under a
-header naming the card, date and versions (``--no-record`` leaves RESULTS.md alone).
+Each benchmark module exposes ``run(device, limits=None[, quick=False]) -> list[dict]``; rows
+share the keys ``case``, ``impl``, ``median_ms``, ``p20_ms``, ``p80_ms`` and add what they
+measure (GB/s, TFLOP/s, % of the limit, peak memory, ratios). The runner prints one Markdown
+table per benchmark, saves a PNG plot (median times; peak memory beside them when the rows
+carry it) to benchmarks/plots/, and appends the tables to benchmarks/RESULTS.md under a header
+naming the card, date and versions — after each benchmark, so that a run cut short (a time
+limit in ``make gpu-check``) still records what it finished. ``--no-record`` leaves RESULTS.md
+alone; ``--quick`` runs small shapes (for tests and a first look: its header and plot names say
+quick); ``--json PATH`` also writes every row as JSON; ``--plot-dir`` puts the PNGs elsewhere.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -25,13 +32,23 @@ BENCHMARKS = {
     "collate": "benchmarks.bench_collate",
     "train_step": "benchmarks.bench_train_step",
 }
+MEMORY_KEYS = ("peak_mb", "peak_extra_mb", "peak_rss_mb", "peak_gpu_mb")  # first present is plotted
 
 
 def available() -> dict[str, str]:
     return {k: v for k, v in BENCHMARKS.items() if (HERE / (v.split(".")[-1] + ".py")).exists()}
 
 
-def plot(name: str, rows: list[dict], device: str) -> Path | None:
+def summary_line(module: str) -> str:
+    """The first sentence of a module's docstring (its first paragraph, joined), without importing it."""
+    import ast
+
+    path = HERE / (module.split(".")[-1] + ".py")
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def plot(name: str, rows: list[dict], device: str, *, quick: bool = False, out_dir: Path | None = None) -> Path | None:
     try:
         import matplotlib
 
@@ -43,52 +60,74 @@ def plot(name: str, rows: list[dict], device: str) -> Path | None:
     timed = [r for r in rows if isinstance(r.get("median_ms"), (int, float))]
     if not timed:
         return None
-    cases = list(dict.fromkeys(str(r.get("case", "")) for r in timed))
+    mem_key = next((k for k in MEMORY_KEYS if any(isinstance(r.get(k), (int, float)) for r in timed)), None)
+
+    def label(r):
+        case = str(r.get("case", ""))
+        case = case if len(case) <= 44 else case[:42] + "…"
+        return case + (f" [{r['pass']}]" if r.get("pass") else "")
+
+    cases = list(dict.fromkeys(label(r) for r in timed))
     impls = list(dict.fromkeys(str(r.get("impl", "")) for r in timed))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) * max(1, len(impls)) / 2), 4))
+    panels = [("median_ms", "median ms (bars: 20/80 %)")] + ([(mem_key, f"{mem_key} (MiB)")] if mem_key else [])
+    width_in = max(6.0, 0.9 * len(cases) * max(1, len(impls)) / 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width_in * len(panels), 4.2), squeeze=False)
     width = 0.8 / max(1, len(impls))
-    for j, impl in enumerate(impls):
-        xs, ys, lo, hi = [], [], [], []
-        for i, case in enumerate(cases):
-            for r in timed:
-                if str(r.get("case", "")) == case and str(r.get("impl", "")) == impl:
-                    xs.append(i + j * width)
-                    ys.append(r["median_ms"])
-                    lo.append(r["median_ms"] - r.get("p20_ms", r["median_ms"]))
-                    hi.append(r.get("p80_ms", r["median_ms"]) - r["median_ms"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], label=impl, capsize=2)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("median ms (20/80 bars)")
-    ax.set_yscale("log")
-    ax.set_title(f"{name} on {device}")
-    ax.legend(fontsize=7)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for j, impl in enumerate(impls):
+            xs, ys, lo, hi = [], [], [], []
+            for i, case in enumerate(cases):
+                for r in timed:
+                    v = r.get(key)
+                    if label(r) == case and str(r.get("impl", "")) == impl and isinstance(v, (int, float)):
+                        xs.append(i + j * width)
+                        ys.append(v)
+                        if key == "median_ms":
+                            lo.append(max(0.0, v - r.get("p20_ms", v)))
+                            hi.append(max(0.0, r.get("p80_ms", v) - v))
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi] if lo else None, label=impl, capsize=2)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=25, ha="right", fontsize=7)
+        ax.set_ylabel(ylabel)
+        vals = [r[key] for r in timed if isinstance(r.get(key), (int, float)) and r[key] > 0]
+        if key == "median_ms" and vals and max(vals) > 10 * min(vals):
+            ax.set_yscale("log")   # times that span orders of magnitude; otherwise (and memory) from 0
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{name} on {device}{' (quick)' if quick else ''}", fontsize=10)
     fig.tight_layout()
-    out = HERE / "plots" / f"{name}-{'gpu' if device.startswith('cuda') else 'cpu'}.png"
-    out.parent.mkdir(exist_ok=True)
+    out = (out_dir or HERE / "plots") / f"{name}-{'gpu' if device.startswith('cuda') else 'cpu'}{'-quick' if quick else ''}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _record(text: str) -> None:
+    with open(HERE / "RESULTS.md", "a") as f:
+        f.write(text)
 
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.common import machine_header, markdown_table, measured_limits
 
-    p = argparse.ArgumentParser(description="staged benchmarks")
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="staged benchmarks")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--list", action="store_true")
-    g.add_argument("--only", nargs="+", metavar="NAME")
-    g.add_argument("--all", action="store_true")
+    g.add_argument("--list", action="store_true", help="list the benchmarks")
+    g.add_argument("--only", nargs="+", metavar="NAME", help="run these benchmarks")
+    g.add_argument("--all", action="store_true", help="run every benchmark")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--json", metavar="PATH", help="also write every row (and the header) as JSON")
+    p.add_argument("--plot-dir", metavar="DIR", default=None, help="where the PNGs go (default benchmarks/plots)")
     args = p.parse_args(argv)
 
     names = available()
     if args.list:
         for n, mod in names.items():
-            doc = (importlib.import_module(mod).__doc__ or "").strip().splitlines()
-            print(f"{n:16s} {doc[0] if doc else ''}")
+            print(f"{n:16s} {summary_line(mod)}")
         return 0
     chosen = list(names) if args.all else args.only
     unknown = [n for n in chosen if n not in names]
@@ -98,31 +137,56 @@ def main(argv=None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    header = machine_header(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU on this machine")
+    t_start = time.perf_counter()
+    header = machine_header(device) + (" — quick (small shapes)" if args.quick else "")
     limits = measured_limits(device)
-    report = [f"## {header}\n",
-              f"Limits measured in this run: GEMM {limits['gemm_tflops']:.1f} TFLOP/s, "
-              f"copy {limits['copy_gbps']:.1f} GB/s.\n"]
-    print(report[0] + report[1])
-    failed = []
+    intro = (f"## {header}\n\n`python -m benchmarks {' '.join(sys.argv[1:] if argv is None else argv)}`. "
+             f"Limits measured in this run: GEMM {limits['gemm_tflops']:.3g} TFLOP/s "
+             f"({'bf16 8192³' if device.startswith('cuda') else 'fp32 1024³'}), "
+             f"copy {limits['copy_gbps']:.3g} GB/s (read + write).\n")
+    print(intro)
+    if not args.no_record:
+        _record("\n" + intro)
+    failed, dump = [], {"header": header, "limits": limits, "benchmarks": {}}
     for n in chosen:
-        print(f"### {n}")
+        print(f"### {n}", flush=True)
+        t0 = time.perf_counter()
         try:
-            rows = importlib.import_module(names[n]).run(device, limits=limits)
+            fn = importlib.import_module(names[n]).run
+            kwargs = {"limits": limits}
+            if "quick" in inspect.signature(fn).parameters:
+                kwargs["quick"] = args.quick
+            rows = fn(device, **kwargs)
+        except ModuleNotFoundError as exc:   # an optional dependency (transformers, trl, ...) is missing
+            print(f"skipped: {exc}\n", flush=True)
+            dump["benchmarks"][n] = {"seconds": time.perf_counter() - t0, "rows": [], "skipped": str(exc)}
+            if not args.no_record:
+                _record(f"\n### {n}\n\nskipped: {exc}\n")
+            continue
         except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
             traceback.print_exc()
             failed.append(n)
+            if not args.no_record:
+                _record(f"\n### {n}\n\nFAILED (see the run's log).\n")
             continue
+        secs = time.perf_counter() - t0
         table = markdown_table(rows)
         print(table)
-        png = plot(n, rows, device)
-        report.append(f"### {n}\n\n{table}")
-        if png is not None:
-            report.append(f"![{n}](plots/{png.name})\n")
-    if not args.no_record:
-        with open(HERE / "RESULTS.md", "a") as f:
-            f.write("\n" + "\n".join(report))
-        print(f"appended to {HERE / 'RESULTS.md'}")
+        png = plot(n, rows, device, quick=args.quick, out_dir=Path(args.plot_dir) if args.plot_dir else None)
+        print(f"({n}: {secs:.0f} s{f', plot {png}' if png else ''})\n", flush=True)
+        dump["benchmarks"][n] = {"seconds": secs, "rows": rows}
+        if args.json:   # after each benchmark: a run cut short still leaves what it finished
+            Path(args.json).write_text(json.dumps(dump, indent=1, default=str))
+        if not args.no_record:
+            link = f"\n![{n}]({os.path.relpath(png, HERE)})\n" if png else ""
+            _record(f"\n### {n} ({secs:.0f} s)\n\n{table}{link}")
+    total = time.perf_counter() - t_start
+    print(f"all done in {total:.0f} s" + (f"; appended to {HERE / 'RESULTS.md'}" if not args.no_record else ""))
+    if args.json:
+        dump["seconds"] = total
+        Path(args.json).write_text(json.dumps(dump, indent=1, default=str))
     if failed:
         print(f"FAILED: {failed}", file=sys.stderr)
         return 1

@@ -11,8 +11,10 @@ so it runs with a tiny vocabulary (V = 16) and its rows say so: it moves 16x mor
 
 GPU: do_bench median and 20/80 % quantiles at 4M tokens (padded [2048, 2048]), token-level DAPO
 and sequence-level GSPO with KL and the vLLM correction, plus ours on the packed layout.
-CPU: the eager/fp64 reference timings only; the Triton numbers need a GPU (under
-TRITON_INTERPRET they would time the interpreter).
+CPU (64 x 1024 tokens; --quick 16 x 512): eager, ours as a CPU caller gets it (``backend="torch"``,
+the plain-PyTorch path) and the fp64 reference, one torch thread, 30 repeats after 5 warm-ups; the
+Triton numbers need a GPU (under TRITON_INTERPRET they would time the interpreter). GPU --quick:
+256 x 1024 tokens.
 
     python -m benchmarks.bench_grpo_loss [--device cpu|cuda]
     python -m benchmarks --only grpo_loss
@@ -39,6 +41,7 @@ CASES = [
                                                vllm_importance_sampling_mode="sequence_mask"), True),
 ]
 GPU_SHAPE = (2048, 2048)   # B, T: 4M tokens, 16 MB per fp32 array (L2 is flushed between runs)
+GPU_SHAPE_QUICK = (256, 1024)
 CPU_SHAPE = (64, 1024)
 LIGER_V = 16
 
@@ -105,6 +108,11 @@ def _impls(x, opts, device, *, vllm):
         impls["staged"] = (lambda: grpo_loss(lp, x["old"], x["ref"], x["adv"], x["mask"], **samp, **opts)[0], lp, "")
         impls.update(_liger(x, opts, device, vllm=vllm))
     else:
+        from staged.kernels import grpo_loss
+
+        # what a CPU caller of staged.kernels.grpo_loss gets: its plain-PyTorch path (no host sync)
+        impls["staged (torch path)"] = (lambda: grpo_loss(lp, x["old"], x["ref"], x["adv"], x["mask"], backend="torch",
+                                                          **samp, **opts)[0], lp, "")
         lp64 = x["logp"].double().requires_grad_(True)
         impls["reference fp64"] = (lambda: grpo_loss_reference(lp64, x["old"], x["ref"], x["adv"], x["mask"],
                                                                **samp, **opts)[0], lp64, "")
@@ -146,7 +154,7 @@ def _time_case(case, opts, vllm, B, T, device, limits, *, packed=False):
         for passname, runner, backward in (("fwd", _fwd(fn), False), ("fwd+bwd", _step(fn, leaf), True)):
             try:
                 runner()
-                tm = time_ms(runner, device)
+                tm = time_ms(runner, device) if device.startswith("cuda") else time_ms(runner, device, warmup=5, rep=30)
             except Exception as exc:  # noqa: BLE001 - reported in the table, others carry on
                 rows.append({"case": case, "impl": name, "pass": passname,
                              "note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"})
@@ -182,31 +190,44 @@ def _packed_impls(x, opts, device, *, vllm):
                               f"N={int(lens.sum())} tokens")}
 
 
-def run(device: str = "cpu", limits: dict | None = None) -> list[dict]:
+def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
     rows = []
     if device.startswith("cuda"):
-        B, T = GPU_SHAPE
+        B, T = GPU_SHAPE_QUICK if quick else GPU_SHAPE
         for case, opts, vllm in CASES:
             rows += _time_case(f"{case} B={B} T={T}", opts, vllm, B, T, device, limits)
         case, opts, vllm = CASES[1]
         packed = _time_case(f"{case} packed B={B} T<={T}", opts, vllm, B, T, device, limits, packed=True)
         rows += packed
         return rows
-    B, T = CPU_SHAPE
-    for case, opts, vllm in CASES:
-        rows += _time_case(f"{case} B={B} T={T}", opts, vllm, B, T, device, limits)
-        rows.append({"case": f"{case} B={B} T={T}", "impl": "staged / torch.compile / liger",
-                     "note": "Triton kernels need a CUDA GPU (interpreted timings are meaningless)"})
+    B, T = (16, 512) if quick else CPU_SHAPE
+    # One torch thread: a millisecond op on a shared machine otherwise waits in OpenMP barriers for
+    # a descheduled sibling thread (medians of 300+ ms were seen with two threads on two busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case, opts, vllm in CASES:
+            rows += _cpu_case(case, opts, vllm, B, T, device, limits)
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def _cpu_case(case, opts, vllm, B, T, device, limits):
+    name = f"{case} B={B} T={T}"
+    return _time_case(name, opts, vllm, B, T, device, limits) + [
+        {"case": name, "impl": "staged triton / torch.compile / liger",
+         "note": "Triton kernels need a CUDA GPU (interpreted timings are meaningless)"}]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes")
     args = p.parse_args(argv)
     from benchmarks.common import measured_limits
 
-    print(markdown_table(run(args.device, limits=measured_limits(args.device))))
+    print(markdown_table(run(args.device, limits=measured_limits(args.device), quick=args.quick)))
     return 0
 
 

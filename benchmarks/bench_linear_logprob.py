@@ -1,14 +1,22 @@
-"""fused_linear_logprob fwd+bwd vs eager, torch.compile, Liger and the bare lm_head GEMMs.
+"""fused_linear_logprob fwd and fwd+bwd vs eager, torch.compile, Liger and the bare lm_head GEMMs.
 
 Work model (hidden [N, H], weight [V, H]): the three lm_head GEMMs of forward + backward are
 6NHV FLOPs — the floor any implementation pays; ours executes 8NHV (the logits are recomputed in
-backward instead of stored). ``tflops`` below is 6NHV / time ("useful" TFLOP/s, comparable across
-implementations); ``pct_gemm_floor`` is the bare GEMMs' time over this time.
+backward instead of stored); the forward alone is 2NHV. ``tflops`` below is 6NHV (fwd: 2NHV) /
+time ("useful" TFLOP/s, comparable across implementations); ``pct_gemm_floor`` is the bare GEMMs'
+time over this time; ``pct_of_gemm_limit`` is against the GEMM rate measured in the same run.
 
-GPU: time (do_bench median, 20/80 %) and peak allocator memory of forward + backward at the
-Qwen2.5-VL-7B head (H = 3584, V = 152064) and a 0.5B-class head (H = 896, V = 151936), bf16.
-CPU: peak extra resident memory of forward + backward at V = 152064, each implementation in its
-own subprocess (VmHWM after resetting it through /proc/self/clear_refs), against the naive path.
+GPU: time (do_bench median, 20/80 %) and peak allocator memory of the forward (no grad; floor
+2NHV) and of forward + backward at the Qwen2.5-VL-7B head (H = 3584, V = 152064), the 3B head
+(H = 2048, V = 151936) and a 0.5B-class head (H = 896, V = 151936), bf16, N = 2048 and 8192
+tokens (--quick: the 7B head at N = 2048).
+CPU: peak extra resident memory of one fp32 forward + backward at V = 152064 (H = 256, N = 2048
+tokens; N = 512 with --quick), each implementation in its own subprocess (VmHWM after resetting
+it through /proc/self/clear_refs), against the naive path (eager: materialises N x V logits, their
+log-softmax and its gradient) and Liger's chunked GRPO loss (its torch path: the one that runs on
+a CPU; Liger's fused linear cross-entropy is Triton-only). N = 4096 takes ~4 minutes and ~12 GB
+for the naive path on a 2-core machine, so the CPU run stops at 2048: the memory ratios only grow
+with N (the naive path is linear in N x V, the chunked ones are not).
 
     python -m benchmarks.bench_linear_logprob [--device cpu|cuda]
     python -m benchmarks --only linear_logprob
@@ -18,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import markdown_table, peak_memory_mb, time_ms  # noqa: E402
+from benchmarks.common import hwm_mb, markdown_table, peak_memory_mb, reset_peak_rss, rss_mb, time_ms  # noqa: E402
 from staged.kernels import fused_linear_logprob  # noqa: E402
 from staged.kernels.reference.linear_logprob import linear_logprob_eager  # noqa: E402
 
-GPU_HEADS = [("7B head", 3584, 152064), ("0.5B head", 896, 151936)]
+GPU_HEADS = [("7B head", 3584, 152064), ("3B head", 2048, 151936), ("0.5B head", 896, 151936)]
 GPU_TOKENS = (2048, 8192)
-CPU_SHAPE = (4096, 152064, 256)     # N, V, H: naive logits alone are N*V*4 B = 2.5 GB
+CPU_SHAPE = (2048, 152064, 256)     # N, V, H: naive logits alone are N*V*4 B = 1.2 GB
+CPU_SHAPE_QUICK = (512, 152064, 256)
 
 
 def _inputs(N, V, H, dtype, device, seed=0):
@@ -132,7 +140,14 @@ def _step(fn, h, w, t, g):
 # GPU: time and peak memory
 
 
-def _run_gpu(device, limits):
+def _fwd(fn, h, w, t, g):
+    def run():
+        with torch.no_grad():
+            fn(h, w, t, g)
+    return run
+
+
+def _run_gpu(device, limits, quick=False):
     rows = []
     impls = {"eager": _eager, "torch.compile": torch.compile(_eager, dynamic=False),
              "staged": _staged, "eager+entropy": _eager_entropy,
@@ -141,36 +156,42 @@ def _run_gpu(device, limits):
         impls["liger flce (none)"] = _liger_flce()
     except ImportError as exc:
         print(f"  liger-kernel unavailable: {exc}")
-    for head, H, V in GPU_HEADS:
-        for N in GPU_TOKENS:
+    heads, tokens = (GPU_HEADS[:1], GPU_TOKENS[:1]) if quick else (GPU_HEADS, GPU_TOKENS)
+    for head, H, V in heads:
+        for N in tokens:
             case = f"{head} N={N} H={H} V={V}"
             h, w, t, g = _inputs(N, V, H, torch.bfloat16, device)
-            useful = 6 * N * H * V
             floor = _GemmFloor(h, w)
-            base = None
+            base = {}
             for name, fn in [("lm_head GEMMs (floor)", floor)] + list(impls.items()):
-                run = _step(fn, h, w, t, g)
-                try:
-                    run()
-                    tm = time_ms(run, device)
-                    mem = peak_memory_mb(run, device)
-                except torch.OutOfMemoryError:
-                    rows.append({"case": case, "impl": name, "median_ms": None, "note": "OOM"})
-                    torch.cuda.empty_cache()
-                    continue
-                if name.startswith("lm_head"):
-                    base = tm["median_ms"]
-                row = {"case": case, "impl": name, **tm, "tflops": useful / tm["median_ms"] / 1e9,
-                       "pct_gemm_floor": 100 * base / tm["median_ms"] if base else None,
-                       "pct_of_gemm_limit": (100 * useful / tm["median_ms"] / 1e9
-                                             / limits["gemm_tflops"]) if limits else None,
-                       "peak_mb": mem}
-                rows.append(row)
+                for passname, make, flops in (("fwd", _fwd, 2 * N * H * V), ("fwd+bwd", _step, 6 * N * H * V)):
+                    run = make(fn, h, w, t, g)
+                    try:
+                        run()
+                        tm = time_ms(run, device)
+                        mem = peak_memory_mb(run, device)
+                    except torch.OutOfMemoryError:
+                        rows.append({"case": case, "impl": name, "pass": passname, "note": "OOM"})
+                        torch.cuda.empty_cache()
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - e.g. an older Liger; the others carry on
+                        rows.append({"case": case, "impl": name, "pass": passname,
+                                     "note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"})
+                        continue
+                    if name.startswith("lm_head"):
+                        base[passname] = tm["median_ms"]
+                    b = base.get(passname)
+                    rows.append({"case": case, "impl": name, "pass": passname, **tm,
+                                 "tflops": flops / tm["median_ms"] / 1e9,
+                                 "pct_gemm_floor": 100 * b / tm["median_ms"] if b else None,
+                                 "pct_of_gemm_limit": (100 * flops / tm["median_ms"] / 1e9
+                                                       / limits["gemm_tflops"]) if limits else None,
+                                 "peak_mb": mem})
             del h, w, t, g, floor
             torch.cuda.empty_cache()
-    eager = {r["case"]: r for r in rows if r["impl"] == "eager" and r.get("median_ms")}
+    eager = {(r["case"], r["pass"]): r for r in rows if r["impl"] == "eager" and r.get("median_ms")}
     for r in rows:
-        e = eager.get(r["case"])
+        e = eager.get((r["case"], r.get("pass")))
         if e and r.get("median_ms"):
             r["speedup_vs_eager"] = e["median_ms"] / r["median_ms"]
             if e.get("peak_mb") and r.get("peak_mb"):
@@ -185,13 +206,6 @@ CPU_IMPLS = {"eager": _eager, "staged": _staged, "staged+entropy": _staged_entro
              "liger grpo chunked": _liger_grpo_chunked}
 
 
-def _rss_mb():
-    status = open("/proc/self/status").read()
-    cur = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    return cur, hwm
-
-
 def measure_rss(impl: str, N: int, V: int, H: int) -> dict:
     """In this process: peak resident memory of one fp32 forward + backward of ``impl`` above
     the resident memory just before it (inputs allocated, kernels warmed up at tiny size)."""
@@ -202,13 +216,13 @@ def measure_rss(impl: str, N: int, V: int, H: int) -> dict:
     sh, sw, st, sg = _inputs(16, 64, H, torch.float32, "cpu", seed=1)
     _step(fn, sh, sw, st, sg)()      # warm-up: BLAS buffers, lazy imports
     del sh, sw, st, sg
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                 # reset VmHWM to the current RSS (Linux >= 4.0)
-    base, _ = _rss_mb()
+    if not reset_peak_rss():         # VmHWM back to the current RSS (Linux >= 4.0)
+        raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs): Linux only")
+    base = rss_mb()
     t0 = time.perf_counter()
     _step(fn, h, w, t, g)()
     ms = (time.perf_counter() - t0) * 1e3
-    _, peak = _rss_mb()
+    peak = hwm_mb()
     grads_mb = (N * H + V * H) * 4 / 2**20     # dH and dW: outputs every implementation returns
     assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
     return {"impl": impl, "N": N, "V": V, "H": H, "base_mb": base, "peak_mb": peak,
@@ -219,15 +233,15 @@ def measure_rss_subprocess(impl: str, N: int, V: int, H: int, timeout: float = 6
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)     # the CPU path under test is the chunked torch one
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_linear_logprob", "--measure-rss",
-                          impl, str(N), str(V), str(H)], cwd=ROOT, env=env, capture_output=True,
+                          impl, str(N), str(V), str(H)], check=False, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {impl} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _run_cpu(device, limits):
-    N, V, H = CPU_SHAPE
+def _run_cpu(device, limits, quick=False):
+    N, V, H = CPU_SHAPE_QUICK if quick else CPU_SHAPE
     case = f"CPU fp32 N={N} H={H} V={V}"
     logits_mb = N * V * 4 / 2**20
     rows = []
@@ -238,27 +252,31 @@ def _run_cpu(device, limits):
             reason = str(exc).strip().splitlines()[-1][:80] if str(exc).strip() else repr(exc)
             rows.append({"case": case, "impl": impl, "note": f"n/a: {reason}"})
             continue
-        rows.append({"case": case, "impl": impl, "median_ms": m["ms"], "p20_ms": m["ms"],
-                     "p80_ms": m["ms"], "tflops": 6 * N * H * V / m["ms"] / 1e9,
+        tflops = 6 * N * H * V / m["ms"] / 1e9
+        rows.append({"case": case, "impl": impl, "pass": "fwd+bwd", "median_ms": m["ms"], "p20_ms": m["ms"],
+                     "p80_ms": m["ms"], "tflops": tflops,
+                     "pct_of_gemm_limit": 100 * tflops / limits["gemm_tflops"] if limits else None,
                      "peak_extra_mb": m["extra_mb"],
                      "extra_minus_grads_mb": m["extra_mb"] - m["grads_mb"],
-                     "naive_logits_mb": logits_mb, "note": "one run (subprocess)"})
-    eager = next((r for r in rows if r["impl"] == "eager" and "peak_extra_mb" in r), None)
-    for r in rows:
-        if eager and "peak_extra_mb" in r:
-            r["mem_vs_eager"] = r["peak_extra_mb"] / eager["peak_extra_mb"]
+                     "naive_logits_mb": logits_mb, "note": "one run, own subprocess"})
+    for peer, key in (("eager", "mem_vs_eager"), ("liger grpo chunked", "mem_vs_liger")):
+        ref = next((r for r in rows if r["impl"] == peer and "peak_extra_mb" in r), None)
+        for r in rows:
+            if ref and "peak_extra_mb" in r:
+                r[key] = r["peak_extra_mb"] / ref["peak_extra_mb"]
     return rows
 
 
-def run(device: str = "cpu", limits: dict | None = None) -> list[dict]:
+def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
     if device.startswith("cuda"):
-        return _run_gpu(device, limits)
-    return _run_cpu(device, limits)
+        return _run_gpu(device, limits, quick=quick)
+    return _run_cpu(device, limits, quick=quick)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes")
     p.add_argument("--measure-rss", nargs=4, metavar=("IMPL", "N", "V", "H"),
                    help="(internal) measure one implementation's peak RSS and print JSON")
     args = p.parse_args(argv)
@@ -266,7 +284,9 @@ def main(argv=None) -> int:
         impl, N, V, H = args.measure_rss
         print(json.dumps(measure_rss(impl, int(N), int(V), int(H))))
         return 0
-    print(markdown_table(run(args.device)))
+    from benchmarks.common import measured_limits
+
+    print(markdown_table(run(args.device, limits=measured_limits(args.device), quick=args.quick)))
     return 0
 
 

@@ -1,18 +1,34 @@
 """Shared benchmark plumbing: timing with quantiles, physical limits measured in the same run,
-machine/version headers and Markdown tables.
+peak memory (CUDA allocator, process RSS), machine/version headers and Markdown tables.
 
 Timing: on CUDA ``triton.testing.do_bench`` (it flushes L2 and syncs); on CPU a wall-clock loop
 after warm-up. Both report the median and the 20th/80th percentiles in milliseconds.
+
+Host memory: ``peak_rss_mb`` is the process high-water mark (``resource.getrusage`` ru_maxrss),
+what a benchmark that runs each implementation in its own subprocess reports; ``reset_peak_rss`` +
+``rss_mb`` measure the peak of one phase above the resident memory just before it (Linux).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
+import re
+import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+def quantiles_ms(samples: list[float]) -> dict:
+    """Median and 20th/80th percentiles of ``samples`` (ms) under the row keys every benchmark uses."""
+    xs = list(samples)
+    q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else xs * 9
+    return {"median_ms": statistics.median(xs), "p20_ms": q[1], "p80_ms": q[7]}
 
 
 def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int = 10) -> dict:
@@ -29,8 +45,7 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int 
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
-    return {"median_ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
+    return quantiles_ms(samples)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
@@ -45,6 +60,42 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB): ``getrusage`` ru_maxrss (KiB on Linux,
+    bytes on macOS). Run each implementation in its own process to get its own peak."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024 if m else None
+
+
+def rss_mb() -> float | None:
+    """Current resident memory (MiB; Linux only, else None)."""
+    return _proc_status_mb("VmRSS")
+
+
+def hwm_mb() -> float | None:
+    """Resident high-water mark since the last ``reset_peak_rss`` (MiB; Linux only, else None)."""
+    return _proc_status_mb("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the resident high-water mark to the current RSS (Linux >= 4.0: /proc/self/clear_refs).
+    Returns False where that is not possible (then only ``peak_rss_mb`` is meaningful)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def measured_limits(device: str) -> dict:
     """The physical limits measured in this run: a large bf16 GEMM (TFLOP/s) and a device copy
     (GB/s, read + write counted). Ratios against these are what benchmarks report as % of limit."""
@@ -57,12 +108,23 @@ def measured_limits(device: str) -> dict:
         y = torch.empty_like(x)
         copy = time_ms(lambda: y.copy_(x), device)["median_ms"]
         return {"gemm_tflops": 2 * n**3 / gemm / 1e9, "copy_gbps": 2 * x.numel() / copy / 1e6}
-    x = torch.empty(2**26, dtype=torch.uint8)
-    y = torch.empty_like(x)
-    copy = time_ms(lambda: y.copy_(x), device, rep=5)["median_ms"]
+    # CPU (often shared): the 20th percentile, the rate the machine reaches when left alone
+    x = torch.empty(2**26, dtype=torch.uint8).fill_(1)
+    y = torch.empty_like(x).fill_(0)
+    copy = time_ms(lambda: y.copy_(x), device, rep=15)["p20_ms"]
     a = torch.randn(1024, 1024)
-    gemm = time_ms(lambda: a @ a, device, rep=5)["median_ms"]
+    gemm = time_ms(lambda: a @ a, device, rep=15)["p20_ms"]
     return {"gemm_tflops": 2 * 1024**3 / gemm / 1e9, "copy_gbps": 2 * x.numel() / copy / 1e6}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_header(device: str) -> str:
@@ -71,15 +133,24 @@ def machine_header(device: str) -> str:
     if device.startswith("cuda"):
         card = torch.cuda.get_device_name()
     else:
-        card = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        card = f"CPU ({cpu_model()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
     versions = f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}"
-    try:
-        import transformers
-
-        versions += f", transformers {transformers.__version__}"
-    except ImportError:
-        pass
+    if device.startswith("cuda") and torch.version.cuda:
+        versions += f", CUDA {torch.version.cuda}"
+    for dist in ("transformers", "liger-kernel", "trl", "flash-attn"):
+        v = package_version(dist)
+        versions += f", {dist} {v}" if v else f", no {dist}"
     return f"{card} — {_dt.date.today().isoformat()} — {versions}"
+
+
+def package_version(dist: str) -> str | None:
+    """Installed version of a distribution, without importing it (None when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _fmt(v) -> str:

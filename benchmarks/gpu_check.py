@@ -1,63 +1,262 @@
-"""``make gpu-check``: everything a GPU can tell us, in one command, in under 9 minutes.
+"""``make gpu-check`` (``python -m benchmarks.gpu_check``): everything a GPU can tell us, in one
+command, in under 9 minutes.
 
-1. the CUDA tests (kernel tests compiled for the real card instead of interpreted),
-2. every microbenchmark (appended to benchmarks/RESULTS.md with card, date and versions),
-3. a short 1-GPU training run of the embedded default in bf16 (flash-attn when installed),
-then one summary table. Each step has its own time limit; a step that cannot run (missing
-package, older transformers) is reported as skipped with the reason and the rest carries on.
-Without a CUDA GPU it says so and exits 0.
+1. the CUDA tests: tests/kernels and tests/packing (not ``slow``) with the kernels compiled for
+   the real card instead of interpreted; the CPU-only TRL-adapter and AOT-compile tests are left
+   to ``make test``;
+2. every microbenchmark (``python -m benchmarks --all --device cuda``: appended to
+   benchmarks/RESULTS.md with card, date and versions, one benchmark at a time, so that a run cut
+   short by its time limit still records what it finished);
+3. a short 1-GPU training run of the embedded default in bf16 (``python -m staged.train`` with
+   the shipped default recipe, each stage cut to a few steps; attention flash_attention_2 when
+   flash-attn is installed, else SDPA; a failed flash-attn run is retried with SDPA),
+
+then one summary table, printed last. Each step has its own time limit inside a total budget of
+``BUDGET_S`` seconds; a step whose prerequisites are missing (pytest, transformers, ...) is
+reported as skipped with the reason and the others carry on; benchmark peers that are missing
+(Liger, TRL) are skipped inside the benchmarks, row by row. Without a CUDA GPU it says so and
+exits 0. Exit status: 1 when a step failed or ran out of time, else 0.
 """
 from __future__ import annotations
 
+import collections
+import importlib.util
+import json
 import os
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BUDGET_S = 525          # the whole check, start to summary (< 9 minutes)
+TRAIN_OUT = "outputs/gpu-check"
 
-STEPS = [
-    # (name, command, time limit in s)
-    ("cuda tests", [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:cacheprovider",
-                    "tests/kernels", "-m", "not slow"], 200),
-    ("microbenchmarks", [sys.executable, "-m", "benchmarks", "--all", "--device", "cuda"], 200),
-    ("train smoke (bf16, 1 GPU)", [sys.executable, "-m", "staged.train", "precision=bf16",
-                                   "output_dir=outputs/gpu-check", "smoke=true"], 120),
+# The default recipe (staged/configs/default.toml: perception -> textual -> visual) with every
+# stage cut short: SFT warm-up steps first (format), then GRPO steps, in each stage.
+TRAIN_OVERRIDES = [
+    "device=cuda", "precision=bf16", f"output_dir={TRAIN_OUT}", "resume=never", "progress=false", "tensorboard=false",
+    "stages.0.steps=4", "stages.0.sft_warmup_steps=2",
+    "stages.1.steps=3", "stages.1.sft_warmup_steps=1",
+    "stages.2.steps=3",
 ]
 
 
-def run_step(name: str, cmd: list[str], limit: int) -> tuple[str, float, str]:
-    t0 = time.time()
+def _missing(*modules: str) -> str | None:
+    """None when every module is importable, else the reason (names the first missing one)."""
+    for m in modules:
+        try:
+            if importlib.util.find_spec(m) is None:
+                return f"{m} is not installed"
+        except (ImportError, ValueError) as exc:
+            return f"{m} cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# running one step: output streamed live, the tail kept, the process group killed at the limit
+
+
+def run_cmd(cmd: list[str], limit: float) -> tuple[str, float, list[str]]:
+    """Run ``cmd`` in ROOT for at most ``limit`` s. Returns (status, seconds, last lines)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
+    env.pop("TRITON_INTERPRET", None)   # the real compiler, not the interpreter
+    t0 = time.time()
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+
+    def pump():
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=limit, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or ""
-        print(out if isinstance(out, str) else out.decode(errors="replace"))
-        return "timeout", time.time() - t0, f"over {limit}s"
-    print(proc.stdout)
-    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    return ("ok" if proc.returncode == 0 else f"exit {proc.returncode}"), time.time() - t0, tail[:100]
+        rc = proc.wait(timeout=limit)
+        status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):   # the whole group: pytest/benchmark children too
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        status = f"TIMEOUT ({limit:.0f} s)"
+    reader.join(timeout=5)
+    return status, time.time() - t0, list(tail)
+
+
+def _last_match(lines: list[str], needles: tuple[str, ...]) -> str:
+    for line in reversed(lines):
+        if any(n in line for n in needles):
+            return line.strip("= ").strip()
+    return lines[-1].strip() if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+
+
+def step_tests(limit: float) -> list[dict]:
+    why = _missing("pytest")
+    if why:
+        return [{"step": "cuda tests", "status": "skipped", "detail": why}]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "-rfE",
+           "--ignore=tests/kernels/test_trl_adapter.py", "--ignore=tests/kernels/test_aot_compile.py",
+           "tests/kernels", "tests/packing"]
+    status, secs, tail = run_cmd(cmd, limit)
+    detail = _last_match(tail, (" passed", " failed", " error", "no tests ran"))
+    return [{"step": "cuda tests", "status": status, "seconds": secs, "detail": detail}]
+
+
+_RATIO_KEYS = ("speedup_vs_eager", "mem_vs_eager", "pct_of_gemm_limit", "pct_of_copy", "speedup_vs_python",
+               "speedup_vs_transformers", "time_vs_trl", "rss_vs_trl")
+
+
+def bench_headline(rows: list[dict]) -> str:
+    """'key lo-hi' over the rows of our implementation (staged / cpp), fwd+bwd where there is a pass."""
+    ours = [r for r in rows if str(r.get("impl", "")) in ("staged", "cpp")]
+    if any(r.get("pass") for r in ours):
+        ours = [r for r in ours if r.get("pass") == "fwd+bwd"]
+    parts = []
+    for k in _RATIO_KEYS:
+        vals = [r[k] for r in ours if isinstance(r.get(k), (int, float))]
+        if vals:
+            lo, hi = min(vals), max(vals)
+            unit = "%" if k.startswith("pct") else "x"
+            parts.append(f"{k} {lo:.3g}{unit}" if abs(hi - lo) < 1e-9 else f"{k} {lo:.3g}-{hi:.3g}{unit}")
+    notes = sorted({str(r.get("note")) for r in rows if str(r.get("note", "")).startswith(("skipped", "failed", "n/a"))})
+    if notes:
+        parts.append("; ".join(n[:60] for n in notes[:2]))
+    return ", ".join(parts) or "(no ratios)"
+
+
+def step_benchmarks(limit: float) -> list[dict]:
+    why = _missing("triton")
+    if why:
+        return [{"step": "microbenchmarks", "status": "skipped", "detail": why}]
+    with tempfile.TemporaryDirectory(prefix="staged-gpu-check-") as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "benchmarks", "--all", "--device", "cuda", "--json", str(out)]
+        status, secs, tail = run_cmd(cmd, limit)
+        dump = json.loads(out.read_text()) if out.exists() else {"benchmarks": {}}
+    done = dump.get("benchmarks", {})
+    res = [{"step": "microbenchmarks", "status": status, "seconds": secs,
+            "detail": f"{len(done)} benchmark(s) finished, appended to benchmarks/RESULTS.md"
+            + ("" if status == "ok" else f"; last line: {tail[-1][:80] if tail else ''}")}]
+    for name, b in done.items():
+        skipped = b.get("skipped")
+        res.append({"step": f"  {name}", "status": "skipped" if skipped else "ok", "seconds": b.get("seconds"),
+                    "detail": skipped or bench_headline(b.get("rows", []))})
+    return res
+
+
+def _train_summary(out_dir: Path) -> str:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return "no metrics.jsonl written"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    grpo = [r for r in recs if r.get("kind") == "grpo"]
+    skipped = sum(bool(r.get("skipped")) for r in recs)
+    parts = [f"{len(recs)} steps ({len(grpo)} GRPO)"]
+    if grpo:
+        parts.append(f"GRPO step {statistics.median(r['step_time_s'] for r in grpo):.2f} s median")
+        parts.append(f"{statistics.median(r['tokens_per_s'] for r in grpo):.0f} tok/s")
+        parts.append(f"reward {grpo[-1].get('reward', float('nan')):.3f} at the end")
+    peak = [r.get("peak_mem_mb") for r in recs if isinstance(r.get("peak_mem_mb"), (int, float))]
+    if peak:
+        parts.append(f"peak {max(peak):.0f} MiB")
+    if skipped:
+        parts.append(f"{skipped} non-finite step(s) skipped")
+    return ", ".join(parts)
+
+
+def step_train(limit: float) -> list[dict]:
+    why = _missing("transformers")
+    if why:
+        return [{"step": "train smoke (bf16, 1 GPU)", "status": "skipped", "detail": why}]
+    attns = ["flash_attention_2", "sdpa"] if importlib.util.find_spec("flash_attn") else ["sdpa"]
+    res = []
+    t_end = time.time() + limit
+    for attn in attns:
+        left = t_end - time.time()
+        name = f"train smoke (bf16, 1 GPU, {attn})"
+        if left < 20:
+            res.append({"step": name, "status": "skipped", "detail": "no time left in the budget"})
+            break
+        shutil.rmtree(ROOT / TRAIN_OUT, ignore_errors=True)   # this check's own output: no stale metrics
+        cmd = [sys.executable, "-m", "staged.train", f"attn_implementation={attn}", *TRAIN_OVERRIDES]
+        status, secs, tail = run_cmd(cmd, left)
+        ok = status == "ok"
+        detail = _train_summary(ROOT / TRAIN_OUT) if ok else _last_match(tail, ("Error", "error"))[:160]
+        res.append({"step": name, "status": status, "seconds": secs, "detail": detail})
+        if ok:
+            break
+        if attn != attns[-1]:
+            print(f"\n{name} failed; retrying with {attns[-1]}", flush=True)
+    return res
+
+
+# (name, function, its own time limit, seconds kept in reserve for it by the steps before)
+STEPS = [
+    ("cuda tests", step_tests, 170, 30),
+    ("microbenchmarks", step_benchmarks, 260, 60),
+    ("train smoke", step_train, 90, 45),
+]
+
+
+def summary_table(results: list[dict]) -> str:
+    lines = ["| step | status | seconds | detail |", "|---|---|---|---|"]
+    for r in results:
+        secs = r.get("seconds")
+        lines.append(f"| {r['step']} | {r['status']} | {'' if secs is None else f'{secs:.0f}'} | "
+                     f"{str(r.get('detail', '')).replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
-    import torch
-
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"gpu-check: torch is not importable ({exc}); run `make env` first.")
+        return 1
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU on this machine; nothing to check (CPU checks: make test).")
+        print("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to "
+              "check here. The CPU checks are `make test` and `python -m benchmarks --all`.")
         return 0
-    print(f"gpu-check on {torch.cuda.get_device_name()} (torch {torch.__version__})")
-    results = []
-    for name, cmd, limit in STEPS:
-        print(f"\n=== {name} ===", flush=True)
-        results.append((name, *run_step(name, cmd, limit)))
-    print("\n| step | status | seconds | last line |\n|---|---|---|---|")
-    for name, status, secs, tail in results:
-        print(f"| {name} | {status} | {secs:.0f} | {tail} |")
-    return 0 if all(r[1] == "ok" for r in results) else 1
+    t_start = time.time()
+    deadline = t_start + BUDGET_S
+    print(f"gpu-check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda}); "
+          f"budget {BUDGET_S} s", flush=True)
+    results: list[dict] = []
+    for i, (name, fn, limit, _) in enumerate(STEPS):
+        reserve = sum(r for *_, r in STEPS[i + 1:])
+        left = deadline - time.time() - reserve
+        if left < 15:
+            results.append({"step": name, "status": "skipped", "detail": "no time left in the budget"})
+            continue
+        print(f"\n=== {name} (limit {min(limit, left):.0f} s) ===", flush=True)
+        try:
+            results += fn(min(limit, left))
+        except Exception as exc:  # noqa: BLE001 - a broken step is reported, the others still run
+            results.append({"step": name, "status": "FAILED", "detail": f"{type(exc).__name__}: {exc}"[:160]})
+    total = time.time() - t_start
+    results.append({"step": "total", "status": "", "seconds": total, "detail": f"budget {BUDGET_S} s"})
+    print("\n" + summary_table(results))
+    bad = [r for r in results if r["status"].startswith(("FAILED", "TIMEOUT"))]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

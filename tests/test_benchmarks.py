@@ -1,0 +1,115 @@
+"""The benchmark runner and ``make gpu-check``, on a CPU, in well under a minute.
+
+* ``python -m benchmarks --list`` names every benchmark module;
+* ``--only planner --no-record --quick`` runs end to end (table, plot, JSON) and leaves
+  benchmarks/RESULTS.md alone;
+* ``python -m benchmarks.gpu_check`` without a GPU says so and exits 0;
+* the training commands the benchmarks build (the GPU smoke run's overrides, the train-step
+  benchmark's config) are valid trainer configurations: an unknown key would only show on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_list_names_every_benchmark():
+    from benchmarks.__main__ import BENCHMARKS
+
+    p = _run("-m", "benchmarks", "--list")
+    assert p.returncode == 0, p.stderr
+    listed = [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
+    assert listed == list(BENCHMARKS), p.stdout
+    assert all(len(line.split(maxsplit=1)) == 2 for line in p.stdout.splitlines()), "a benchmark without a summary"
+
+
+def test_quick_planner_run_prints_a_table_and_records_nothing(tmp_path):
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_bytes() if results.exists() else None
+    out = tmp_path / "rows.json"
+    p = _run("-m", "benchmarks", "--only", "planner", "--no-record", "--quick", "--json", str(out),
+             "--plot-dir", str(tmp_path / "plots"), "--device", "cpu")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "| case | impl | median_ms | p20_ms | p80_ms |" in p.stdout
+    assert "quick" in p.stdout.splitlines()[0]
+    rows = json.loads(out.read_text())["benchmarks"]["planner"]["rows"]
+    assert rows and all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
+    if rows and any(r["impl"] == "python" for r in rows):
+        assert all(r["speedup_vs_python"] > 0 for r in rows)
+    assert (results.read_bytes() if results.exists() else None) == before, "--no-record wrote RESULTS.md"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "plots" / "planner-cpu-quick.png").stat().st_size > 1000
+
+
+def test_unknown_benchmark_is_an_error_naming_it():
+    p = _run("-m", "benchmarks", "--only", "nope", "--no-record")
+    assert p.returncode != 0 and "nope" in p.stderr
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: `make gpu-check` runs the real check")
+    p = _run("-m", "benchmarks.gpu_check", timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert "no CUDA GPU" in p.stdout
+
+
+def test_gpu_smoke_run_overrides_are_a_valid_short_config():
+    from benchmarks.gpu_check import TRAIN_OVERRIDES
+    from staged.config import load_config
+
+    cfg = load_config(None, ["attn_implementation=sdpa", *TRAIN_OVERRIDES])
+    assert cfg.device == "cuda" and cfg.precision == "bf16" and cfg.resume == "never"
+    assert len(cfg.stages) == 3 and sum(s.steps for s in cfg.stages) <= 12
+    assert any(s.steps > s.sft_warmup_steps for s in cfg.stages), "the smoke run must take GRPO steps"
+
+
+def test_train_step_config_matches_the_trl_side():
+    from benchmarks import bench_train_step as B
+
+    cfg = B.staged_config("/nonexistent/model", "/nonexistent/out", "cpu", 7)
+    (st,) = cfg.stages
+    assert st.steps == 7 and st.type == "grpo" and st.sft_warmup_steps == 0
+    assert st.batch.prompts_per_step == B.PROMPTS and st.batch.group_size == B.GROUP
+    assert st.batch.micro_batch_size == B.PROMPTS * B.GROUP          # one micro-batch, like TRL's
+    assert st.grpo.max_response_tokens == B.MAX_NEW and st.grpo.beta == 0.0 and st.grpo.loss_type == "grpo"
+    assert st.lr == B.LR and cfg.cpu_threads == 1 and st.data.seed == B.DATA_SEED
+    if B._has_packing():
+        assert B.staged_config("/m", "/o", "cpu", 3, packed=True).packing.enabled
+
+
+def test_common_helpers():
+    from benchmarks.common import markdown_table, peak_rss_mb, quantiles_ms
+    from benchmarks.gpu_check import bench_headline, summary_table
+
+    q = quantiles_ms([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert q["median_ms"] == 3.0 and q["p20_ms"] <= 3.0 <= q["p80_ms"]
+    assert peak_rss_mb() > 10
+    t = markdown_table([{"case": "a", "impl": "x", "median_ms": 1.5}, {"case": "a", "impl": "y", "note": "n/a"}])
+    assert t.splitlines()[0] == "| case | impl | median_ms | note |" and len(t.splitlines()) == 4
+    rows = [{"impl": "eager", "pass": "fwd+bwd", "speedup_vs_eager": 1.0},
+            {"impl": "staged", "pass": "fwd", "speedup_vs_eager": 9.0},
+            {"impl": "staged", "pass": "fwd+bwd", "speedup_vs_eager": 2.0},
+            {"impl": "liger", "note": "skipped: liger not installed"}]
+    h = bench_headline(rows)
+    assert "speedup_vs_eager 2x" in h and "skipped" in h
+    assert "| a | ok | 3 | x/y |" in summary_table([{"step": "a", "status": "ok", "seconds": 3.2, "detail": "x|y"}])
