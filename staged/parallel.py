@@ -76,7 +76,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # Tear down together: a gloo rank that destroys its group while a peer still has
+        # traffic in flight (rank 0 writing the summary, say) aborts the peer at exit with
+        # "terminate called without an active exception".
+        try:
+            if dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -632,6 +632,7 @@ _WORKER = textwrap.dedent('''
         if r == 0:
             torch.save(out, os.path.join(path, "fsdp.pt" if distributed else "single.pt"))
         if distributed:
+            dist.barrier()  # tear down together, or gloo may abort the rank still saving
             dist.destroy_process_group()
 
     main()
