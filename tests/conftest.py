@@ -22,6 +22,30 @@ if not HAS_CUDA:
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may touch the network
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory):
+    """The embedded default's checkpoint (tiny Qwen2.5-VL, tokenizer, processor), built offline
+    once per session."""
+    from staged.models.embedded import build_embedded_checkpoint
+
+    return build_embedded_checkpoint(tmp_path_factory.mktemp("embedded") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def embedded(embedded_dir):
+    import warnings
+
+    from staged.models.loading import load_model_and_processor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "using VLProcessor because AutoProcessor failed" without torchvision
+        model, processor = load_model_and_processor(embedded_dir)
+    return model, processor
+
+
 @pytest.fixture
 def device() -> str:
     """Where kernel tests put tensors: CUDA when present, else CPU under TRITON_INTERPRET."""

@@ -37,9 +37,9 @@ from __future__ import annotations
 import heapq
 import math
 import operator
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+from staged.packing.extension import load_native
 
 # ---------------------------------------------------------------------------------------------
 # Cost model: cost(sample) = a*L + b*L^2 + v*P, with L its tokens and P its vision patches.
@@ -79,22 +79,7 @@ def sample_cost(length: int, vision_patches: int = 0, cost_a: float = DEFAULT_CO
 # Backends
 
 
-def _load_extension() -> tuple[Callable | None, str]:
-    """The C++ planner, or None and why not. STAGED_NO_EXT is read once, at import."""
-    if os.environ.get("STAGED_NO_EXT") == "1":
-        return None, "STAGED_NO_EXT=1 is set"
-    try:
-        from staged import _C
-    except ImportError as exc:
-        return None, (f"staged._C is not built ({exc}); build it with "
-                      "`pip install -e . --no-build-isolation --no-deps`")
-    planner = getattr(_C, "plan_micro_batches", None)
-    if planner is None:
-        return None, "staged._C has no plan_micro_batches (a stale build?); rebuild it"
-    return planner, ""
-
-
-_plan_cpp, _EXT_MISSING_REASON = _load_extension()
+_plan_cpp, _EXT_MISSING_REASON = load_native("plan_micro_batches")
 HAS_EXT: bool = _plan_cpp is not None
 
 

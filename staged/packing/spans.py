@@ -55,13 +55,13 @@ work; the outputs are bytearrays wrapped zero-copy by ``torch.frombuffer``.
 from __future__ import annotations
 
 import operator
-import os
 import struct
 from array import array
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
+from staged.packing.extension import load_native
 
 # Span-table columns and kinds (shared with csrc/span_table.cpp and the kernels).
 SPAN_SAMPLE, SPAN_KIND, SPAN_ROW, SPAN_LEN, SPAN_POS, SPAN_T, SPAN_H, SPAN_W, SPAN_VROW = range(9)
@@ -79,22 +79,7 @@ MAX_RATE = 1e6  # tokens_per_second and seconds per grid step: float32 products 
 # Backends
 
 
-def _load_extension() -> tuple[Callable | None, str]:
-    """The C++ builder, or None and why not. STAGED_NO_EXT is read once, at import."""
-    if os.environ.get("STAGED_NO_EXT") == "1":
-        return None, "STAGED_NO_EXT=1 is set"
-    try:
-        from staged import _C
-    except ImportError as exc:
-        return None, (f"staged._C is not built ({exc}); build it with "
-                      "`pip install -e . --no-build-isolation --no-deps`")
-    fn = getattr(_C, "build_span_tables", None)
-    if fn is None:
-        return None, "staged._C has no build_span_tables (a stale build?); rebuild it"
-    return fn, ""
-
-
-_build_cpp, _EXT_MISSING_REASON = _load_extension()
+_build_cpp, _EXT_MISSING_REASON = load_native("build_span_tables")
 HAS_EXT: bool = _build_cpp is not None
 
 

@@ -1,4 +1,4 @@
-"""Fixtures of the trainer tests: the embedded checkpoint (built once per session) and one
+"""Fixtures of the trainer tests: one
 uninterrupted reference run of the tiny config that several tests compare against."""
 from __future__ import annotations
 
@@ -9,13 +9,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # test modules import train_helpers by name
 from train_helpers import run_train, write_tiny_config  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def embedded_dir(tmp_path_factory) -> Path:
-    from staged.models.embedded import build_embedded_checkpoint
-
-    return build_embedded_checkpoint(tmp_path_factory.mktemp("embedded") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
