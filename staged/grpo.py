@@ -20,6 +20,7 @@ import torch
 
 from staged.kernels import fused_linear_logprob, grpo_loss
 from staged.models.loading import forward_hidden, lm_head_weight
+from staged.vision_dummy import dummy_vision_term, with_dummy_vision
 
 TOKEN_SUM_LOSSES = ("dapo", "cispo")
 
@@ -52,7 +53,10 @@ def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, te
 
     Bound to the model as an FSDP forward method (``staged.parallel.bind_forward_method``): the
     root's lm_head weight is gathered while this runs and its gradient reduce-scattered after."""
-    hidden = forward_hidden(model, **inputs)  # [B, T, H]
+    # No image on this micro-batch: the vision tower still runs (ranks > 1) so FSDP's collectives
+    # line up with ranks that have one (staged.vision_dummy); before the decoder, as real images.
+    dummy = dummy_vision_term(model) if "pixel_values" not in inputs else None
+    hidden = with_dummy_vision(forward_hidden(model, **inputs), dummy)  # [B, T, H]
     h = hidden[:, start - 1: hidden.shape[1] - 1]
     w = lm_head_weight(model)
     out = fused_linear_logprob(h, w.to(h.dtype), targets, temperature=temperature, return_entropy=with_entropy)

@@ -49,6 +49,7 @@ from staged.packing.collate import (
     collate_packed,
 )
 from staged.packing.planner import plan_micro_batches
+from staged.vision_dummy import dummy_vision_term, with_dummy_vision
 
 PACKED_LOGPROBS = "staged_packed_logprobs"  # the FSDP forward method bound next to LOGPROBS
 
@@ -191,9 +192,11 @@ def packed_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
     with torch fallbacks for the packing kernels off CUDA)."""
     inner, _ = attention._vl_parts(model)
     attention.use_packed_attention(model)  # idempotent; unpacked calls (the rollout) stay on sdpa
-    vision = None
+    vision = dummy = None
     if batch.pixel_values is not None:
         vision = attention.vision_features(model, batch.pixel_values, batch.vision_grid_thw)
+    else:  # ranks > 1: the tower runs anyway, so FSDP's collectives line up (staged.vision_dummy)
+        dummy = dummy_vision_term(model)
     embeds = _embed(batch, inner.get_input_embeddings(), vision)
     t = batch.table
     cu = t.cu_seqlens
@@ -204,7 +207,7 @@ def packed_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
     out = text(inputs_embeds=embeds[None], position_ids=_position_ids(batch)[:, None, :], attention_mask=masks,
                use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=t.max_seqlen,
                max_length_k=t.max_seqlen)
-    return out.last_hidden_state[0]
+    return with_dummy_vision(out.last_hidden_state[0], dummy)
 
 
 def packed_token_logprobs(model, batch: PackedMicroBatch, rows: torch.Tensor, targets: torch.Tensor, *,

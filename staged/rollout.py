@@ -28,6 +28,7 @@ import torch
 
 from staged.models.loading import base_model
 from staged.parallel import gathered_for_generation
+from staged.vision_dummy import gather_vision
 
 # ------------------------------------------------------------------------------------------
 # interface
@@ -295,6 +296,9 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
     parts = []
     try:
         with gathered_for_generation(model):
+            # Ranks > 1: gather the vision tower up front on every rank, with or without images in
+            # its rows, so that its one all-gather lines up (staged.vision_dummy).
+            gather_vision(model)
             for s in range(0, B, step):
                 rows = list(range(s, min(B, s + step)))
                 parts.append(_generate_chunk(model, select_rows(batch, rows), params, seeds[rows], device, dtype))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from staged import checkpoint, metrics, packed_step, parallel
+from staged import checkpoint, metrics, packed_step, parallel, vision_dummy
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data.prompting import build_generation_batch, build_sft_batch
 from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
@@ -238,17 +238,20 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     if cfg.packing.enabled:  # this rank's micro-batches; G rows of a prompt stay together
         plan = packed_step.plan_rank([p + c for p, c in zip(p_len, c_len)], G, cfg.packing.token_budget,
                                      stage.batch.micro_batch_size)
-    # Host sync: the global completion-token count, dapo's normaliser, and (packed) each rank's
-    # micro-batch count: every rank runs the largest, FSDP collectives line up (one all-reduce).
-    red = torch.zeros(1 + d.world_size, device=d.device)
+    # Host sync: the global completion-token count, dapo's normaliser, the global image count
+    # (none: the vision tower's dummy-only zero gradients are dropped, staged.vision_dummy) and
+    # (packed) each rank's micro-batch count: every rank runs the largest, FSDP collectives line
+    # up (one all-reduce).
+    red = torch.zeros(2 + d.world_size, device=d.device)
     red[0] = float(comp_len.sum())
-    red[1 + d.rank] = float(len(plan or []))
+    red[1] = float(sum(batch["images_per_row"]))
+    red[2 + d.rank] = float(len(plan or []))
     red = parallel.all_reduce_sum(red).tolist()
-    num_items = int(red[0])
+    num_items, images_all = int(red[0]), red[1]
     if plan is not None:
         mbs = packed_step.collate_items(
             packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len), plan,
-            int(max(red[1:])), packed_step.PackingConfig.from_model(model), comp_ids=comp_ids,
+            int(max(red[2:])), packed_step.PackingConfig.from_model(model), comp_ids=comp_ids,
             comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype)
     else:
         mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype)
@@ -282,6 +285,8 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
                 torch.tensor(float(mb.num_rows), device=d.device)])
 
     # ---- optimizer step (skipped when the loss or the gradient is not finite)
+    if not images_all:
+        vision_dummy.drop_vision_grads(model)
     grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
     host = torch.cat([sums, torch.stack([scores[k].sum() for k in ("reward", "accuracy", "format")]).to(sums),
                       torch.tensor([float((comp_len >= sp.max_new_tokens).sum()), float(ro.prompt_mask.sum())],
@@ -320,8 +325,11 @@ def sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
     batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
                                          batch.get("image_grid_thw"))
     lab_mask = batch["labels"][:, 1:] != -100
-    # Host sync: label tokens over all ranks, the token-mean normaliser.
-    n_tok = parallel.all_reduce_sum(torch.tensor(float(lab_mask.sum()), device=d.device))
+    # Host sync: label tokens over all ranks, the token-mean normaliser, and the image count (none:
+    # the vision tower's dummy-only zero gradients are dropped, staged.vision_dummy).
+    red = parallel.all_reduce_sum(torch.tensor([float(lab_mask.sum()), float(sum(batch["images_per_row"]))],
+                                               device=d.device))
+    n_tok, images_all = red[0], float(red[1])
     total = torch.zeros((), device=d.device)
     B = len(samples)
     for r0 in range(0, B, stage.batch.micro_batch_size):
@@ -333,6 +341,8 @@ def sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
         loss = -(logp * m).sum() / n_tok * d.world_size
         loss.backward()
         total += loss.detach()
+    if not images_all:
+        vision_dummy.drop_vision_grads(model)
     grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
     loss_v = float(parallel.all_reduce_sum(total)) / d.world_size  # host sync: logging + finiteness
     gn = float(grad_norm)
@@ -400,13 +410,6 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             ref_model, _ = build_model(path, cfg, d, [], trainable=False)
         use_ref = ref_model if stage.type == "grpo" and stage.grpo.beta > 0 else None
         samples = load_stage_data(stage, si, cfg.seed)
-        with_images = sum(1 for x in samples if x.images)
-        if d.world_size > 1 and 0 < with_images < len(samples):
-            # A rank whose micro-batch has no image would skip the vision tower's all-gather that
-            # the other ranks wait in: FSDP would hang. Padding with a dummy image is future work.
-            raise ValueError(f"stage {stage.name!r}: {with_images} of {len(samples)} samples have images; mixing "
-                             f"image and text-only samples in one stage needs world size 1 for now "
-                             f"(got {d.world_size})")
         sp = sampling_params(stage, cfg, model, tokenizer)
         start = 0
         if resume is not None and si == state["stage"]:  # mid-stage: weights, optimizer, reference, RNG
