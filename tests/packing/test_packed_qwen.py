@@ -357,3 +357,35 @@ def test_varlen_gpu_backends_match_sdpa_loop(backend):
     err = (out.double() - ref).abs().max()
     err_ref = (ref_bf16.double() - ref).abs().max()
     assert err <= 2 * err_ref + 1e-3, (err, err_ref)  # flash-attention's test criterion
+
+
+@pytest.mark.cuda
+def test_packed_step_has_no_host_sync():
+    """The packed step's device work -- pack_embed, 4-row position ids, varlen attention through
+    the text model, fused lm_head log-probs, the GRPO loss and the whole backward -- runs under
+    ``torch.cuda.set_sync_debug_mode("error")``. The vision tower runs first: its host syncs are
+    transformers' (grid bookkeeping), and its features are passed in."""
+    from staged.attention import vision_features
+    from staged.kernels import fused_linear_logprob, grpo_loss
+
+    model = build("qwen2_5_vl").cuda().train()
+    gen = torch.Generator().manual_seed(5)
+    samples = samples_for("qwen2_5_vl", gen)[:4]  # text-only, image, images, video
+    [mb] = collate_packed(samples, [[2, 0, 3, 1]], PackingConfig.from_model(model))
+    mb = mb.to("cuda")
+    vision = vision_features(model, mb.pixel_values, mb.vision_grid_thw).detach().requires_grad_(True)
+    T, B = mb.input_ids.numel(), len(mb.seqlens)
+    targets = torch.randint(0, 100, (T,), generator=gen).cuda()
+    mask = (torch.rand(T, generator=gen) > 0.3).cuda()
+    adv = torch.randn(B, generator=gen).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hidden = packed_forward(model, mb, vision=vision)
+        logp = fused_linear_logprob(hidden, model.lm_head.weight, targets)
+        loss, metrics = grpo_loss(logp, None, None, adv, mask, cu_seqlens=mb.cu_seqlens, loss_type="dapo")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+    assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all().item()
