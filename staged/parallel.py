@@ -74,16 +74,35 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        # Tear down together: a gloo rank that destroys its group while a peer still has
-        # traffic in flight (rank 0 writing the summary, say) aborts the peer at exit with
-        # "terminate called without an active exception".
-        try:
-            if dist.get_world_size() > 1:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
+def destroy_distributed() -> bool:
+    """Tear the process group down; True when it spanned several ranks."""
+    if not dist.is_initialized():
+        return False
+    several = dist.get_world_size() > 1
+    # Tear down together: a gloo rank that destroys its group while a peer still has traffic
+    # in flight (rank 0 writing the summary, say) can abort the peer.
+    try:
+        if several:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return several
+
+
+def exit_now(code: int = 0) -> None:
+    """End a multi-rank process without interpreter finalization. Gloo's worker threads can
+    still hold work objects that reference tensors, and destroying those while the interpreter
+    is being torn down aborts the process ("terminate called without an active exception",
+    pytorch/pytorch#179291) after all work is done. Everything is written and flushed by now;
+    reward workers die with their parent (PR_SET_PDEATHSIG)."""
+    import gc
+    import os
+    import sys
+
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
@@ -150,6 +169,43 @@ def parallelize(model: nn.Module, dist_info: Dist, *, precision: str = "auto",
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     # The root keeps its parameters gathered from forward to backward (FSDP's own default for roots).
     fully_shard(model, **kw)
+    return model
+
+
+def shard_from_rank0(model: nn.Module, dist_info: Dist, **parallelize_kwargs) -> nn.Module:
+    """:func:`parallelize` a model whose real weights exist on rank 0 only.
+
+    Why: every rank loading the fp32 checkpoint costs world_size copies of it in host memory
+    before sharding (8 ranks x 28 GB for a 7B model). So with more than one rank, rank 0 loads the
+    checkpoint and the others build the same model on the meta device (``load_model_and_processor(
+    meta=True)``); every rank applies the same freezing and ``fully_shard`` (shapes are all FSDP
+    needs); then the meta ranks materialise their shards (``to_empty``) and the weights arrive
+    from rank 0: ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` scatters
+    parameters and persistent buffers, and every buffer is also broadcast explicitly, because
+    state dicts leave out the non-persistent ones (the text and vision rotary ``inv_freq`` of
+    Qwen-VL), which ``to_empty`` leaves as uninitialised memory. Peak host memory: one full copy
+    on rank 0, one shard elsewhere. With one rank this is exactly :func:`parallelize`.
+    """
+    if dist_info.world_size == 1:
+        return parallelize(model, dist_info, **parallelize_kwargs)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if dist_info.is_main and on_meta:
+        raise ValueError(f"rank 0 must hold the real weights, but {len(on_meta)} parameters are on meta "
+                         f"(first: {on_meta[0]})")
+    if not dist_info.is_main and len(on_meta) != len(list(model.parameters())):
+        raise ValueError(f"rank {dist_info.rank}: expected a meta-device model, but "
+                         f"{len(list(model.parameters())) - len(on_meta)} parameters hold data")
+    # Rank 0's full tensors, taken before fully_shard swaps the parameters for DTensor shards.
+    full = model.state_dict() if dist_info.is_main else {}
+    parallelize(model, dist_info, **parallelize_kwargs)
+    if not dist_info.is_main:
+        model.to_empty(device=dist_info.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():  # FSDP2 does not shard buffers: whole tensors, same order on every rank
+        dist.broadcast(b, src=0)
+    del full
     return model
 
 

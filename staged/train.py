@@ -60,12 +60,16 @@ def resolve_model_path(cfg: TrainConfig, d: parallel.Dist) -> Path:
 
 
 def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str], *, trainable: bool = True):
-    """Load (fp32 master weights), freeze, shard with FSDP2, bind the log-prob forward."""
-    model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    """Load (fp32 master weights), freeze, shard with FSDP2, bind the log-prob forward.
+
+    Only rank 0 reads the checkpoint's weights; the other ranks build the model on the meta device
+    and receive their shards from rank 0 (parallel.shard_from_rank0 says why)."""
+    model, processor = load_model_and_processor(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+                                                meta=d.world_size > 1 and not d.is_main)
     set_frozen(model, freeze if trainable else ["all"])
-    parallel.parallelize(model, d, precision=cfg.precision,
-                         activation_checkpointing=cfg.fsdp.activation_checkpointing and trainable,
-                         reshard_after_forward=cfg.fsdp.reshard_after_forward)
+    parallel.shard_from_rank0(model, d, precision=cfg.precision,
+                              activation_checkpointing=cfg.fsdp.activation_checkpointing and trainable,
+                              reshard_after_forward=cfg.fsdp.reshard_after_forward)
     parallel.bind_forward_method(model, LOGPROBS, token_logprobs)
     parallel.bind_forward_method(model, packed_step.PACKED_LOGPROBS, packed_step.packed_token_logprobs)
     model.train(trainable)
@@ -563,7 +567,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg)
     finally:
-        parallel.destroy_distributed()
+        several = parallel.destroy_distributed()
+    if several:
+        parallel.exit_now(0)
 
 
 if __name__ == "__main__":

@@ -212,26 +212,49 @@ def load_processor(path, *, impl: str = "auto"):
 
 
 def load_model_and_processor(path, *, dtype=torch.float32, attn_implementation="sdpa", processor_impl="auto",
-                             device=None):
+                             device=None, meta: bool = False):
     """Load a local Qwen-VL-family checkpoint directory and its processor.
 
     Returns (model, processor): the model is *ForConditionalGeneration in `dtype`, in eval mode
     (the caller switches to train()), on `device` if given; the processor's tokenizer pads on the left.
+    With ``meta=True`` the model comes from :func:`meta_model` (no weights read, ``device`` ignored).
     """
     from transformers import AutoModelForImageTextToText
 
     d = pathlib.Path(path).expanduser()
     checkpoint_model_type(d)
     processor = load_processor(d, impl=processor_impl)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype, attn_implementation=attn_implementation)
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"{d}: cannot load the model: {type(e).__name__}: {e}") from e
+    if meta:
+        model = meta_model(d, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype,
+                                                                attn_implementation=attn_implementation)
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"{d}: cannot load the model: {type(e).__name__}: {e}") from e
+        if device is not None:
+            model.to(device)
     model.eval()
-    if device is not None:
-        model.to(device)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def meta_model(path, *, dtype=torch.float32, attn_implementation="sdpa") -> nn.Module:
+    """The checkpoint's model built from its config.json on the meta device: every parameter and
+    buffer has a shape and dtype but no storage, and no weight file is opened.
+
+    The non-zero ranks of a multi-rank run build this instead of loading the checkpoint (see
+    staged.parallel.shard_from_rank0, which fills it from rank 0). generation_config.json is read
+    here because from_config would otherwise leave the model's defaults (eos ids) in place."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    d = pathlib.Path(path).expanduser()
+    config = AutoConfig.from_pretrained(d)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if (d / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(d)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -634,6 +634,10 @@ _WORKER = textwrap.dedent('''
         if distributed:
             dist.barrier()  # tear down together, or gloo may abort the rank still saving
             dist.destroy_process_group()
+            # skip interpreter finalization: gloo's leftover work objects can abort it
+            # (pytorch/pytorch#179291); everything is saved and flushed
+            sys.stdout.flush()
+            os._exit(0)
 
     main()
 ''')

@@ -362,13 +362,15 @@ def test_liger_fused_linear_grpo_parity(opts, gen, device):
 
 @needs_liger
 @needs_trl
-def test_liger_luspo_differs_from_trl(gen):
+def test_liger_luspo_differs_from_trl():
     """Documents why luspo is outside the Liger parity grid: Liger averages loss * length over all
     B*T positions, unmasked; TRL 1.16 sums each sequence's masked loss and averages over
     sequences. The two agree only when the per-token loss is one value per sequence (sequence
     level, no KL, no per-token vLLM ratio), so the KL term here makes them differ."""
-    opts = dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.04)
-    batch = make_batch(gen, 3, 9, opts)
+    opts = dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.5)
+    # A fixed draw: how far the two normalisers fall apart depends on the inputs, and a random
+    # draw can land within the 1e-4 below (seen once).
+    batch = make_batch(torch.Generator().manual_seed(20261125), 3, 9, opts)
     lp = batch["logp"].clone().requires_grad_(True)
     mask = batch["mask"].float()
     lloss, _ = LigerFusedLinearGRPOFunction.ppo_loss_fn(
@@ -376,8 +378,8 @@ def test_liger_luspo_differs_from_trl(gen):
         old_per_token_logps=batch["old"], ref_per_token_logps=batch["ref"], **_liger_kwargs(opts))
     tloss, _, _ = trl_loss(batch, opts)
     oloss, _, _ = ours(batch, opts)
-    assert abs(oloss.item() - tloss.item()) <= LOSS_TOL * max(1.0, abs(tloss.item()))
-    assert abs(lloss.item() - tloss.item()) > 1e-4
+    assert abs(oloss.item() - tloss.item()) <= LOSS_TOL * 9 * max(1.0, abs(tloss.item()))  # luspo: per token
+    assert abs(lloss.item() - tloss.item()) > 1e-3, abs(lloss.item() - tloss.item())
 
 
 # ---------------------------------------------------------------------------------------------
