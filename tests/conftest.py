@@ -70,3 +70,16 @@ def pytest_terminal_summary(terminalreporter):
     for r in AOT_REPORT:
         tr.write_line(f"{r['kernel'][:64]:64s} {r['cc']:>3d} {r['registers']:>5d} "
                       f"{r['spill_stores'] + r['spill_loads']:>8d} {r['shared_bytes']:>7d}")
+
+
+def pytest_report_header(config):
+    try:
+        import triton
+    except ImportError:
+        return "triton: not installed"
+    mode = "interpreted (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
+    line = f"triton {triton.__version__}: kernels {mode}"
+    major_minor = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    if mode.startswith("interpreted") and major_minor < (3, 7):
+        line += " -- WARNING: the interpreted kernel tests need triton >= 3.7"
+    return line
