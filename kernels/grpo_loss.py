@@ -42,8 +42,7 @@ import triton
 import triton.language as tl
 
 from .aot import register_aot
-from .grpo_options import (GRPOLossOptions, check_num_items, prepare_inputs, resolve_options,
-                           resolve_tensor_aliases, split_kwargs)
+from .grpo_options import GRPOLossOptions, check_num_items, resolve_call
 from .reference.grpo_loss import EXP_CLAMP, grpo_loss_reference
 
 # Row statistics written by the forward kernel, [B, ROW_STATS] fp32.
@@ -625,13 +624,8 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
                                    sampling_logp=sampling_logp, vllm_is_ratio=vllm_is_ratio,
                                    num_items_in_batch=num_items_in_batch,
                                    dtype=_torch_compute_dtype(logp), **options)
-    tensor_aliases, option_kwargs = split_kwargs(options)
-    named = resolve_tensor_aliases(
-        dict(old_logp=old_logp, ref_logp=ref_logp, mask=mask, sampling_logp=sampling_logp,
-             vllm_is_ratio=vllm_is_ratio), tensor_aliases)
-    opts = resolve_options(option_kwargs)
-    inp = prepare_inputs(opts, logp, named["old_logp"], named["ref_logp"], advantages, named["mask"],
-                         cu_seqlens, named["sampling_logp"], named["vllm_is_ratio"])
+    opts, inp = resolve_call(logp, old_logp, ref_logp, advantages, mask, cu_seqlens, sampling_logp,
+                             vllm_is_ratio, options)
     num_items = check_num_items(num_items_in_batch)
     block, num_warps = _launch_config(inp, block_size)
     loss, mvec = GRPOLossFunction.apply(inp.logp, inp, opts, num_items, block, num_warps)

@@ -327,3 +327,17 @@ def check_num_items(num_items_in_batch):
         raise ValueError(f"grpo_loss: num_items_in_batch must be a number or a 1-element tensor; got "
                          f"{type(num_items_in_batch).__name__}")
     return num_items_in_batch
+
+
+def resolve_call(logp, old_logp, ref_logp, advantages, mask, cu_seqlens, sampling_logp,
+                 vllm_is_ratio, kwargs: dict):
+    """The common front half of ``grpo_loss`` and its reference: aliases resolved, options
+    validated, inputs checked and laid out. Returns ``(opts, inp)``."""
+    tensor_aliases, option_kwargs = split_kwargs(kwargs)
+    named = resolve_tensor_aliases(
+        dict(old_logp=old_logp, ref_logp=ref_logp, mask=mask, sampling_logp=sampling_logp,
+             vllm_is_ratio=vllm_is_ratio), tensor_aliases)
+    opts = resolve_options(option_kwargs)
+    inp = prepare_inputs(opts, logp, named["old_logp"], named["ref_logp"], advantages, named["mask"],
+                         cu_seqlens, named["sampling_logp"], named["vllm_is_ratio"])
+    return opts, inp

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grpo_options import (check_num_items, prepare_inputs, resolve_options,
-                            resolve_tensor_aliases, split_kwargs)
+from ..grpo_options import check_num_items, resolve_call
 
 # Upper clamp on every exp() argument (log-ratios, ref log-ratios, vLLM log-ratios): verl's
 # "safe exp" bound. exp(20) = 4.85e8, so products such as the bias-corrected KL (kl * ratio,
@@ -72,13 +71,8 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
     """Same signature and return value as ``staged.kernels.grpo_loss`` (plus ``dtype``, the
     compute precision; ``block_size``, a kernel tuning knob, is accepted and ignored).
     Returns ``(loss, metrics)``; differentiate ``loss`` with autograd."""
-    tensor_aliases, option_kwargs = split_kwargs(kwargs)
-    named = resolve_tensor_aliases(
-        dict(old_logp=old_logp, ref_logp=ref_logp, mask=mask, sampling_logp=sampling_logp,
-             vllm_is_ratio=vllm_is_ratio), tensor_aliases)
-    opts = resolve_options(option_kwargs)
-    inp = prepare_inputs(opts, logp, named["old_logp"], named["ref_logp"], advantages, named["mask"],
-                         cu_seqlens, named["sampling_logp"], named["vllm_is_ratio"])
+    opts, inp = resolve_call(logp, old_logp, ref_logp, advantages, mask, cu_seqlens, sampling_logp,
+                             vllm_is_ratio, kwargs)
     num_items_in_batch = check_num_items(num_items_in_batch)
     dev, B = logp.device, inp.B
 

@@ -5,25 +5,13 @@ stage end, within 1e-5 in fp32.
 The global batch splits identically (rank r takes prompts r*P/W...), every completion is drawn
 from a seed of (run seed, step, global row index), and micro-batch losses are weighted so that
 the FSDP mean over ranks is the single-process loss (see staged.grpo)."""
-import glob
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from train_helpers import read_records, run_train, write_tiny_config
-
-COMPARED = ("loss", "grad_norm", "reward", "accuracy", "format", "response_length", "entropy", "kl",
-            "clip_ratio", "ratio_mean")
+from train_helpers import COMPARED, exported_weights, read_records, run_train, write_tiny_config
 
 
-def _weights(out, stage_dir):
-    files = sorted(glob.glob(str(out / "hf" / stage_dir / "*.safetensors")))
-    assert files, f"no HF export in {out / 'hf' / stage_dir}"
-    w = {}
-    for f in files:
-        w.update(load_file(f))
-    return w
 
 
 @pytest.mark.slow
@@ -43,7 +31,7 @@ def test_two_ranks_match_one_process(tmp_path, embedded_dir, reference_run):
                 assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), (a["step"], k, a[k], b[k])
 
     for stage_dir in ("stage0-warmup", "stage1-perception", "stage2-frozen-vision"):
-        w1, w2 = _weights(reference_run, stage_dir), _weights(out, stage_dir)
+        w1, w2 = exported_weights(reference_run, stage_dir), exported_weights(out, stage_dir)
         assert w1.keys() == w2.keys()
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m: f"{stage_dir} {k}: {m}")

@@ -6,17 +6,13 @@ that FSDP's all-gathers and reduce-scatters line up (staged.vision_dummy). Micro
 prompt make text-only micro-batches on one rank beside image ones on the other, and whole steps
 without any image happen too (their vision gradients must stay None, as on 1 process, so that
 AdamW skips the tower). Padded and packed micro-batches both."""
-import glob
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from train_helpers import read_records, run_train
+from train_helpers import COMPARED, exported_weights, read_records, run_train
 
-COMPARED = ("loss", "grad_norm", "reward", "accuracy", "format", "response_length", "entropy", "kl",
-            "clip_ratio", "ratio_mean")
 
 # An sft stage and a GRPO stage with a KL reference (beta > 0: the reference's vision tower is
 # gathered too), both on perception (images) + textual (text only) samples shuffled together.
@@ -50,14 +46,6 @@ grpo = {{ max_response_tokens = 8, beta = 0.02 }}
 
 TIMEOUT_S = 300  # a hang (a rank skipping the vision tower's collectives) fails here instead
 
-
-def _weights(out, stage_dir):
-    files = sorted(glob.glob(str(out / "hf" / stage_dir / "*.safetensors")))
-    assert files, f"no HF export in {out / 'hf' / stage_dir}"
-    w = {}
-    for f in files:
-        w.update(load_file(f))
-    return w
 
 
 def _image_layout(cfg_path, nproc):
@@ -107,7 +95,7 @@ def test_mixed_stage_two_ranks_match_one_process(tmp_path, embedded_dir, packing
                 assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), (a["step"], k, a[k], b[k])
 
     for stage_dir in ("stage0-mixed-sft", "stage1-mixed-grpo"):
-        w1, w2 = _weights(runs[1], stage_dir), _weights(runs[2], stage_dir)
+        w1, w2 = exported_weights(runs[1], stage_dir), exported_weights(runs[2], stage_dir)
         assert w1.keys() == w2.keys()
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m: f"{stage_dir} {k}: {m}")

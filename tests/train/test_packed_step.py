@@ -9,12 +9,10 @@ Rewards are replaced by fixed random ones in the single-step tests: the untraine
 earns almost none, and zero advantages would leave only the KL term to compare."""
 from __future__ import annotations
 
-import glob
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train_helpers import read_records, run_train, write_tiny_config
+from train_helpers import COMPARED, exported_weights, read_records, run_train, write_tiny_config
 
 from staged import packed_step, parallel, train
 from staged.config import from_cli
@@ -121,17 +119,7 @@ def test_plan_rank_keeps_groups_and_budget():
 # ------------------------------------------------------------------------------------------
 # 2 ranks, packed, against 1 process, padded (the shared reference run)
 
-COMPARED = ("loss", "grad_norm", "reward", "accuracy", "format", "response_length", "entropy", "kl",
-            "clip_ratio", "ratio_mean")
 
-
-def _weights(out, stage_dir):
-    files = sorted(glob.glob(str(out / "hf" / stage_dir / "*.safetensors")))
-    assert files, f"no HF export in {out / 'hf' / stage_dir}"
-    w = {}
-    for f in files:
-        w.update(load_file(f))
-    return w
 
 
 @pytest.mark.slow
@@ -147,6 +135,6 @@ def test_two_ranks_packed_match_one_process_padded(tmp_path, embedded_dir, refer
             if k in a:
                 assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), (a["step"], k, a[k], b[k])
     for stage_dir in ("stage1-perception", "stage2-frozen-vision"):
-        w1, w2 = _weights(reference_run, stage_dir), _weights(out, stage_dir)
+        w1, w2 = exported_weights(reference_run, stage_dir), exported_weights(out, stage_dir)
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m, s=stage_dir, k=k: f"{s} {k}: {m}")

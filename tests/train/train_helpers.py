@@ -83,6 +83,23 @@ def run_train(args: list[str], *, nproc: int = 1, cwd: Path, timeout: float = 30
     return p
 
 
+# Metrics that a 2-rank run must reproduce from the 1-process run.
+COMPARED = ("loss", "grad_norm", "reward", "accuracy", "format", "response_length", "entropy", "kl",
+            "clip_ratio", "ratio_mean")
+
+
+def exported_weights(out: Path, stage_dir: str) -> dict:
+    """The tensors of a stage's HF safetensors export."""
+    from safetensors.torch import load_file
+
+    files = sorted((out / "hf" / stage_dir).glob("*.safetensors"))
+    assert files, f"no HF export in {out / 'hf' / stage_dir}"
+    w = {}
+    for f in files:
+        w.update(load_file(f))
+    return w
+
+
 def read_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
