@@ -68,6 +68,37 @@ BWD_CHUNK_BYTES = int(os.environ.get("STAGED_LOGPROB_CHUNK_MB", "512")) * 2**20
 
 
 @triton.jit
+def _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """One [BLOCK_N, BLOCK_V] tile of hidden @ weight^T (+ bias) in fp32: the forward computes
+    it and the backward recomputes it, so both must run exactly this loop."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        hp = h_rows + offs_k[None, :]
+        wp = w_cols + offs_k[:, None]
+        if ALIGNED:
+            # The launcher checked: H % BLOCK_H == 0 (no K mask), 16-byte aligned rows and
+            # bases. The hint is what the JIT infers by itself from aligned arguments; it
+            # makes the ahead-of-time compile see the same vectorised, pipelined loads.
+            hk = tl.load(tl.multiple_of(hp, [16, 16]), mask=mask_n[:, None], other=0.0)
+            wk = tl.load(tl.multiple_of(wp, [16, 16]), mask=mask_v[None, :], other=0.0)
+        else:
+            mask_k = offs_k < H
+            hk = tl.load(hp, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            wk = tl.load(wp, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        if DOT_F32:
+            hk = hk.to(tl.float32)
+            wk = wk.to(tl.float32)
+        acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _linear_logprob_fwd_kernel(
     # pointers
     h_ptr,          # [N, H] hidden, row stride stride_hn, unit column stride
@@ -106,27 +137,8 @@ def _linear_logprob_fwd_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            hp = h_rows + offs_k[None, :]
-            wp = w_cols + offs_k[:, None]
-            if ALIGNED:
-                # The launcher checked: H % BLOCK_H == 0 (no K mask), 16-byte aligned rows and
-                # bases. The hint is what the JIT infers by itself from aligned arguments; it
-                # makes the ahead-of-time compile see the same vectorised, pipelined loads.
-                hk = tl.load(tl.multiple_of(hp, [16, 16]), mask=mask_n[:, None], other=0.0)
-                wk = tl.load(tl.multiple_of(wp, [16, 16]), mask=mask_v[None, :], other=0.0)
-            else:
-                mask_k = offs_k < H
-                hk = tl.load(hp, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                wk = tl.load(wp, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-            if DOT_F32:
-                hk = hk.to(tl.float32)
-                wk = wk.to(tl.float32)
-            acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
+                          HAS_BIAS, DOT_F32, PRECISION, ALIGNED)
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
 
         m_new = tl.maximum(m, tl.max(z, axis=1))           # finite: the tile has a valid column
@@ -188,24 +200,8 @@ def _linear_logprob_bwd_kernel(
     h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
     w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
 
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):     # same K loop as the forward kernel
-        offs_k = k0 + tl.arange(0, BLOCK_H)
-        hp = h_rows + offs_k[None, :]
-        wp = w_cols + offs_k[:, None]
-        if ALIGNED:
-            hk = tl.load(tl.multiple_of(hp, [16, 16]), mask=mask_n[:, None], other=0.0)
-            wk = tl.load(tl.multiple_of(wp, [16, 16]), mask=mask_v[None, :], other=0.0)
-        else:
-            mask_k = offs_k < H
-            hk = tl.load(hp, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            wk = tl.load(wp, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-        if DOT_F32:
-            hk = hk.to(tl.float32)
-            wk = wk.to(tl.float32)
-        acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
+                      HAS_BIAS, DOT_F32, PRECISION, ALIGNED)   # the forward's tile, recomputed
 
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     # log p_j; rows past C are zeroed so that their (unstored) lanes never overflow exp.
