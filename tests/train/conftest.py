@@ -1,4 +1,4 @@
-"""Fixtures of the trainer tests: one
+"""Fixtures of the trainer tests: the warm checkpoint the compared runs start from, and one
 uninterrupted reference run of the tiny config that several tests compare against."""
 from __future__ import annotations
 
@@ -8,14 +8,20 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # test modules import train_helpers by name
-from train_helpers import run_train, write_tiny_config  # noqa: E402
+from train_helpers import run_train, warm_up, write_tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, embedded_dir) -> Path:
+def warm_model(tmp_path_factory, embedded_dir) -> Path:
+    """The embedded model after a short caption SFT (earns GRPO rewards); an HF checkpoint dir."""
+    return warm_up(tmp_path_factory.mktemp("warm"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, warm_model) -> Path:
     """One uninterrupted single-process run of the tiny config; returns its output dir."""
     root = tmp_path_factory.mktemp("reference")
     out = root / "out"
-    cfg = write_tiny_config(root / "tiny.toml", out, embedded_dir)
+    cfg = write_tiny_config(root / "tiny.toml", out, warm_model)
     run_train(["--config", str(cfg)], cwd=root)
     return out

@@ -9,10 +9,10 @@ from staged.models.loading import load_model_and_processor
 
 
 @pytest.mark.slow
-def test_stage_export_loads_with_from_pretrained(reference_run, embedded_dir):
+def test_stage_export_loads_with_from_pretrained(reference_run, warm_model):
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    export = reference_run / "hf" / "stage2-frozen-vision"
+    export = reference_run / "hf" / "stage1-frozen-vision"
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
               "preprocessor_config.json", "chat_template.jinja"):
         assert (export / f).is_file(), f
@@ -24,11 +24,11 @@ def test_stage_export_loads_with_from_pretrained(reference_run, embedded_dir):
 
     # through the trainer's own loader too; the weights moved away from the initial checkpoint
     trained, processor = load_model_and_processor(export)
-    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(embedded_dir)
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model)
     a, b = dict(trained.named_parameters()), dict(initial.named_parameters())
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # the frozen-vision stage left the vision tower exactly as the previous stage exported it
-    prev = Qwen2_5_VLForConditionalGeneration.from_pretrained(reference_run / "hf" / "stage1-perception")
+    prev = Qwen2_5_VLForConditionalGeneration.from_pretrained(reference_run / "hf" / "stage0-perception")
     p = dict(prev.named_parameters())
     for k in a:
         if ".visual." in f".{k}":

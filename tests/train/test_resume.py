@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import child_env, deterministic, read_records, run_train, train_cmd, write_tiny_config
+from train_helpers import (STAGE_DIRS, child_env, deterministic, read_records, run_train, train_cmd,
+                           write_tiny_config)
 from staged import checkpoint
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical(tmp_path, embedded_dir, reference_run):
+def test_kill_and_resume_is_bit_identical(tmp_path, warm_model, reference_run):
     out = tmp_path / "out"
-    cfg = write_tiny_config(tmp_path / "tiny.toml", out, embedded_dir)
-    # Kill once step 23 (the 3rd GRPO step of the "perception" stage, after the checkpoint at 21)
+    cfg = write_tiny_config(tmp_path / "tiny.toml", out, warm_model)
+    # Kill once step 4 (the last GRPO step of the "perception" stage, after the checkpoint at 3)
     # has been logged: mid-stage, with a reference model, optimizer state and a partial log to undo.
     p = subprocess.Popen(train_cmd() + ["--config", str(cfg)], cwd=tmp_path, env=child_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -27,20 +28,20 @@ def test_kill_and_resume_is_bit_identical(tmp_path, embedded_dir, reference_run)
         while time.time() < deadline:
             if p.poll() is not None:
                 pytest.fail(f"the run ended before it could be killed: {p.stderr.read()[-3000:]}")
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 23:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
                 break
             time.sleep(0.02)
         else:
-            pytest.fail("the run did not reach step 23 in time")
+            pytest.fail("the run did not reach step 4 in time")
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     ckpt = checkpoint.latest(out / "checkpoints")
     assert ckpt is not None and checkpoint.read_trainer_state(ckpt)["stage_name"] == "perception"
-    assert 21 <= checkpoint.read_trainer_state(ckpt)["global_step"] < 27
+    assert 3 <= checkpoint.read_trainer_state(ckpt)["global_step"] < 9
 
     # A half-written checkpoint must never be picked up.
-    fake = out / "checkpoints" / ".tmp-step-00000026"
+    fake = out / "checkpoints" / ".tmp-step-00000008"
     fake.mkdir()
     (fake / "trainer_state.json").write_text("{}")
 
@@ -50,7 +51,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, embedded_dir, reference_run)
 
     ref, got = read_records(reference_run), read_records(out)
     assert [deterministic(r) for r in got] == [deterministic(r) for r in ref]
-    for stage_dir in ("stage1-perception", "stage2-frozen-vision"):
+    for stage_dir in STAGE_DIRS:
         a = load_file(str(reference_run / "hf" / stage_dir / "model.safetensors"))
         b = load_file(str(out / "hf" / stage_dir / "model.safetensors"))
         assert a.keys() == b.keys()
