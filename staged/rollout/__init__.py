@@ -1,0 +1,71 @@
+"""Rollout: sample G completions per prompt for a GRPO step.
+
+The interface is ``generate(model, batch, params, *, seeds, device, dtype) -> Rollout``, so that
+another engine (vLLM, SGLang) can be plugged in behind it. Engines (``SamplingParams.engine``):
+
+  paged   (default) group-shared prefill, a paged KV cache, continuous batching over decode
+          slots (staged.rollout.engine, .cache, .paged_attention)
+  simple  the plain decode loop over transformers' DynamicCache (staged.rollout.simple)
+
+Both sample with the same counter-based sampler (staged.rollout.sampler): a row's completion is a
+function of its seed and prompt only, so 1 and N ranks, any slot count and a resumed run draw the
+same completions, and the two engines draw the same tokens up to float rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from staged.parallel import gathered_for_generation
+from staged.rollout.interface import (Rollout, SamplingParams, extend_positions, images_per_row, model_inputs,
+                                      position_ids, select_rows)
+from staged.rollout.sampler import row_seed, sample_tokens, uniform_from_seed
+from staged.vision_dummy import gather_vision
+
+ENGINES = ("paged", "simple")
+
+__all__ = ["ENGINES", "Rollout", "SamplingParams", "extend_positions", "generate", "images_per_row", "model_inputs",
+           "position_ids", "row_seed", "sample_tokens", "select_rows", "uniform_from_seed"]
+
+
+def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
+             device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Rollout:
+    """Sample one completion per row of ``batch`` (a host-side generation batch: left-padded
+    ``input_ids`` / ``attention_mask``, optional ``pixel_values`` / ``image_grid_thw`` /
+    ``images_per_row``, ``position_ids``, and ``prompt_index``: row -> its distinct prompt, which
+    lets the paged engine skip comparing rows). ``seeds`` [B] int64: row i's draws are a function
+    of seeds[i] alone. ``dtype``: the compute dtype of pixel values."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    B = batch["input_ids"].shape[0]
+    if seeds.shape != (B,):
+        raise ValueError(f"seeds: expected shape ({B},) (one per row), got {tuple(seeds.shape)}")
+    if not params.eos_token_ids:
+        raise ValueError("SamplingParams.eos_token_ids is empty: generation would never stop early")
+    if params.engine not in ENGINES:
+        raise ValueError(f"SamplingParams.engine: {params.engine!r} is not one of {ENGINES}")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"SamplingParams.max_new_tokens: must be >= 1, got {params.max_new_tokens}")
+    batch = dict(batch)
+    if "position_ids" not in batch:
+        batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
+                                             batch.get("image_grid_thw"))
+    was_training = model.training
+    model.eval()
+    stats = None
+    try:
+        with gathered_for_generation(model):
+            # Ranks > 1: gather the vision tower up front on every rank, with or without images in
+            # its rows, so that its one all-gather lines up (staged.vision_dummy).
+            gather_vision(model)
+            if params.engine == "paged":
+                from staged.rollout.engine import generate_paged
+
+                ids, mask, logps, stats = generate_paged(model, batch, params, seeds, device, dtype)
+            else:
+                from staged.rollout.simple import generate_simple
+
+                ids, mask, logps = generate_simple(model, batch, params, seeds, device, dtype)
+    finally:
+        model.train(was_training)
+    return Rollout(prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"], completion_ids=ids,
+                   completion_mask=mask, logprobs=logps,
+                   position_ids=extend_positions(batch["position_ids"], ids.shape[1]), stats=stats)

@@ -1,0 +1,427 @@
+"""The paged rollout engine: group-shared prefill, a paged KV cache, continuous batching.
+
+One GRPO step asks for G completions of each of its prompts. The engine
+
+1. **prefills each distinct prompt once** (text + images through the vision tower and the
+   decoder, transformers' own forward) and stores its keys / values in the block pool; the G
+   rows of the prompt share those blocks by reference and sample their first token from the
+   prompt's last logits, each with its own uniform;
+2. **decodes in a fixed number of slots** (``SamplingParams.batch_size``; 0 = every row at
+   once): each decode step runs the decoder layers on the live rows only, one token each,
+   writing K/V into the pool in place (staged.rollout.paged_attention); when a row ends, its
+   own blocks return to the pool and its slot takes the next pending row;
+3. **admits a row only when the blocks it can still need are free** (its prompt's last partial
+   block copied on write, plus max_new_tokens), so the pool never runs dry mid-row and a
+   budget smaller than one row is an error before any work.
+
+Randomness is per row and counter-based (staged.rollout.sampler): a row's completion depends on
+its seed and prompt only, not on its slot, the rows beside it, or the slot count.
+
+Host syncs: on a CPU the host reads each step's tokens (free there). On CUDA it reads the
+finished flags only every ``check_every`` steps (one sync each); rows that end in between keep
+a slot until then, their extra tokens masked out.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from staged.models.loading import base_model
+from staged.rollout.cache import PagedKVCache, blocks_for
+from staged.rollout.interface import SamplingParams, cache_kwarg, images_per_row, model_inputs, select_rows
+from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled
+from staged.rollout.sampler import sample_tokens, suppress_mask, uniform_from_seed
+
+CPU_CACHE_CAP_BYTES = 4 << 30
+
+
+# ------------------------------------------------------------------------------------------
+# which rows share a prompt
+
+
+def prompt_groups(batch: dict) -> list[int]:
+    """Row -> distinct-prompt index (first-occurrence order). ``batch["prompt_index"]`` when the
+    caller knows it (the trainer does); otherwise rows are compared by their tokens and images."""
+    if "prompt_index" in batch:
+        idx = list(batch["prompt_index"])
+        remap: dict[int, int] = {}
+        return [remap.setdefault(i, len(remap)) for i in idx]
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    per_row = images_per_row(batch)
+    pix_slices: list[tuple[int, int]] = []
+    if sum(per_row):
+        patches = batch["image_grid_thw"].prod(-1).tolist()
+        starts = [0]
+        for p in patches:
+            starts.append(starts[-1] + p)
+        img = 0
+        for k in per_row:
+            pix_slices.append((starts[img], starts[img + k]))
+            img += k
+    keys: dict[bytes, int] = {}
+    out = []
+    for r in range(ids.shape[0]):
+        h = hashlib.blake2b(ids[r][attn[r].bool()].numpy().tobytes(), digest_size=16)
+        if pix_slices and per_row[r]:
+            a, b = pix_slices[r]
+            h.update(batch["pixel_values"][a:b].float().contiguous().numpy().tobytes())
+        out.append(keys.setdefault(h.digest(), len(keys)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+@dataclass
+class Prompt:
+    rows: list[int]                 # its rows, in order
+    length: int                     # prompt tokens P
+    blocks: list[int] = field(default_factory=list)  # its KV blocks, once prefilled
+    logits: torch.Tensor | None = None               # [V] fp32 after the last prompt token
+    admitted: int = 0
+
+
+@dataclass
+class Live:
+    row: int
+    prompt: int
+    length: int                     # tokens in the cache for this row
+    blocks: list[int]               # block table (shared prefix blocks first)
+    own: int                        # blocks this row took itself so far
+    worst: int                      # blocks this row may take at most
+
+
+class Scheduler:
+    """Host-side state of one generate() call: prompts, pending rows, slots, block accounting."""
+
+    def __init__(self, groups: list[int], prompt_lens: list[int], cache: PagedKVCache, slots: int,
+                 max_new: int):
+        self.cache, self.bs, self.max_new = cache, cache.block_size, max_new
+        self.prompts: list[Prompt] = []
+        for r, g in enumerate(groups):
+            if g == len(self.prompts):
+                self.prompts.append(Prompt(rows=[], length=prompt_lens[r]))
+            self.prompts[g].rows.append(r)
+        self.groups = groups
+        self.pending = deque(range(len(groups)))
+        self.slots: list[Live | None] = [None] * slots
+        self.reserved = 0           # blocks promised to live rows / prefilled prompts' next row
+
+    def own_worst(self, p: Prompt) -> int:
+        return blocks_for(p.length % self.bs + self.max_new, self.bs)
+
+    def check_fits(self) -> None:
+        """A budget that cannot hold the longest single row is an error now, not a hang later."""
+        nb = self.cache.pool.num_blocks
+        worst = max(self.prompts, key=lambda p: blocks_for(p.length, self.bs) + self.own_worst(p))
+        need = blocks_for(worst.length, self.bs) + self.own_worst(worst)
+        if need > nb:
+            raise ValueError(
+                f"rollout KV cache too small for one row: a prompt of {worst.length} tokens + max_new_tokens "
+                f"{self.max_new} needs {need} blocks of {self.bs} tokens ({need * self.bs} tokens), the cache has "
+                f"{nb} blocks ({nb * self.bs} tokens); raise rollout.kv_cache_tokens / kv_cache_memory_fraction "
+                f"or lower max_response_tokens")
+
+    @property
+    def available(self) -> int:
+        return self.cache.pool.num_free - self.reserved
+
+    def prompts_to_prefill(self, token_budget: int) -> list[int]:
+        """Distinct prompts of the pending rows, in order, not yet prefilled, that fit the pool
+        (prefix + their next row's worst case) and the prefill token budget (at least one)."""
+        out, avail, tokens, seen = [], self.available, 0, set()
+        for r in self.pending:
+            g = self.groups[r]
+            p = self.prompts[g]
+            if g in seen or p.blocks:
+                continue
+            need = blocks_for(p.length, self.bs) + self.own_worst(p)
+            if need > avail or (out and tokens + p.length > token_budget):
+                break
+            out.append(g)
+            seen.add(g)
+            avail -= need
+            tokens += p.length
+        return out
+
+    def take_prefix(self, g: int) -> list[int]:
+        p = self.prompts[g]
+        p.blocks = self.cache.pool.take(blocks_for(p.length, self.bs))
+        self.reserved += self.own_worst(p)  # its next row is promised its worst case
+        return p.blocks
+
+    def admit(self, slot: int) -> Live | None:
+        """The next pending row into ``slot`` if its prompt is prefilled and its blocks fit."""
+        if not self.pending:
+            return None
+        r = self.pending[0]
+        g = self.groups[r]
+        p = self.prompts[g]
+        if not p.blocks:
+            return None
+        worst = self.own_worst(p)
+        if p.admitted:  # the first row's worst case was promised when the prompt was prefilled
+            if worst > self.available:
+                return None
+            self.reserved += worst
+        self.pending.popleft()
+        full, tail = divmod(p.length, self.bs)
+        shared = p.blocks[:full]
+        self.cache.pool.share(shared)
+        live = Live(row=r, prompt=g, length=p.length, blocks=list(shared), own=0, worst=worst)
+        if tail:  # copy on write: the row's first own block starts as the prompt's partial block
+            b = self.take_blocks(live, 1)
+            self.cache.copy_block(p.blocks[full], b, tail)
+        p.admitted += 1
+        if p.admitted == len(p.rows):  # every row holds what it needs: the prompt lets go
+            self.cache.pool.release(p.blocks)
+        self.slots[slot] = live
+        return live
+
+    def take_blocks(self, live: Live, n: int) -> int:
+        b = self.cache.pool.take(n)
+        live.blocks += b
+        live.own += n
+        self.reserved -= n
+        return b[-1]
+
+    def finish(self, slot: int) -> None:
+        live = self.slots[slot]
+        self.cache.pool.release(live.blocks)
+        self.reserved -= live.worst - live.own
+        self.slots[slot] = None
+
+
+# ------------------------------------------------------------------------------------------
+# the engine
+
+
+def _layer_kv(cache, layer: int):
+    """A DynamicCache's keys / values of ``layer`` [B, kv_heads, T, head_dim] (transformers 5.x
+    keeps them per layer object; older releases in key_cache / value_cache lists)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _text_geometry(model):
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+
+def _cache_blocks(params: SamplingParams, worst_tokens: int, bytes_per_token: int, block_size: int, device) -> int:
+    if params.kv_cache_tokens:
+        return max(1, params.kv_cache_tokens // block_size)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * params.kv_cache_memory_fraction) // bytes_per_token
+    else:
+        budget = CPU_CACHE_CAP_BYTES // bytes_per_token
+    # never more than this call can use: the cache is allocated per call
+    return max(1, min(budget, worst_tokens) // block_size)
+
+
+@torch.no_grad()
+def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype):
+    """(ids, mask, logps) [B, Tc] and engine stats; see the module doc. ``dtype``: what pixel
+    values are cast to (the cache takes the decoder weights' dtype)."""
+    pixel_dtype = dtype
+    t_start = time.perf_counter()
+    B = batch["input_ids"].shape[0]
+    groups = prompt_groups(batch)
+    prompt_lens = batch["attention_mask"].sum(-1).tolist()
+    text_cfg, n_layers, kv_heads, head_dim = _text_geometry(model)
+    base = base_model(model)
+    text = base.language_model
+    dtype = text.embed_tokens.weight.dtype  # K/V come out of the decoder layers in their weights' dtype
+    bs = params.block_size or (256 if choose_backend(device, dtype, 256) == "flash" else 16)
+    backend = choose_backend(device, dtype, bs)
+    per_token = PagedKVCache.bytes_per_token(n_layers, kv_heads, head_dim, dtype)
+    n_prompts = max(groups) + 1
+    first_row = {}
+    for r, g in enumerate(groups):
+        first_row.setdefault(g, r)
+    worst_tokens = (sum(blocks_for(prompt_lens[first_row[g]], bs) for g in range(n_prompts)) * bs
+                    + sum(blocks_for(prompt_lens[r] % bs + params.max_new_tokens, bs) for r in range(B)) * bs)
+    cache = PagedKVCache(n_layers, _cache_blocks(params, worst_tokens, per_token, bs, device), bs, kv_heads,
+                         head_dim, dtype, device)
+    S = min(params.batch_size or B, B)
+    sched = Scheduler(groups, prompt_lens, cache, S, params.max_new_tokens)
+    sched.check_fits()
+
+    layers = list(text.layers)
+    layer_cache_kw = cache_kwarg(type(layers[0]))
+    model_cache_kw = cache_kwarg(model)
+    lm_head = model.get_output_embeddings()
+    V = text_cfg.vocab_size
+    suppress = suppress_mask(params.suppress_token_ids, V, device)
+    eos = torch.tensor(sorted(set(params.eos_token_ids)), dtype=torch.long, device=device)
+    seeds_dev = seeds.to(device)
+    next_pos = (batch["position_ids"].amax(dim=(0, 2)) + 1).tolist()  # first completion position per row
+
+    T = params.max_new_tokens
+    out_ids = torch.full((B, T), params.pad_token_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((B, T), dtype=torch.float32, device=device)
+    n_out = torch.zeros(B, dtype=torch.long, device=device)          # tokens emitted per row
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    check = 1 if device.type != "cuda" else max(1, params.check_every)
+    stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "prefill_forwards": 0, "decode_steps": 0,
+             "decode_row_steps": 0, "cache_blocks": cache.pool.num_blocks, "block_size": bs,
+             "peak_blocks": 0, "slots": S, "attention": backend}
+
+    # per slot: the row decoded there and its step counter (host)
+    t_of = [0] * S
+    cur_tok = torch.zeros(S, dtype=torch.long, device=device)
+
+    def prefill(gs: list[int]) -> None:
+        """Distinct prompts ``gs`` through the full model once (left-padded to the longest), their
+        K/V into the pool, their last logits kept for their rows' first tokens."""
+        t0 = time.perf_counter()
+        rows = [first_row[g] for g in gs]
+        sub = select_rows(batch, rows)
+        keep = int(max(prompt_lens[r] for r in rows))
+        Tp = sub["input_ids"].shape[1]
+        for k in ("input_ids", "attention_mask"):
+            sub[k] = sub[k][:, Tp - keep:]
+        sub["position_ids"] = sub["position_ids"][:, :, Tp - keep:]
+        from transformers import DynamicCache
+
+        dc = DynamicCache(config=model.config)
+        out = model(**model_inputs(sub, device, pixel_dtype), use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
+        logits = out.logits[:, -1].float()
+        for i, g in enumerate(gs):
+            p = sched.prompts[g]
+            blocks = sched.take_prefix(g)
+            for layer in range(n_layers):
+                k, v = _layer_kv(dc, layer)
+                cache.write_prompt(layer, blocks, k[i, :, keep - p.length:].transpose(0, 1).to(dtype),
+                                   v[i, :, keep - p.length:].transpose(0, 1).to(dtype))
+            p.logits = logits[i]
+        stats["prefill_s"] += time.perf_counter() - t0
+        stats["prefill_tokens"] += sum(sched.prompts[g].length for g in gs)
+        stats["prefill_forwards"] += 1
+
+    def emit(rows: torch.Tensor, t: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Sample token t of each of ``rows`` and record it (nothing recorded once a row is done)."""
+        tok, lp = sample_tokens(logits, uniform_from_seed(seeds_dev[rows], t), params.temperature, params.top_p,
+                                suppress)
+        live = ~done[rows]
+        out_ids[rows, t] = torch.where(live, tok, out_ids[rows, t])
+        out_logp[rows, t] = torch.where(live, lp, out_logp[rows, t])
+        n_out[rows] += live.long()
+        done[rows] |= torch.isin(tok, eos) | (t + 1 >= T)
+        return tok
+
+    def fill_slots() -> int:
+        """Pending rows into free slots (prefilling their prompts as needed); their first tokens."""
+        new = []
+        for s in range(S):
+            if sched.slots[s] is not None:
+                continue
+            live = sched.admit(s)
+            if live is None and sched.pending:
+                gs = sched.prompts_to_prefill(params.prefill_tokens)
+                if gs:
+                    prefill(gs)
+                    live = sched.admit(s)
+            if live is None:
+                break
+            new.append(s)
+        if new:
+            lives = [sched.slots[s] for s in new]
+            logits = torch.stack([sched.prompts[lv.prompt].logits for lv in lives])
+            rows = torch.tensor([lv.row for lv in lives], device=device)
+            cur_tok[torch.tensor(new, device=device)] = emit(rows, torch.zeros_like(rows), logits)
+            for s, lv in zip(new, lives):
+                t_of[s] = 1
+                p = sched.prompts[lv.prompt]
+                if p.admitted == len(p.rows):
+                    p.logits = None
+        return len(new)
+
+    def release_done() -> None:
+        # Host sync (on CUDA; every `check` steps): which rows are done.
+        done_host = done.tolist()
+        for s in range(S):
+            if sched.slots[s] is not None and done_host[sched.slots[s].row]:
+                sched.finish(s)
+
+    step_i = 0
+    while True:
+        if step_i % check == 0:
+            release_done()
+            while fill_slots():
+                release_done()  # rows whose first token ended them leave at once
+            live_slots = [s for s in range(S) if sched.slots[s] is not None]
+            if not live_slots:
+                if sched.pending:
+                    raise RuntimeError("rollout scheduler: rows pending but none admitted (this is a bug)")
+                break
+        else:
+            live_slots = [s for s in range(S) if sched.slots[s] is not None]
+        stats["peak_blocks"] = max(stats["peak_blocks"], cache.pool.num_blocks - cache.pool.num_free)
+        t0 = time.perf_counter()
+        with paged_attention_enabled(text_cfg):  # prefill (in fill_slots) keeps the model's own
+            _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers, layer_cache_kw,
+                         lm_head, emit, backend, device)
+        stats["decode_s"] += time.perf_counter() - t0
+        stats["decode_steps"] += 1
+        stats["decode_row_steps"] += len(live_slots)
+        step_i += 1
+    Tc = max(1, int(n_out.max()))
+    mask = (torch.arange(T, device=device)[None] < n_out[:, None]).long()
+    stats["total_s"] = time.perf_counter() - t_start
+    stats["decode_tokens"] = int(n_out.sum()) - B
+    stats["free_blocks_end"] = cache.pool.num_free
+    return out_ids[:, :Tc], mask[:, :Tc], out_logp[:, :Tc], stats
+
+
+def _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers, layer_cache_kw, lm_head, emit,
+                 backend, device):
+    """One token for every live slot: write the input token's K/V, attend, sample."""
+    bs = cache.block_size
+    slot_idx, rows, pos, writes, lens, tables = [], [], [], [], [], []
+    for s in live_slots:
+        live = sched.slots[s]
+        L = live.length  # where this step's input token goes
+        if L // bs == len(live.blocks):
+            if live.own >= live.worst:
+                raise RuntimeError(f"row {live.row}: decoded past its reserved blocks (this is a bug)")
+            sched.take_blocks(live, 1)
+        writes.append(live.blocks[L // bs] * bs + L % bs)
+        live.length = L + 1
+        lens.append(L + 1)
+        tables.append(live.blocks)
+        rows.append(live.row)
+        pos.append(next_pos[live.row] + t_of[s] - 1)
+        slot_idx.append(s)
+    MB = max(len(b) for b in tables)
+    table = torch.tensor([b + [0] * (MB - len(b)) for b in tables], dtype=torch.int32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    step = DecodeStep(cache=cache, slot=torch.tensor(writes, device=device), block_table=table.to(device),
+                      seqlens=seqlens.to(device), backend=backend)
+    if backend == "torch":
+        step.mask = (torch.arange(MB * bs, device=device)[None] < step.seqlens[:, None].long())[:, None, None]
+    idx = torch.tensor(slot_idx, device=device)
+    tok = cur_tok[idx]
+    h = text.embed_tokens(tok[:, None])
+    p = torch.tensor(pos, device=device).view(1, -1, 1).expand(3, -1, 1)
+    pe = text.rotary_emb(h, p)
+    for layer in layers:
+        h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=None, paged=step,
+                  **{layer_cache_kw: None})
+        if isinstance(h, tuple):
+            h = h[0]
+    h = text.norm(h)[:, 0]
+    logits = torch.nn.functional.linear(h, lm_head.weight, lm_head.bias).float()
+    t = torch.tensor([t_of[s] for s in slot_idx], device=device)
+    cur_tok[idx] = emit(torch.tensor(rows, device=device), t, logits)
+    for s in slot_idx:
+        t_of[s] += 1

@@ -1,0 +1,157 @@
+"""What every rollout engine shares: ``SamplingParams`` in, ``Rollout`` out, and the batch
+plumbing (position ids, row selection, model inputs).
+
+Position ids are computed once, on the host copy of the prompt batch (mrope for Qwen-VL: 3 rows
+-- temporal, height, width -- that differ on image tokens), and the trainer reuses them for the
+policy and reference forwards, so sampling and training see the same positions.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from staged.models.loading import base_model
+
+# ------------------------------------------------------------------------------------------
+# interface
+
+
+@dataclass
+class SamplingParams:
+    """What the engine needs to know (built from a stage's GRPOConfig)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    check_every: int = 8
+    """Decode steps between looks at which rows finished (a host sync on CUDA; on a CPU the
+    engine looks every step, which costs nothing there)."""
+    batch_size: int = 0
+    """Decode slots: rows decoded at once; a finished row's slot takes the next pending row
+    (engine "paged"), or rows per decode loop (engine "simple"). 0 = all rows at once."""
+    suppress_token_ids: tuple[int, ...] = ()
+    """Never sampled: vision placeholders (an <|image_pad|> in a completion would break the
+    training forward's image-feature scatter) and vocabulary rows the tokenizer does not use."""
+    engine: str = "paged"
+    """"paged": shared-prefix prefill, paged KV cache, continuous batching (staged.rollout.engine);
+    "simple": the plain decode loop over transformers' DynamicCache (staged.rollout.simple)."""
+    block_size: int = 0
+    """Tokens per KV-cache block; 0 = 256 with flash-attn on CUDA (its paged kernel's unit), else 16."""
+    kv_cache_tokens: int = 0
+    """KV-cache capacity in tokens (all layers); 0 = from kv_cache_memory_fraction on CUDA, or
+    what the step's rows can need at most on a CPU (capped at 4 GiB)."""
+    kv_cache_memory_fraction: float = 0.3
+    """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
+    prefill_tokens: int = 8192
+    """Prompt tokens prefilled per forward (padded), at least one prompt."""
+    cuda_graphs: bool = True
+    """On CUDA: the decode step runs as a captured CUDA graph per slot-count bucket."""
+
+
+@dataclass
+class Rollout:
+    """Completions for B prompt rows (a row = one prompt copy; G rows per GRPO group).
+
+    prompt_ids      [B, Tp] int64  left-padded prompts, as given
+    prompt_mask     [B, Tp] int64
+    completion_ids  [B, Tc] int64  sampled tokens; ``pad_token_id`` after the end
+    completion_mask [B, Tc] int64  1 on sampled tokens, the EOS included
+    logprobs        [B, Tc] fp32   log-prob of each sampled token under the sampling policy
+                                   (tempered, full distribution); 0 on padding
+    position_ids    [3, B, Tp+Tc]  int64 positions of the whole sequence (host tensor)
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    position_ids: torch.Tensor
+    stats: dict | None = None
+    """Engine counters (prefill / decode time and tokens, cache blocks, ...), for benchmarks."""
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+# ------------------------------------------------------------------------------------------
+# positions
+
+
+def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """[3, B, T] positions of a left-padded batch (padding gets 0). Run on host tensors: the
+    model's ``get_rope_index`` walks each row in Python."""
+    base = base_model(model)
+    if image_grid_thw is None or not hasattr(base, "get_rope_index"):
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
+    kwargs = dict(image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    if "mm_token_type_ids" in inspect.signature(base.get_rope_index).parameters:
+        image_id = base.config.image_token_id
+        kwargs["mm_token_type_ids"] = (input_ids == image_id).int()
+    pos, _ = base.get_rope_index(input_ids, **kwargs)
+    return pos.masked_fill(attention_mask.unsqueeze(0) == 0, 0)
+
+
+def extend_positions(prompt_pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Append ``n`` text positions after each row's prompt: [3, B, Tp] -> [3, B, Tp + n]."""
+    nxt = prompt_pos.amax(dim=(0, 2)) + 1  # [B]
+    tail = nxt[:, None] + torch.arange(n, dtype=prompt_pos.dtype)
+    return torch.cat([prompt_pos, tail.unsqueeze(0).expand(3, -1, -1)], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# batch plumbing
+
+
+def images_per_row(batch: dict) -> list[int]:
+    n = batch.get("images_per_row")
+    if n is not None:
+        return list(n)
+    return [0] * batch["input_ids"].shape[0]
+
+
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """Rows of a generation batch (pixel_values / image_grid_thw follow their rows)."""
+    out = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
+    per_row = images_per_row(batch)
+    out["images_per_row"] = [per_row[r] for r in rows]
+    if "position_ids" in batch:
+        out["position_ids"] = batch["position_ids"][:, rows]
+    grid = batch.get("image_grid_thw")
+    if grid is not None and sum(per_row) > 0:
+        img_start = [0]
+        for k in per_row:
+            img_start.append(img_start[-1] + k)
+        patches = grid.prod(-1).tolist()
+        patch_start = [0]
+        for p in patches:
+            patch_start.append(patch_start[-1] + p)
+        imgs = [i for r in rows for i in range(img_start[r], img_start[r + 1])]
+        if imgs:
+            out["image_grid_thw"] = grid[imgs]
+            out["pixel_values"] = torch.cat([batch["pixel_values"][patch_start[i]:patch_start[i + 1]] for i in imgs])
+    return out
+
+
+def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The keys the model's forward takes, on ``device`` (pixel values in the compute dtype)."""
+    out = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids")
+           if k in batch}
+    if "pixel_values" in batch:
+        out["pixel_values"] = batch["pixel_values"].to(device, dtype, non_blocking=True)
+        out["image_grid_thw"] = batch["image_grid_thw"].to(device, non_blocking=True)
+    return out
+
+
+def cache_kwarg(model) -> str:
+    """transformers >= 5.2x calls the KV cache ``cache``, earlier releases ``past_key_values``
+    (``model``: a module, or a module class)."""
+    params = inspect.signature((model if isinstance(model, type) else type(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

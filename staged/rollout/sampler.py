@@ -1,0 +1,111 @@
+"""Sampling: per-row counter-based randomness and the inverse-CDF draw.
+
+A row's draws depend only on its seed and its token index: the uniform for token t of a row is
+a hash of (seed, t) computed on the device -- no ``torch.multinomial``, no generator state, no
+host sync -- so a completion never depends on its slot, its batch, the rank count or a resume.
+
+The draw is an inverse CDF over the tempered distribution, in two levels so that no fp64 cumsum
+runs over the whole vocabulary: the unnormalised probabilities are summed per tile of
+``TILE`` tokens (fp64 over ~V/1024 tile sums picks the tile), then a cumsum inside the chosen
+tile picks the token. Same distribution, same uniform, as a full cumsum; ~V/TILE + TILE scan
+work per row instead of V in fp64.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+TILE = 1024
+
+
+def row_seed(*keys: int) -> int:
+    """A 62-bit seed from integer keys (e.g. run seed, step, global row index): splitmix64."""
+    x = 0x2545F4914F6CDD1D
+    for k in keys:
+        x = (x ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x >> 2
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32 in int64 without overflow (split c in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's fmix32 finaliser: a bijection on 32-bit values with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniform_from_seed(seeds: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per row for token index ``t`` (an int, or [B] per row); seeds [B]
+    int64 (any 62-bit values)."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    x = _mix32((lo + t) & _M32)
+    x = _mix32(x ^ hi)
+    return (x.double() + 0.5) / 4294967296.0
+
+
+def suppress_mask(token_ids, vocab: int, device) -> torch.Tensor | None:
+    """[V] bool of the tokens never drawn (ids past ``vocab`` ignored), or None."""
+    ids = [i for i in token_ids if 0 <= i < vocab]
+    if not ids:
+        return None
+    m = torch.zeros(vocab, dtype=torch.bool, device=device)
+    m[torch.tensor(ids, dtype=torch.long, device=device)] = True
+    return m
+
+
+def _draw(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Index i of each row with cumsum(weights)[i-1] < target <= cumsum(weights)[i], two-level.
+    weights [B, V] >= 0 (fp32), target [B] fp64 in (0, sum]."""
+    B, V = weights.shape
+    n_tiles = -(-V // TILE)
+    w = torch.nn.functional.pad(weights, (0, n_tiles * TILE - V)).view(B, n_tiles, TILE)
+    tile_cdf = w.sum(-1, dtype=torch.float64).cumsum(-1)                           # [B, n_tiles]
+    tile = torch.searchsorted(tile_cdf, target[:, None]).clamp_(max=n_tiles - 1)   # [B, 1]
+    before = torch.where(tile > 0, tile_cdf.gather(-1, (tile - 1).clamp_(min=0)), torch.zeros_like(target[:, None]))
+    in_tile = w.gather(1, tile[:, :, None].expand(B, 1, TILE)).squeeze(1)           # [B, TILE]
+    cdf = in_tile.double().cumsum(-1)
+    j = torch.searchsorted(cdf, target[:, None] - before).clamp_(max=TILE - 1)
+    # Past the last non-zero weight of the tile (rounding between the two levels): step back to it.
+    nz = (in_tile > 0).long() * torch.arange(1, TILE + 1, device=weights.device)
+    last = nz.amax(-1, keepdim=True) - 1
+    j = torch.minimum(j, last.clamp_(min=0))
+    return (tile * TILE + j).squeeze(-1).clamp_(max=V - 1)
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float,
+                  suppress: torch.Tensor | None = None):
+    """Draw one token per row. logits [B, V] fp32, u [B] in (0, 1), suppress [V] bool (never drawn).
+
+    Returns (tokens [B] int64, logp [B] fp32 of the token under the distribution drawn from,
+    softmax(logits / T) over the tokens not suppressed -- the full distribution, not its top-p
+    truncation: what the trainer recomputes)."""
+    z = logits / temperature
+    if suppress is not None:
+        z = z.masked_fill(suppress, float("-inf"))
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)                       # unnormalised probabilities, fp32
+    lse = m.squeeze(-1) + torch.log(e.sum(-1))
+    if top_p < 1.0:
+        # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches
+        # top_p (the first token always stays); draw within it (sorting needs the whole row).
+        sp, order = torch.sort(e, dim=-1, descending=True)
+        total = sp.sum(-1, keepdim=True)
+        before = torch.cumsum(sp, dim=-1) - sp
+        sp = sp.masked_fill(before >= top_p * total, 0.0)
+        pos = _draw(sp, u * sp.sum(-1, dtype=torch.float64))
+        tokens = order.gather(-1, pos[:, None]).squeeze(-1)
+    else:
+        tokens = _draw(e, u * e.sum(-1, dtype=torch.float64))
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    return tokens, logp

@@ -1,0 +1,196 @@
+"""The paged rollout engine against the plain decode loop and a full forward, on tiny random
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (built from configs): the same completions and
+log-probs for the same seeds, whatever the slot count, row order, block size or cache budget;
+each distinct prompt prefilled once; decode steps spent on live rows only; every block back in
+the pool at the end; a cache too small for one row is an error naming the numbers."""
+import pytest
+import torch
+
+from staged.rollout import SamplingParams, generate, row_seed
+
+IMG, VS, VE, EOS, PAD = 90, 92, 93, 2, 0
+PATCH_DIM = 3 * 2 * 2 * 2
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rope_parameters=MROPE, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
+            tie_word_embeddings=False)
+IDS = dict(image_token_id=IMG, video_token_id=91, vision_start_token_id=VS, vision_end_token_id=VE)
+KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def build(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "qwen2_5_vl":
+        cfg = tf.Qwen2_5_VLConfig(text_config=TEXT, vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1], out_hidden_size=64), **IDS)
+        model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
+    elif kind == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(text_config=TEXT, vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2, spatial_merge_size=2,
+            temporal_patch_size=2), **IDS)
+        model = tf.Qwen2VLForConditionalGeneration(cfg)
+    else:
+        text = dict(TEXT, head_dim=16, rope_parameters=dict(MROPE, mrope_interleaved=True))
+        cfg = tf.Qwen3VLConfig(text_config=text, vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, out_hidden_size=64,
+            num_position_embeddings=16, deepstack_visual_indexes=[0]), **IDS)
+        model = tf.Qwen3VLForConditionalGeneration(cfg)
+    model.config.get_text_config()._attn_implementation_internal = "sdpa"
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = build(kind)
+        return cache[kind]
+
+    return get
+
+
+def make_batch(prompts, group: int, gen: torch.Generator) -> dict:
+    """prompts: list of (text tokens, image grids [(t, h, w)]); each repeated ``group`` times,
+    left-padded; images as random patches."""
+    rows, pix, grids, per_row = [], [], [], []
+    for text, imgs in prompts:
+        ids, p, g = [], [], []
+        for (t, h, w) in imgs:
+            ids += [VS] + [IMG] * (t * h * w // 4) + [VE]
+            p.append(torch.randn(t * h * w, PATCH_DIM, generator=gen))
+            g.append([t, h, w])
+        ids += text
+        for _ in range(group):
+            rows.append(ids)
+            pix += p
+            grids += g
+            per_row.append(len(imgs))
+    T = max(len(r) for r in rows)
+    batch = {"input_ids": torch.tensor([[PAD] * (T - len(r)) + r for r in rows]),
+             "attention_mask": torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
+             "images_per_row": per_row}
+    if pix:
+        batch["pixel_values"] = torch.cat(pix)
+        batch["image_grid_thw"] = torch.tensor(grids)
+    return batch
+
+
+def prompts_for(gen):
+    def text(n):
+        return torch.randint(3, 89, (n,), generator=gen).tolist()
+
+    return [(text(5), [(1, 4, 4)]), (text(11), []), (text(3), [(1, 4, 8), (1, 4, 4)]), (text(19), [])]
+
+
+# Several end tokens (~6% of the tiny vocabulary): rows end at varied lengths, some past a block.
+ENDS = (EOS, 11, 23, 37, 51, 64)
+
+
+def params(**kw):
+    return SamplingParams(**dict(dict(max_new_tokens=14, eos_token_ids=ENDS, pad_token_id=PAD, block_size=4,
+                                      suppress_token_ids=(IMG, 91, VS, VE)), **kw))
+
+
+def seeds_for(n, step=0):
+    return torch.tensor([row_seed(7, step, i) for i in range(n)])
+
+
+def full_forward_logprobs(model, ro, batch):
+    """Log-probs of the sampled tokens from one forward over prompt + completion (fp32), over
+    the tokens the sampler may draw (the vision placeholders are suppressed)."""
+    seq = {"input_ids": torch.cat([ro.prompt_ids, ro.completion_ids], 1),
+           "attention_mask": torch.cat([ro.prompt_mask, ro.completion_mask], 1),
+           "position_ids": ro.position_ids}
+    if "pixel_values" in batch:
+        seq.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    with torch.no_grad():
+        logits = model(**seq).logits.float()
+    logits[..., [IMG, 91, VS, VE]] = float("-inf")
+    Tp = ro.prompt_ids.shape[1]
+    lp = torch.log_softmax(logits[:, Tp - 1:-1], -1)
+    return lp.gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_paged_equals_simple_and_a_full_forward(models, kind):
+    model = models(kind)
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(prompts_for(gen), 3, gen)
+    B = batch["input_ids"].shape[0]
+    simple = generate(model, batch, params(engine="simple"), seeds=seeds_for(B))
+    paged = generate(model, batch, params(), seeds=seeds_for(B))
+    lengths = paged.completion_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1, "rows should end at different lengths"
+    assert (lengths > 4).any(), "some rows should be longer than a cache block"
+    assert torch.equal(paged.completion_ids, simple.completion_ids)
+    assert torch.equal(paged.completion_mask, simple.completion_mask)
+    m = paged.completion_mask.bool()
+    torch.testing.assert_close(paged.logprobs[m], simple.logprobs[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(paged.logprobs[m], full_forward_logprobs(model, paged, batch)[m], atol=1e-5, rtol=0)
+    # each distinct prompt went through the model once; decode ran on live rows only
+    st = paged.stats
+    assert st["prefill_tokens"] == sum(len(r) for r in [batch["attention_mask"][i].nonzero() for i in range(0, B, 3)])
+    assert st["decode_row_steps"] == int((lengths - 1).sum())
+    assert st["free_blocks_end"] == st["cache_blocks"]
+
+
+def test_completions_do_not_depend_on_slots_order_block_size_or_budget(models):
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(2)
+    batch = make_batch(prompts_for(gen), 4, gen)
+    B = batch["input_ids"].shape[0]
+    seeds = seeds_for(B, 3)
+    ref = generate(model, batch, params(), seeds=seeds)
+    longest = int(batch["attention_mask"].sum(-1).max())
+    one_row_tokens = (-(-longest // 4) + -(-(longest % 4 + 14) // 4)) * 4
+    variants = [dict(batch_size=1), dict(batch_size=3), dict(batch_size=5, block_size=16),
+                dict(kv_cache_tokens=one_row_tokens), dict(batch_size=2, block_size=1, check_every=3)]
+    for kw in variants:
+        ro = generate(model, batch, params(**kw), seeds=seeds)
+        assert torch.equal(ro.completion_ids, ref.completion_ids), kw
+        m = ref.completion_mask.bool()
+        torch.testing.assert_close(ro.logprobs[m], ref.logprobs[m], atol=1e-5, rtol=0)
+        assert ro.stats["free_blocks_end"] == ro.stats["cache_blocks"]
+        if "kv_cache_tokens" in kw:
+            assert ro.stats["peak_blocks"] <= ro.stats["cache_blocks"] == one_row_tokens // 4
+    # rows in another order (each with its own seed), and a sub-batch: the same completions per row
+    perm = torch.randperm(B, generator=gen).tolist()
+    from staged.rollout import select_rows
+
+    shuffled = generate(model, select_rows(batch, perm), params(batch_size=4), seeds=seeds[perm])
+    for i, r in enumerate(perm):
+        assert torch.equal(shuffled.completion_ids[i, :int(shuffled.completion_mask[i].sum())],
+                           ref.completion_ids[r, :int(ref.completion_mask[r].sum())])
+    # prompt_index given by the caller == rows compared by content
+    given = dict(batch, prompt_index=[r // 4 for r in range(B)])
+    ro = generate(model, given, params(), seeds=seeds)
+    assert torch.equal(ro.completion_ids, ref.completion_ids)
+    assert ro.stats["prefill_tokens"] == ref.stats["prefill_tokens"]
+
+
+def test_cache_too_small_for_one_row_is_an_error(models):
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(3)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    with pytest.raises(ValueError, match=r"too small for one row: a prompt of \d+ tokens \+ max_new_tokens 14 "
+                                         r"needs \d+ blocks of 4 tokens .* the cache has 3 blocks \(12 tokens\)"):
+        generate(model, batch, params(kv_cache_tokens=12), seeds=seeds_for(batch["input_ids"].shape[0]))
+
+
+def test_eos_on_the_first_token_and_max_new_tokens_one(models):
+    model = models("qwen2_vl")
+    gen = torch.Generator().manual_seed(4)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    B = batch["input_ids"].shape[0]
+    ro = generate(model, batch, params(max_new_tokens=1), seeds=seeds_for(B))
+    assert ro.completion_ids.shape == (B, 1) and ro.completion_mask.all()
+    simple = generate(model, batch, params(max_new_tokens=1, engine="simple"), seeds=seeds_for(B))
+    assert torch.equal(ro.completion_ids, simple.completion_ids)
+    # every token an EOS: each row is its first token
+    ro = generate(model, batch, params(eos_token_ids=tuple(range(100))), seeds=seeds_for(B))
+    assert ro.completion_mask.sum(-1).tolist() == [1] * B
