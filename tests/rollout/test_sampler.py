@@ -1,0 +1,81 @@
+"""The two-level inverse-CDF sampler draws from softmax(logits / T) (top-p truncated and
+renormalised when top_p < 1) over a vocabulary larger than and not a multiple of its tile:
+chi-square against the exact distribution (float64) on many counter-based draws."""
+import math
+
+import pytest
+import torch
+
+from staged.rollout.sampler import TILE, row_seed, sample_tokens, uniform_from_seed
+
+
+def expected(logits: torch.Tensor, temperature: float, top_p: float, suppress=None) -> torch.Tensor:
+    z = logits.double() / temperature
+    if suppress is not None:
+        z = z.masked_fill(suppress, float("-inf"))
+    p = torch.softmax(z, -1)
+    if top_p < 1.0:
+        sp, order = torch.sort(p, descending=True)
+        keep = (torch.cumsum(sp, 0) - sp) < top_p
+        q = torch.zeros_like(p)
+        q[order[keep]] = sp[keep]
+        p = q / q.sum()
+    return p
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, n: int) -> float:
+    """Upper tail of the chi-square statistic (bins with expected count < 5 pooled), by the
+    Wilson-Hilferty normal approximation."""
+    e = probs * n
+    big = e >= 5
+    obs, exp = counts[big].double(), e[big]
+    rest_obs, rest_exp = counts[~big].double().sum(), e[~big].sum()
+    if rest_exp > 0:  # the small bins pooled into one (folded into the last big bin if still < 5)
+        if rest_exp >= 5:
+            obs, exp = torch.cat([obs, rest_obs.view(1)]), torch.cat([exp, rest_exp.view(1)])
+        else:
+            obs[-1] += rest_obs
+            exp[-1] += rest_exp
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    k = max(1, len(exp) - 1)
+    zscore = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(zscore / math.sqrt(2))
+
+
+@pytest.mark.parametrize("V,temperature,top_p", [(2500, 1.0, 1.0), (2500, 0.6, 0.95), (TILE, 1.3, 1.0), (37, 1.0, 0.7)])
+def test_draws_follow_the_distribution(V, temperature, top_p):
+    gen = torch.Generator().manual_seed(V)
+    logits = torch.randn(V, generator=gen) * 2.5
+    suppress = torch.zeros(V, dtype=torch.bool)
+    suppress[torch.randint(0, V, (5,), generator=gen)] = True
+    n, chunk = 30000, 6000
+    counts = torch.zeros(V, dtype=torch.long)
+    for c in range(0, n, chunk):
+        seeds = torch.tensor([row_seed(11, V, i) for i in range(c, c + chunk)])
+        tok, logp = sample_tokens(logits.expand(chunk, V), uniform_from_seed(seeds, 0), temperature, top_p, suppress)
+        counts += torch.bincount(tok, minlength=V)
+        full = torch.log_softmax((logits / temperature).masked_fill(suppress, float("-inf")).double(), -1)
+        torch.testing.assert_close(logp.double(), full[tok], atol=1e-5, rtol=0)  # the full distribution's log-prob
+    p = expected(logits, temperature, top_p, suppress)
+    assert counts[p == 0].sum() == 0, "a token outside the support was drawn"
+    assert chi_square_p_value(counts, p, n) > 1e-4
+
+
+def test_a_wrong_distribution_fails_the_check():
+    """The chi-square check has power: draws from T = 1.0 judged against T = 1.1 fail."""
+    V, n = 2500, 30000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2.5
+    seeds = torch.tensor([row_seed(3, i) for i in range(n)])
+    counts = torch.zeros(V, dtype=torch.long)
+    for c in range(0, n, 6000):
+        tok, _ = sample_tokens(logits.expand(6000, V), uniform_from_seed(seeds[c:c + 6000], 0), 1.0, 1.0)
+        counts += torch.bincount(tok, minlength=V)
+    assert chi_square_p_value(counts, expected(logits, 1.0, 1.0), n) > 1e-4
+    assert chi_square_p_value(counts, expected(logits, 1.1, 1.0), n) < 1e-6
+
+
+def test_per_row_token_index():
+    seeds = torch.tensor([row_seed(0, i) for i in range(6)])
+    t = torch.tensor([0, 5, 2, 9, 1, 3])
+    u = uniform_from_seed(seeds, t)
+    assert torch.equal(u, torch.stack([uniform_from_seed(seeds[i:i + 1], int(t[i]))[0] for i in range(6)]))
