@@ -31,6 +31,7 @@ BENCHMARKS = {
     "planner": "benchmarks.bench_planner",
     "collate": "benchmarks.bench_collate",
     "train_step": "benchmarks.bench_train_step",
+    "rollout": "benchmarks.bench_rollout",
 }
 MEMORY_KEYS = ("peak_mb", "peak_extra_mb", "peak_rss_mb", "peak_gpu_mb")  # first present is plotted
 

@@ -103,7 +103,9 @@ class BatchConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward (gradient accumulation inside one step)."""
     rollout_batch_size: int = 0
-    """Sequences per generate call; 0 = all of a rank's sequences at once."""
+    """Decode slots of the rollout engine: sequences decoded at once on a rank; when one ends,
+    its slot takes the next pending sequence (continuous batching). 0 = all of a rank's
+    sequences at once. (engine "simple": sequences per generate chunk.)"""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "prompts_per_step",
@@ -278,6 +280,37 @@ class FSDPConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """The rollout engine (``staged.rollout``; batch.rollout_batch_size sets its decode slots)."""
+
+    engine: str = "paged"
+    """paged: each prompt prefilled once for its G samples, paged KV cache, continuous batching;
+    simple: the plain decode loop over transformers' DynamicCache (the reference)."""
+    block_size: int = 0
+    """Tokens per KV-cache block; 0 = 256 with flash-attn on CUDA, else 16."""
+    kv_cache_tokens: int = 0
+    """KV-cache capacity in tokens; 0 = kv_cache_memory_fraction of free memory on CUDA, or what
+    a step can need at most on a CPU (capped at 4 GiB)."""
+    kv_cache_memory_fraction: float = 0.3
+    """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
+    prefill_tokens: int = 8192
+    """Prompt tokens per prefill forward (at least one prompt)."""
+    reuse_vision_features: bool = True
+    """Qwen2-VL / Qwen2.5-VL, engine paged, padded micro-batches: the rollout's image features
+    (one tower pass per distinct prompt) stand in for the tower in every training forward of the
+    step, and the tower's gradient comes from one deferred pass per step instead of G
+    (staged.vision_reuse). Keeps every distinct prompt's features on the device until the step ends."""
+
+    def __post_init__(self):
+        _check(self.engine in ("paged", "simple"), "rollout.engine", f"expected paged or simple, got {self.engine!r}")
+        _check(self.block_size >= 0, "rollout.block_size", f"must be >= 0, got {self.block_size}")
+        _check(self.kv_cache_tokens >= 0, "rollout.kv_cache_tokens", f"must be >= 0, got {self.kv_cache_tokens}")
+        _check(0.0 < self.kv_cache_memory_fraction <= 0.95, "rollout.kv_cache_memory_fraction",
+               f"must lie in (0, 0.95], got {self.kv_cache_memory_fraction}")
+        _check(self.prefill_tokens >= 1, "rollout.prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
+
+
+@dataclass
 class PackingTrainConfig:
     """Sequence packing of the GRPO step's policy forward (``staged.packed_step``)."""
 
@@ -355,6 +388,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Stage-end evaluation on held-out sets (off by default)."""
     packing: PackingTrainConfig = field(default_factory=PackingTrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     output_dir: str = "outputs/default"
     """Metrics JSONL, TensorBoard events, plot and HF exports go here."""
     checkpoint_dir: str = ""
@@ -373,7 +407,7 @@ class TrainConfig:
     max_consecutive_bad_steps: int = 3
     """Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run."""
     finished_check_every: int = 8
-    """Rollout: look at the 'all sequences finished' flag (a host sync) every this many tokens."""
+    """Rollout on CUDA: look at which sequences finished (a host sync) every this many tokens."""
     tensorboard: bool = True
     """Also write TensorBoard events when tensorboard is installed."""
     plot: bool = True

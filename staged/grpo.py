@@ -16,11 +16,14 @@ With equal row counts per rank this makes 1 process and N ranks compute the same
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from staged.kernels import fused_linear_logprob, grpo_loss
 from staged.models.loading import forward_hidden, lm_head_weight
 from staged.vision_dummy import dummy_vision_term, with_dummy_vision
+from staged.vision_reuse import injected_image_features
 
 TOKEN_SUM_LOSSES = ("dapo", "cispo")
 
@@ -47,16 +50,25 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, std_normalize: b
 
 
 def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, temperature: float = 1.0,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, vision=None):
     """Log-probs of ``targets`` [B, T - start] = the tokens at columns start.. of the sequence,
     each predicted from the hidden state one column earlier; never materialises [tokens, V].
 
+    ``vision``: a ``staged.vision_reuse.StepVisionFeatures`` and this micro-batch's features
+    (None when it has no image) -- the tower does not run here at all (the step's deferred tower
+    pass does), or None to run it as part of the forward.
+
     Bound to the model as an FSDP forward method (``staged.parallel.bind_forward_method``): the
     root's lm_head weight is gathered while this runs and its gradient reduce-scattered after."""
-    # No image on this micro-batch: the vision tower still runs (ranks > 1) so FSDP's collectives
-    # line up with ranks that have one (staged.vision_dummy); before the decoder, as real images.
-    dummy = dummy_vision_term(model) if "pixel_values" not in inputs else None
-    hidden = with_dummy_vision(forward_hidden(model, **inputs), dummy)  # [B, T, H]
+    if vision is not None:
+        feats = vision[1]
+        with injected_image_features(model, feats) if feats is not None else contextlib.nullcontext():
+            hidden = forward_hidden(model, **inputs)
+    else:
+        # No image on this micro-batch: the vision tower still runs (ranks > 1) so FSDP's collectives
+        # line up with ranks that have one (staged.vision_dummy); before the decoder, as real images.
+        dummy = dummy_vision_term(model) if "pixel_values" not in inputs else None
+        hidden = with_dummy_vision(forward_hidden(model, **inputs), dummy)  # [B, T, H]
     h = hidden[:, start - 1: hidden.shape[1] - 1]
     w = lm_head_weight(model)
     out = fused_linear_logprob(h, w.to(h.dtype), targets, temperature=temperature, return_entropy=with_entropy)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from staged import checkpoint, metrics, packed_step, parallel, vision_dummy
+from staged import checkpoint, metrics, packed_step, parallel, vision_dummy, vision_reuse
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data.prompting import build_generation_batch, build_sft_batch
 from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
@@ -39,6 +39,7 @@ from staged.models.loading import (decoder_layers, input_embeddings, language_mo
                                    vision_module)
 from staged.rewards import compute_rewards
 from staged.rollout import SamplingParams, generate, model_inputs, position_ids, row_seed, select_rows
+from staged.vision_reuse import StepVisionFeatures
 
 LOGPROBS = "staged_logprobs"  # the FSDP forward method bound onto the policy and reference models
 
@@ -72,6 +73,7 @@ def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str
                               reshard_after_forward=cfg.fsdp.reshard_after_forward)
     parallel.bind_forward_method(model, LOGPROBS, token_logprobs)
     parallel.bind_forward_method(model, packed_step.PACKED_LOGPROBS, packed_step.packed_token_logprobs)
+    parallel.bind_forward_method(model, vision_reuse.FORWARD_METHOD, vision_reuse.tower_features)
     model.train(trainable)
     return model, processor
 
@@ -162,10 +164,13 @@ def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> S
     suppress = {tokenizer.convert_tokens_to_ids(t) for t in vision} - {None, tokenizer.unk_token_id}
     suppress |= set(range(len(tokenizer), model.config.get_text_config().vocab_size))
     g = stage.grpo
+    r = cfg.rollout
     return SamplingParams(max_new_tokens=g.max_response_tokens, temperature=g.temperature, top_p=g.top_p,
                           eos_token_ids=tuple(sorted(eos)), pad_token_id=tokenizer.pad_token_id,
                           check_every=cfg.finished_check_every, batch_size=stage.batch.rollout_batch_size,
-                          suppress_token_ids=tuple(sorted(suppress)))
+                          suppress_token_ids=tuple(sorted(suppress)), engine=r.engine, block_size=r.block_size,
+                          kv_cache_tokens=r.kv_cache_tokens, kv_cache_memory_fraction=r.kv_cache_memory_fraction,
+                          prefill_tokens=r.prefill_tokens, reuse_vision_features=r.reuse_vision_features)
 
 
 def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
@@ -191,10 +196,12 @@ class PaddedMicroBatch:
     sampler_logp: torch.Tensor
     advantages: torch.Tensor
     num_rows: int
+    vision: tuple | None = None  # (StepVisionFeatures, this micro-batch's features) when reused
 
 
-def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_size, d, dtype):
-    """Consecutive rows, each micro-batch trimmed to its own longest prompt and completion."""
+def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_size, d, dtype, svf=None):
+    """Consecutive rows, each micro-batch trimmed to its own longest prompt and completion;
+    ``svf``: the step's reused vision features (staged.vision_reuse), or None."""
     Tp, n = ro.prompt_ids.shape[1], len(p_len)
     for r0 in range(0, n, micro_batch_size):
         rows = list(range(r0, min(n, r0 + micro_batch_size)))
@@ -206,7 +213,8 @@ def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_
         mb.update(input_ids=ids, attention_mask=attn, position_ids=ro.position_ids[:, rows][:, :, cols])
         inputs = model_inputs(mb, d.device, dtype)
         yield PaddedMicroBatch(inputs, inputs["input_ids"][:, P:], P, ro.completion_mask[rows, :C].to(d.device),
-                               ro.logprobs[rows, :C].to(d.device), adv[rows], len(rows))
+                               ro.logprobs[rows, :C].to(d.device), adv[rows], len(rows),
+                               None if svf is None else (svf, svf.for_rows(rows)))
 
 
 def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, prompts, global_step, sp, dtype):
@@ -219,6 +227,7 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     base = build_generation_batch(processor, [s for _, s in prompts], system_prompt=stage.system_prompt)
     base["images_per_row"] = [len(s.images) for _, s in prompts]
     batch = select_rows(base, [j for j in range(len(prompts)) for _ in range(G)])
+    batch["prompt_index"] = [j for j in range(len(prompts)) for _ in range(G)]  # G rows share one prefill
     batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
                                          batch.get("image_grid_thw"))
     seeds = torch.tensor([row_seed(cfg.seed, global_step, i * G + k) for i, _ in prompts for k in range(G)])
@@ -238,7 +247,7 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     #      or packed under a token budget (cfg.packing; staged.packed_step)
     rows_rank = len(samples)
     p_len = ro.prompt_mask.sum(-1).tolist()
-    c_len, plan = comp_len.tolist(), None
+    c_len, plan, svf = comp_len.tolist(), None, None
     if cfg.packing.enabled:  # this rank's micro-batches; G rows of a prompt stay together
         plan = packed_step.plan_rank([p + c for p, c in zip(p_len, c_len)], G, cfg.packing.token_budget,
                                      stage.batch.micro_batch_size)
@@ -258,14 +267,21 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
             int(max(red[2:])), packed_step.PackingConfig.from_model(model), comp_ids=comp_ids,
             comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype)
     else:
-        mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype)
+        # The rollout's image features, once per distinct prompt, stand in for the tower in every
+        # micro-batch; the tower's gradient comes from one deferred pass below (staged.vision_reuse).
+        if ro.vision_features is not None and cfg.rollout.reuse_vision_features:
+            svf = StepVisionFeatures(ro.vision_features, ro.prompt_index,
+                                     any(p.requires_grad for p in vision_module(model).parameters()))
+        mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype,
+                                   svf)
     sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
     for mb in mbs:
         if plan is not None:
             method, args, cu = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets), mb.cu_seqlens
         else:
             method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
-        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True)
+        kw = {"vision": mb.vision} if plan is None and mb.vision is not None else {}
+        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, **kw)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
@@ -287,6 +303,10 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
                 m["clip_ratio/region_mean"].to(tok) * tok, m["ratio_mean"].to(tok) * tok, tok,
                 ((logp.detach() - sampler_logp).abs() * fm).sum(),
                 torch.tensor(float(mb.num_rows), device=d.device)])
+
+    if svf is not None:  # the tower's gradient: one pass over the distinct images (every rank)
+        svf.backward_through_tower(model, *(model_inputs(base, d.device, dtype).get(k)
+                                            for k in ("pixel_values", "image_grid_thw")))
 
     # ---- optimizer step (skipped when the loss or the gradient is not finite)
     if not images_all:

@@ -113,3 +113,15 @@ def test_common_helpers():
     h = bench_headline(rows)
     assert "speedup_vs_eager 2x" in h and "skipped" in h
     assert "| a | ok | 3 | x/y |" in summary_table([{"step": "a", "status": "ok", "seconds": 3.2, "detail": "x|y"}])
+
+
+def test_quick_rollout_benchmark_runs_every_engine():
+    """The rollout benchmark's quick shape: the three implementations, same completion-token
+    accounting, the paged engine's prefill/decode split."""
+    from benchmarks.bench_rollout import run
+
+    rows = run("cpu", quick=True)
+    assert [r["impl"] for r in rows] == ["paged", "simple (old loop)", "transformers generate()"]
+    assert all(r["completion_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["prefill_ms"] > 0 and rows[0]["decode_ms"] > 0 and rows[0]["cache_mb"] > 0
+    assert rows[0]["completion_tokens"] == rows[1]["completion_tokens"]  # same seeds, same completions

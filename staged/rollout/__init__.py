@@ -50,7 +50,7 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
                                              batch.get("image_grid_thw"))
     was_training = model.training
     model.eval()
-    stats = None
+    stats = vision = groups = None
     try:
         with gathered_for_generation(model):
             # Ranks > 1: gather the vision tower up front on every rank, with or without images in
@@ -59,7 +59,7 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
             if params.engine == "paged":
                 from staged.rollout.engine import generate_paged
 
-                ids, mask, logps, stats = generate_paged(model, batch, params, seeds, device, dtype)
+                ids, mask, logps, stats, vision, groups = generate_paged(model, batch, params, seeds, device, dtype)
             else:
                 from staged.rollout.simple import generate_simple
 
@@ -68,4 +68,5 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
         model.train(was_training)
     return Rollout(prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"], completion_ids=ids,
                    completion_mask=mask, logprobs=logps,
-                   position_ids=extend_positions(batch["position_ids"], ids.shape[1]), stats=stats)
+                   position_ids=extend_positions(batch["position_ids"], ids.shape[1]), stats=stats,
+                   vision_features=vision, prompt_index=groups)

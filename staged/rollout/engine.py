@@ -23,6 +23,7 @@ a slot until then, their extra tokens masked out.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from staged.rollout.cache import PagedKVCache, blocks_for
 from staged.rollout.interface import SamplingParams, cache_kwarg, images_per_row, model_inputs, select_rows
 from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled
 from staged.rollout.sampler import sample_tokens, suppress_mask, uniform_from_seed
+from staged.vision_reuse import image_features, injected_image_features, supports_reuse, tokens_per_image
 
 CPU_CACHE_CAP_BYTES = 4 << 30
 
@@ -83,6 +85,7 @@ class Prompt:
     length: int                     # prompt tokens P
     blocks: list[int] = field(default_factory=list)  # its KV blocks, once prefilled
     logits: torch.Tensor | None = None               # [V] fp32 after the last prompt token
+    vision: torch.Tensor | None = None               # [Nv, H] its images' features (reused in training)
     admitted: int = 0
 
 
@@ -230,8 +233,9 @@ def _cache_blocks(params: SamplingParams, worst_tokens: int, bytes_per_token: in
 
 @torch.no_grad()
 def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype):
-    """(ids, mask, logps) [B, Tc] and engine stats; see the module doc. ``dtype``: what pixel
-    values are cast to (the cache takes the decoder weights' dtype)."""
+    """(ids, mask, logps) [B, Tc], engine stats, the distinct prompts' image features (None
+    without reuse) and row -> distinct prompt; see the module doc. ``dtype``: what pixel values
+    are cast to (the cache takes the decoder weights' dtype)."""
     pixel_dtype = dtype
     t_start = time.perf_counter()
     B = batch["input_ids"].shape[0]
@@ -252,6 +256,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
                     + sum(blocks_for(prompt_lens[r] % bs + params.max_new_tokens, bs) for r in range(B)) * bs)
     cache = PagedKVCache(n_layers, _cache_blocks(params, worst_tokens, per_token, bs, device), bs, kv_heads,
                          head_dim, dtype, device)
+    reuse = params.reuse_vision_features and supports_reuse(model)
     S = min(params.batch_size or B, B)
     sched = Scheduler(groups, prompt_lens, cache, S, params.max_new_tokens)
     sched.check_fits()
@@ -274,6 +279,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     check = 1 if device.type != "cuda" else max(1, params.check_every)
     stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "prefill_forwards": 0, "decode_steps": 0,
              "decode_row_steps": 0, "cache_blocks": cache.pool.num_blocks, "block_size": bs,
+             "cache_mb": cache.pool.num_blocks * bs * per_token / 2**20,
              "peak_blocks": 0, "slots": S, "attention": backend}
 
     # per slot: the row decoded there and its step counter (host)
@@ -294,7 +300,18 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
         from transformers import DynamicCache
 
         dc = DynamicCache(config=model.config)
-        out = model(**model_inputs(sub, device, pixel_dtype), use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
+        inputs = model_inputs(sub, device, pixel_dtype)
+        feats = None
+        if reuse and "pixel_values" in inputs:  # the tower once per distinct prompt, kept for training
+            feats = image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
+            per_img = feats.split(tokens_per_image(model, inputs["image_grid_thw"]))
+            n_img = images_per_row(sub)
+            starts = [sum(n_img[:i]) for i in range(len(gs) + 1)]
+            for i, g in enumerate(gs):
+                if n_img[i]:
+                    sched.prompts[g].vision = torch.cat(per_img[starts[i]:starts[i + 1]])
+        with injected_image_features(model, feats) if feats is not None else contextlib.nullcontext():
+            out = model(**inputs, use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
         logits = out.logits[:, -1].float()
         for i, g in enumerate(gs):
             p = sched.prompts[g]
@@ -380,7 +397,8 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     stats["total_s"] = time.perf_counter() - t_start
     stats["decode_tokens"] = int(n_out.sum()) - B
     stats["free_blocks_end"] = cache.pool.num_free
-    return out_ids[:, :Tc], mask[:, :Tc], out_logp[:, :Tc], stats
+    vision = [p.vision for p in sched.prompts] if reuse else None
+    return out_ids[:, :Tc], mask[:, :Tc], out_logp[:, :Tc], stats, vision, groups
 
 
 def _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers, layer_cache_kw, lm_head, emit,

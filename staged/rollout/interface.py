@@ -48,8 +48,9 @@ class SamplingParams:
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
     """Prompt tokens prefilled per forward (padded), at least one prompt."""
-    cuda_graphs: bool = True
-    """On CUDA: the decode step runs as a captured CUDA graph per slot-count bucket."""
+    reuse_vision_features: bool = True
+    """Engine "paged", Qwen2-VL / Qwen2.5-VL: keep each distinct prompt's image features for the
+    training forward of the same step (staged.vision_reuse)."""
 
 
 @dataclass
@@ -73,6 +74,11 @@ class Rollout:
     position_ids: torch.Tensor
     stats: dict | None = None
     """Engine counters (prefill / decode time and tokens, cache blocks, ...), for benchmarks."""
+    vision_features: list | None = None
+    """Per distinct prompt: its images' features [Nv, H] from the rollout (None: no image), or
+    None when the engine does not keep them (staged.vision_reuse)."""
+    prompt_index: list[int] | None = None
+    """Row -> its distinct prompt (the index into vision_features)."""
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -124,6 +130,8 @@ def select_rows(batch: dict, rows: list[int]) -> dict:
     out["images_per_row"] = [per_row[r] for r in rows]
     if "position_ids" in batch:
         out["position_ids"] = batch["position_ids"][:, rows]
+    if "prompt_index" in batch:
+        out["prompt_index"] = [batch["prompt_index"][r] for r in rows]
     grid = batch.get("image_grid_thw")
     if grid is not None and sum(per_row) > 0:
         img_start = [0]

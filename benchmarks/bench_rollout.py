@@ -1,0 +1,133 @@
+"""Rollout engines side by side in one run: the paged engine (group-shared prefill, paged KV
+cache, continuous batching) vs the plain decode loop (engine "simple") vs transformers'
+``generate()``, on a Qwen2.5-VL-shaped model with the real 151,936-token vocabulary.
+
+Shapes (prompts x G = 5 samples, one image each):
+  short  8 prompts, 64 vision tokens per image, 64 new tokens, no early end;
+  long   4 prompts, 256 vision tokens per image, 256 new tokens, lengths varied by an end-token
+         set of ~1/128 of the vocabulary (so rows end at different steps, as real completions do).
+transformers' continuous batching (``generate_batch``) takes text-only requests: it does not
+apply to these image rows. Rows report wall time (one timed run after a warm-up; CPU), tokens/s
+over the completion tokens, and the paged engine's prefill / decode split. ``make gpu-check``
+runs the same in bf16 on CUDA.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+PATCH = 14
+VOCAB = 151_936
+
+
+def build_model(device, dtype, quick: bool):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=1000 if quick else VOCAB, hidden_size=64 if quick else 256,
+                intermediate_size=128 if quick else 1024, num_hidden_layers=2 if quick else 4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12] if not quick else [2, 3, 3]},
+                pad_token_id=0, eos_token_id=2, tie_word_embeddings=False)
+    vision = dict(depth=2, hidden_size=64 if quick else 256, intermediate_size=128 if quick else 512, num_heads=4,
+                  patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=text["vocab_size"] - 10,
+                           video_token_id=text["vocab_size"] - 9, vision_start_token_id=text["vocab_size"] - 8,
+                           vision_end_token_id=text["vocab_size"] - 7)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).to(device, dtype).eval()
+    model.config.get_text_config()._attn_implementation_internal = "sdpa"
+    return model
+
+
+def make_batch(model, prompts: int, group: int, vision_tokens: int, gen):
+    cfg = model.config
+    side = int(round((vision_tokens * 4) ** 0.5))
+    V = cfg.get_text_config().vocab_size
+    rows, pix, grids = [], [], []
+    for i in range(prompts):
+        text = torch.randint(3, V - 20, (20 + 3 * i,), generator=gen).tolist()
+        ids = [cfg.vision_start_token_id] + [cfg.image_token_id] * vision_tokens + [cfg.vision_end_token_id] + text
+        p = torch.randn(side * side, 3 * 2 * PATCH * PATCH, generator=gen)
+        for _ in range(group):
+            rows.append(ids)
+            pix.append(p)
+            grids.append([1, side, side])
+    T = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([[0] * (T - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
+            "pixel_values": torch.cat(pix), "image_grid_thw": torch.tensor(grids),
+            "images_per_row": [1] * len(rows), "prompt_index": [r // group for r in range(len(rows))]}
+
+
+def end_tokens(V: int, fraction: float, gen) -> tuple[int, ...]:
+    if fraction <= 0:
+        return (2,)
+    return tuple(sorted(set(torch.randint(3, V - 20, (max(1, int(V * fraction)),), generator=gen).tolist()) | {2}))
+
+
+def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
+    from staged.rollout import SamplingParams, generate, row_seed
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = build_model(dev, dtype, quick)
+    V = model.config.get_text_config().vocab_size
+    shapes = ([("quick", 2, 3, 16, 8, 0.0)] if quick else
+              [("short", 8, 5, 64, 64, 0.0), ("long", 4, 5, 256, 256, 1 / 128)])
+    rows = []
+    for name, P, G, vt, new, end_frac in shapes:
+        gen = torch.Generator().manual_seed(0)
+        batch = make_batch(model, P, G, vt, gen)
+        eos = end_tokens(V, end_frac, gen)
+        B = batch["input_ids"].shape[0]
+        seeds = torch.tensor([row_seed(0, 0, i) for i in range(B)])
+        case = f"{name}: {P}x{G} rows, {vt} vis tok, {new} new, V={V}"
+        sup = tuple(range(V - 10, V))
+
+        def ours(engine, slots=0):
+            sp = SamplingParams(max_new_tokens=new, eos_token_ids=eos, pad_token_id=0, engine=engine, batch_size=slots,
+                                suppress_token_ids=sup)
+            return lambda: generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)
+
+        def hf_generate():
+            inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "image_grid_thw")}
+            inputs["pixel_values"] = batch["pixel_values"].to(dev, dtype)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=0, do_sample=True, temperature=1.0,
+                                     top_p=1.0, top_k=0, eos_token_id=list(eos), pad_token_id=0)
+            return out[:, inputs["input_ids"].shape[1]:]
+
+        impls = {"paged": ours("paged"), "simple (old loop)": ours("simple"), "transformers generate()": hf_generate}
+        for impl, fn in impls.items():
+            fn()  # warm-up (allocator, kernels)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if impl == "transformers generate()":
+                ids = out
+                ended = torch.isin(ids, torch.tensor(eos, device=ids.device)).long()
+                n_tok = int(((ended.cumsum(-1) - ended) == 0).sum())  # tokens up to and with the first end
+                stats = {}
+            else:
+                n_tok, stats = int(out.completion_mask.sum()), out.stats or {}
+            row = {"case": case, "impl": impl, "median_ms": dt * 1e3, "p20_ms": dt * 1e3, "p80_ms": dt * 1e3,
+                   "completion_tokens": n_tok, "tokens_per_s": n_tok / dt}
+            if stats:
+                row.update(prefill_ms=stats["prefill_s"] * 1e3, decode_ms=stats["decode_s"] * 1e3,
+                           cache_mb=stats["cache_mb"])
+            if dev.type == "cuda":
+                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            rows.append(row)
+        base = {r["impl"]: r["tokens_per_s"] for r in rows if r["case"] == case}
+        for r in rows:
+            if r["case"] == case:
+                r["x_vs_generate"] = r["tokens_per_s"] / base["transformers generate()"]
+                r["x_vs_old_loop"] = r["tokens_per_s"] / base["simple (old loop)"]
+    return rows
