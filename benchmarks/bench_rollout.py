@@ -8,8 +8,9 @@ Shapes (prompts x G = 5 samples, one image each):
          set of ~1/128 of the vocabulary (so rows end at different steps, as real completions do).
 transformers' continuous batching (``generate_batch``) takes text-only requests: it does not
 apply to these image rows. Rows report wall time (one timed run after a warm-up; CPU), tokens/s
-over the completion tokens, and the paged engine's prefill / decode split. ``make gpu-check``
-runs the same in bf16 on CUDA.
+over the completion tokens, the paged engine's prefill / decode split, and its decode time as a
+% of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
+bandwidth measured in the same run). ``make gpu-check`` runs the same in bf16 on CUDA.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = build_model(dev, dtype, quick)
     V = model.config.get_text_config().vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".visual." not in f".{n}")
     shapes = ([("quick", 2, 3, 16, 8, 0.0)] if quick else
               [("short", 8, 5, 64, 64, 0.0), ("long", 4, 5, 256, 256, 1 / 128)])
     rows = []
@@ -122,6 +124,11 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             if stats:
                 row.update(prefill_ms=stats["prefill_s"] * 1e3, decode_ms=stats["decode_s"] * 1e3,
                            cache_mb=stats["cache_mb"])
+                if limits and limits.get("copy_gbps"):
+                    # decode's floor: every step reads the decoder + lm_head weights and the live KV
+                    read = (weight_bytes * stats["decode_steps"]
+                            + stats["kv_tokens_read"] * stats["kv_bytes_per_token"])
+                    row["pct_of_read_bound"] = 100 * read / (limits["copy_gbps"] * 1e6) / row["decode_ms"]
             if dev.type == "cuda":
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             rows.append(row)

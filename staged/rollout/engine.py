@@ -280,7 +280,8 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "prefill_forwards": 0, "decode_steps": 0,
              "decode_row_steps": 0, "cache_blocks": cache.pool.num_blocks, "block_size": bs,
              "cache_mb": cache.pool.num_blocks * bs * per_token / 2**20,
-             "peak_blocks": 0, "slots": S, "attention": backend}
+             "peak_blocks": 0, "slots": S, "attention": backend, "kv_tokens_read": 0,
+             "kv_bytes_per_token": per_token}
 
     # per slot: the row decoded there and its step counter (host)
     t_of = [0] * S
