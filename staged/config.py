@@ -347,6 +347,11 @@ class TrainConfig:
     """Attention backend handed to the model loader (sdpa, eager, flash_attention_2)."""
     device: str = "auto"
     """auto (cuda when available), cuda or cpu."""
+    dist_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective before it gives up (ranks > 1): a rank that died,
+    stopped or hangs ends the job after this long instead of torch's 30 minutes. Must exceed the
+    longest time one rank works alone while the others wait: rank 0 reading the checkpoint, an HF
+    export, the slowest rank's rollout."""
     cpu_threads: int = 1
     """CPU runs: torch intra-op threads (0 = torch's default). The embedded model's matrices are
     too small to gain from more threads, and spinning OpenMP threads on shared cores can be 10x
@@ -388,6 +393,7 @@ class TrainConfig:
                f"expected auto, bf16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cuda", "cpu"), "device",
                f"expected auto, cuda or cpu, got {self.device!r}")
+        _check(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         _check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         _check(self.checkpoint_every >= 0, "checkpoint_every",
                f"must be >= 0, got {self.checkpoint_every}")

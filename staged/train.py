@@ -22,7 +22,9 @@ all-reduce of the step's token count (the dapo normaliser) and one of the step's
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -166,6 +168,21 @@ def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> S
                           eos_token_ids=tuple(sorted(eos)), pad_token_id=tokenizer.pad_token_id,
                           check_every=cfg.finished_check_every, batch_size=stage.batch.rollout_batch_size,
                           suppress_token_ids=tuple(sorted(suppress)))
+
+
+def inject_fault(d: parallel.Dist, global_step: int) -> None:
+    """Fault injection for the reliability tests: ``STAGED_INJECT_FAULT=raise:RANK:STEP`` raises on
+    rank RANK before global step STEP (0-based) runs, ``stop:RANK:STEP`` stops it (SIGSTOP), as an
+    exception or a frozen process on one GPU would, while the other ranks enter the step."""
+    spec = os.environ.get("STAGED_INJECT_FAULT")
+    if not spec:
+        return
+    kind, rank, step = spec.split(":")
+    if int(rank) != d.rank or int(step) != global_step:
+        return
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    raise RuntimeError(f"injected fault (STAGED_INJECT_FAULT={spec}) on rank {d.rank} at global step {global_step}")
 
 
 def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
@@ -433,6 +450,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             lr = stage.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            inject_fault(d, global_step)
             prompts = step_prompts(samples, stage, cfg.seed, si, step, d)
             if stage.is_sft_step(step):
                 rec = sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
@@ -486,7 +504,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run every stage of ``cfg`` (resuming when a checkpoint exists). Returns the per-stage summary."""
-    d = parallel.init_distributed(cfg.device)
+    d = parallel.init_distributed(cfg.device, timeout_s=cfg.dist_timeout_s)
     check_geometry(cfg, d)
     if d.device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -566,9 +584,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
-    finally:
-        several = parallel.destroy_distributed()
-    if several:
+    except BaseException as e:
+        # Ranks > 1: say it once, abort the group, exit non-zero now; never a teardown barrier
+        # that the other ranks, stuck in a collective, would never reach.
+        parallel.fail(e)
+        parallel.destroy_distributed()
+        raise
+    if parallel.destroy_distributed():
         parallel.exit_now(0)
 
 
