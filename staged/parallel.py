@@ -153,7 +153,10 @@ def fail(exc: BaseException) -> None:
         return
     rank = dist.get_rank()
     first, first_rank = _first_failure(rank)
-    if isinstance(exc, KeyboardInterrupt):
+    if getattr(exc, "one_message", False):  # the user's to fix (staged.resume.RefuseStart): no traceback
+        if first:
+            print(f"staged.train: {exc}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
         print(f"[rank {rank}] interrupted", file=sys.stderr)
     elif _is_comm_error(exc) and not first:
         print(f"[rank {rank}] stopping: a collective failed after rank {first_rank} failed", file=sys.stderr)
@@ -169,7 +172,7 @@ def fail(exc: BaseException) -> None:
               f"first", file=sys.stderr)
     sys.stderr.flush()
     abort_process_group()
-    exit_now(130 if isinstance(exc, KeyboardInterrupt) else 1)
+    exit_now(2 if getattr(exc, "one_message", False) else 130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 def exit_now(code: int = 0) -> None:
@@ -204,6 +207,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

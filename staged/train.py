@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from staged import checkpoint, metrics, packed_step, parallel, vision_dummy
+from staged import resume as resume_guard
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data.prompting import build_generation_batch, build_sft_batch
 from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
@@ -183,6 +184,21 @@ def inject_fault(d: parallel.Dist, global_step: int) -> None:
     if kind == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
     raise RuntimeError(f"injected fault (STAGED_INJECT_FAULT={spec}) on rank {d.rank} at global step {global_step}")
+
+
+def on_rank0(d: parallel.Dist, fn):
+    """``fn()`` on rank 0 (None elsewhere). Its refusal to start is raised on every rank, so that
+    all of them stop with one message instead of waiting for rank 0 in the next collective."""
+    out, refusal = None, None
+    if d.is_main:
+        try:
+            out = fn()
+        except resume_guard.RefuseStart as e:
+            refusal = str(e)
+    refusal = parallel.broadcast_object(refusal)
+    if refusal:
+        raise resume_guard.RefuseStart(refusal)
+    return out
 
 
 def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
@@ -407,7 +423,7 @@ def stage_end_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageC
     return rec
 
 
-def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar) -> None:
+def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar, identity=None) -> None:
     """The stage schedule: each stage's setup, then its steps (the body of ``train``)."""
     log = (bar.write if bar is not None else print) if d.is_main else (lambda *a, **k: None)
     tokenizer = processor.tokenizer
@@ -485,7 +501,8 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             if stage_end or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
                 checkpoint.save(ckpt_dir, global_step, model=model, optimizer=optimizer, ref_model=use_ref,
                                 trainer_state={"stage": si, "stage_name": stage.name, "stage_step": step + 1,
-                                               "global_step": global_step, "bad_steps": bad},
+                                               "global_step": global_step, "bad_steps": bad,
+                                               "identity": identity},
                                 dist_info=d, keep=cfg.keep_checkpoints)
 
         if cfg.export_hf:
@@ -517,22 +534,28 @@ def train(cfg: TrainConfig) -> list[dict]:
     out_dir, ckpt_dir = Path(cfg.output_dir), cfg.ckpt_dir
     log = print if d.is_main else (lambda *a, **k: None)
 
-    # ---- model: fp32 master weights, FSDP2 units, stage 0's frozen modules set before wrapping
-    path = resolve_model_path(cfg, d)
-    model, processor = build_model(path, cfg, d, cfg.stages[0].freeze)
-    _, dtype = parallel.mixed_precision(cfg.precision, d.device)
+    # ---- output dirs: writable, and this run's alone (rank 0 holds the lock), before any model loads
+    resume_guard.check_writable(out_dir, ckpt_dir, rank=d.rank)
+    lock = on_rank0(d, lambda: resume_guard.RunLock(out_dir).acquire())
 
-    # ---- resume: the newest complete checkpoint, or a fresh start
+    # ---- resume: the newest intact checkpoint of this same run, or a fresh start
+    path = resolve_model_path(cfg, d)
     checkpoint.clean_temp(ckpt_dir, d)
     if cfg.resume == "never" and (n := checkpoint.remove_all(ckpt_dir, d)):
         log(f"[resume=never] removed {n} old checkpoints from {ckpt_dir}")
-    resume = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else None
+    resume = checkpoint.latest_intact(ckpt_dir, d, warn=log) if cfg.resume == "auto" else None
+    identity = parallel.broadcast_object(resume_guard.run_identity(cfg, path) if d.is_main else None)
     state = checkpoint.read_trainer_state(resume) if resume else {"stage": 0, "stage_step": 0, "global_step": 0}
     if resume:
+        on_rank0(d, lambda: resume_guard.check_resume(resume, state, identity, ckpt_dir, out_dir, log=log))
         log(f"resuming from {resume} (stage {state['stage']} '{cfg.stages[state['stage']].name}', "
             f"step {state['stage_step']} of it, global step {state['global_step']})")
         if state["stage"] == len(cfg.stages) - 1 and state["stage_step"] >= cfg.stages[-1].steps:
             log("every stage is already complete: nothing to train (resume=never starts over)")
+
+    # ---- model: fp32 master weights, FSDP2 units, stage 0's frozen modules set before wrapping
+    model, processor = build_model(path, cfg, d, cfg.stages[0].freeze)
+    _, dtype = parallel.mixed_precision(cfg.precision, d.device)
     global_step = state["global_step"]
     logger = metrics.MetricsLogger(out_dir, enabled=d.is_main, tensorboard=cfg.tensorboard, resume_step=global_step)
     total_steps = sum(s.steps for s in cfg.stages)
@@ -543,11 +566,13 @@ def train(cfg: TrainConfig) -> list[dict]:
         bar = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True, file=sys.stdout)
 
     try:
-        run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar)
+        run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar, identity=identity)
     finally:
         if bar is not None:
             bar.close()
         logger.close()
+        if lock is not None:
+            lock.release()
 
     # ---- end of run: per-stage summary and curves
     summary = []
@@ -584,6 +609,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
+    except (resume_guard.RefuseStart, checkpoint.CheckpointError) as e:
+        parallel.fail(e)  # ranks > 1: one message (from the first rank), exit status 2
+        parallel.destroy_distributed()
+        print(f"staged.train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except BaseException as e:
         # Ranks > 1: say it once, abort the group, exit non-zero now; never a teardown barrier
         # that the other ranks, stuck in a collective, would never reach.
