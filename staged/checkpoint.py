@@ -368,9 +368,38 @@ def copy_weights(src, dst) -> None:
 # HF export
 
 
-def export_hf(model, processor, out_dir: str | Path, dist_info: Dist) -> Path:
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def export_dtype(setting: str, model_path: str | Path) -> torch.dtype:
+    """The HF export's dtype: ``setting`` (bf16 / fp16 / fp32), or for ``auto`` the source
+    checkpoint's own (``dtype`` / ``torch_dtype`` in its config.json; fp32 when it says nothing)."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    f = Path(model_path) / "config.json"
+    try:
+        conf = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read the model config: {type(e).__name__}: {e}") from None
+    text = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else {}
+    name = conf.get("dtype") or conf.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(name), torch.float32)
+
+
+def _set_config_dtype(f: Path, name: str) -> None:
+    conf = json.loads(f.read_text())
+    for c in [conf] + [v for v in conf.values() if isinstance(v, dict)]:
+        if "dtype" in c or c is conf:
+            c["dtype"] = name
+        c.pop("torch_dtype", None)
+    f.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(model, processor, out_dir: str | Path, dist_info: Dist, dtype: torch.dtype | None = None) -> Path:
     """Gather the full state dict on rank 0 (CPU) and write an HF safetensors checkpoint with
-    processor files, loadable by ``from_pretrained``. Collective: every rank must call it."""
+    processor files, loadable by ``from_pretrained``; floating tensors in ``dtype`` (None: as
+    trained, fp32). Collective: every rank must call it."""
     out_dir = Path(out_dir)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist_info.is_main:
@@ -378,7 +407,11 @@ def export_hf(model, processor, out_dir: str | Path, dist_info: Dist) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        if dtype is not None:  # save_pretrained writes the in-memory (fp32) dtype; say what the files hold
+            _set_config_dtype(tmp / "config.json", str(dtype).removeprefix("torch."))
         _save_processor(processor, tmp, model.config.model_type)
         if out_dir.exists():
             shutil.rmtree(out_dir)

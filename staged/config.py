@@ -373,6 +373,9 @@ class TrainConfig:
     delete checkpoints already in checkpoint_dir)."""
     export_hf: bool = True
     """Write an HF safetensors checkpoint (with processor files) at each stage end."""
+    export_dtype: str = "auto"
+    """Floating-point dtype of the HF exports: auto (the source checkpoint's, from its config.json:
+    a bf16 model exports at half the size of the fp32 master weights), bf16, fp16 or fp32."""
     seed: int = 0
     """Seeds data order, synthetic data, sampling (per global sample index) and init RNGs."""
     max_consecutive_bad_steps: int = 3
@@ -401,6 +404,8 @@ class TrainConfig:
                f"must be >= 0, got {self.keep_checkpoints}")
         _check(self.resume in ("auto", "never"), "resume",
                f"expected auto or never, got {self.resume!r}")
+        _check(self.export_dtype in ("auto", "bf16", "fp16", "fp32"), "export_dtype",
+               f"expected auto, bf16, fp16 or fp32, got {self.export_dtype!r}")
         _check(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
                f"must be >= 1, got {self.max_consecutive_bad_steps}")
         _check(self.finished_check_every >= 1, "finished_check_every",

@@ -37,7 +37,7 @@ from staged import checkpoint, metrics, packed_step, parallel, vision_dummy
 from staged import resume as resume_guard
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data.prompting import build_generation_batch, build_sft_batch
-from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
+from staged.grpo import VocabMask, group_advantages, micro_batch_weight, policy_loss, token_logprobs
 from staged.models.loading import (decoder_layers, input_embeddings, language_model, load_model_and_processor,
                                    vision_module)
 from staged.rewards import compute_rewards
@@ -292,17 +292,19 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
             comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype)
     else:
         mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype)
+    # The sampler's vocabulary: the trainer's log-probs are normalised over the rows it can draw.
+    vocab = VocabMask.build(sp.suppress_token_ids, model.config.get_text_config().vocab_size, d.device)
     sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
     for mb in mbs:
         if plan is not None:
             method, args, cu = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets), mb.cu_seqlens
         else:
             method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
-        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True)
+        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, vocab=vocab)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = getattr(ref_model, method)(*args, temperature=g.temperature)
+                ref_logp = getattr(ref_model, method)(*args, temperature=g.temperature, vocab=vocab)
                 parallel.reshard(ref_model)
         sampler_logp = mb.sampler_logp
         loss, m = policy_loss(logp, sampler_logp if g.old_logp == "rollout" else None, ref_logp, mb.advantages,
@@ -430,6 +432,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
     ckpt_dir = cfg.ckpt_dir
     global_step = state["global_step"]
     ref_model = None  # built on the first stage with beta > 0, refreshed at each stage start
+    out_dtype = checkpoint.export_dtype(cfg.export_dtype, path)
 
     for si, stage in enumerate(cfg.stages):
         if si < state["stage"] or (si == state["stage"] and state["stage_step"] >= stage.steps):
@@ -437,7 +440,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             # checkpoint and its export leaves the export to do.
             if si == state["stage"] and cfg.export_hf and not (export_dir(cfg, si, stage) / "config.json").exists():
                 checkpoint.load(resume, model=model, optimizer=None, dist_info=d)
-                checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
+                checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d, out_dtype)
             continue
 
         # ---- stage setup: frozen modules, a fresh optimizer, data, reference model
@@ -459,8 +462,10 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
                 checkpoint.copy_weights(model, use_ref)
         bad = state.get("bad_steps", 0) if resume is not None and si == state["stage"] else 0
         resume = None
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)  # FSDP2 shards
         log(f"\nstage {si} '{stage.name}' ({stage.type}): {stage.steps} steps, {len(samples)} samples, "
-            f"frozen: {stage.freeze or 'nothing'}, {sum(p.numel() for p in params):,} trainable parameters (this rank)")
+            f"frozen: {stage.freeze or 'nothing'}, {local:,} trainable parameters on this rank "
+            f"({sum(p.numel() for p in params):,} in all)")
 
         for step in range(start, stage.steps):
             lr = stage.lr_at(step)
@@ -506,7 +511,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
                                 dist_info=d, keep=cfg.keep_checkpoints)
 
         if cfg.export_hf:
-            export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
+            export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d, out_dtype)
             log(f"stage {si} '{stage.name}' done: HF checkpoint at {export}")
 
         # ---- stage-end evaluation on the held-out sets (cfg.eval), logged as a kind="eval" record
@@ -560,10 +565,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     logger = metrics.MetricsLogger(out_dir, enabled=d.is_main, tensorboard=cfg.tensorboard, resume_step=global_step)
     total_steps = sum(s.steps for s in cfg.stages)
     bar = None
-    if d.is_main and cfg.progress:
+    if d.is_main and cfg.progress and sys.stdout.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    elif d.is_main and cfg.progress:  # a log file or a pipe: lines, not one 28k-character tqdm line
+        bar = metrics.PlainProgress(total_steps, global_step)
 
     try:
         run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar, identity=identity)
