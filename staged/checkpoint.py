@@ -313,8 +313,9 @@ class _disk_errors:
             free = shutil.disk_usage(self.where if self.where.exists() else self.where.parent).free
             free_s = f"{free / 2**20:,.1f} MiB free"
         except OSError:
-            free_s = "free space unknown"
-        full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in errs)
+            free, free_s = None, "free space unknown"
+        full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in errs) or (
+            free is not None and free < 64 * 2**20)
         first = next((e for e in errs if isinstance(e, OSError)), errs[-1])
         what = "disk full" if full else f"{type(first).__name__}: {str(first).strip().splitlines()[0][:300]}"
         raise CheckpointError(f"saving checkpoint {self.where.name.removeprefix('.tmp-')} into {self.where.parent} "
