@@ -323,6 +323,27 @@ class _disk_errors:
                               f"the next start; earlier checkpoints are intact") from None
 
 
+def _params_without_optimizer_state(path: Path, app: dict[str, Any]) -> set[str]:
+    """Parameters the checkpoint holds no optimizer state for: trainable ones that had no gradient
+    yet when it was saved (the vision tower of a text-only stage). A fresh optimizer's state dict
+    has every parameter's, so those keys are let go missing, and nothing else: a missing weight is
+    an error naming it."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    try:
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path / '.metadata'}: cannot read the checkpoint's metadata: "
+                              f"{type(e).__name__}: {e}") from None
+    missing = set(flatten_state_dict(app)[0]) - saved
+    weights = sorted(k for k in missing if not k.startswith("optim.state."))
+    if weights:
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(weights)} entries this run needs "
+                              f"(first: {weights[0]})")
+    names = {n for n, _ in app["model"].items()} if "optim" in app else set()
+    return {n for n in names if any(k.startswith(f"optim.state.{n}.") for k in missing)}
+
+
 def load(path: str | Path, *, model, optimizer=None, ref_model=None, dist_info: Dist) -> dict[str, Any]:
     """Load a checkpoint into an already built (and sharded) model / optimizer / reference model
     and restore this rank's RNG states. ``optimizer=None`` loads the weights only (a new stage
@@ -332,8 +353,9 @@ def load(path: str | Path, *, model, optimizer=None, ref_model=None, dist_info: 
     if ref_model is not None and not state.get("has_ref_model"):
         raise CheckpointError(f"{path}: the stage uses a reference model (beta > 0) but the checkpoint has none")
     app = _app_state(model, optimizer, ref_model)
+    no_state = _params_without_optimizer_state(path, app)
     try:
-        dcp.load(app, checkpoint_id=str(path))
+        dcp.load(app, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=bool(no_state)))
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -344,6 +366,9 @@ def load(path: str | Path, *, model, optimizer=None, ref_model=None, dist_info: 
         set_model_state_dict(model, app["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"])
+        for name, p in model.named_parameters():  # as at save: no state until their first gradient
+            if name in no_state:
+                optimizer.state.pop(p, None)
     if ref_model is not None:
         set_model_state_dict(ref_model, app["ref_model"])
     rng_file = path / f"rng-rank{dist_info.rank}.pt"

@@ -86,7 +86,10 @@ def training_fields(cfg) -> dict[str, Any]:
 
 def run_identity(cfg, model_path: str | Path) -> dict[str, Any]:
     fields = training_fields(cfg)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k in SAFE_RUN_FIELDS and k not in ("model", "resume")}
     return {
+        "settings": _flatten(json.loads(json.dumps(settings))),  # free to change; listed when they do
         "model": str(Path(model_path).resolve()),
         "model_fingerprint": model_fingerprint(model_path),
         "stages": [[s.name, s.type] for s in cfg.stages],
@@ -125,6 +128,9 @@ def compare_identity(saved: dict[str, Any], current: dict[str, Any], stage: int)
             safe.append(line)
         elif not (k.startswith("stages[") and saved["stages"] != current["stages"]):  # said once above
             unsafe.append(line)
+    a, b = saved.get("settings", {}), current.get("settings", {})
+    safe += [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+             if a.get(k, "<unset>") != b.get(k, "<unset>")]
     return unsafe, safe
 
 
