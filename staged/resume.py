@@ -209,3 +209,5 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    __del__ = release  # a train() that raised in-process (staged.ablation runs several) lets go too
