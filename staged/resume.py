@@ -138,6 +138,11 @@ def check_resume(ckpt: Path, state: dict[str, Any], current: dict[str, Any], ckp
                  log=print) -> None:
     """Refuse (RefuseStart) to resume ``ckpt`` into a run it does not belong to; log allowed changes."""
     saved = state.get("identity")
+    if int(state.get("stage", 0)) >= len(current["stages"]):
+        raise RefuseStart(f"cannot resume from {ckpt}: it is in stage {state.get('stage')} "
+                          f"({state.get('stage_name')!r}) but this run has {len(current['stages'])} stages. To start "
+                          f"over, set resume=never (deletes the checkpoints in {ckpt_dir}) or choose another "
+                          f"output_dir (now {output_dir})")
     if saved is None:
         log(f"[resume] {ckpt.name} records no run identity (written by an older staged): not checked")
         return
