@@ -91,7 +91,7 @@ def test_lock_refuses_a_second_live_run_and_takes_over_a_dead_ones(tmp_path):
     resume.RunLock(tmp_path).acquire().release()
     # a run killed with -9 leaves its lock file; the kernel dropped its flock, so it is taken over
     code = (f"import sys, time; sys.path.insert(0, {str(resume.__file__.rsplit('/', 2)[0])!r}); "
-            f"from staged.resume import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+            f"from staged.resume import RunLock; lk = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
             f"time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
