@@ -21,7 +21,16 @@ $(VENV)/.staged-env: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 env: $(VENV)/.staged-env
 
-demo: env
+# The demo's own stamp: the package and what the demo runs (the plot), not the test extras
+# (trl, liger-kernel, datasets, ...). A venv that already has the test env serves both.
+$(VENV)/.staged-demo: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -c "import staged, staged.kernels; import torch; print('demo env ok: torch', torch.__version__)"
+	touch $@
+
+demo: $(VENV)/.staged-demo
 	$(PY) -m staged.train
 
 test: env
