@@ -5,10 +5,10 @@ a hash of (seed, t) computed on the device -- no ``torch.multinomial``, no gener
 host sync -- so a completion never depends on its slot, its batch, the rank count or a resume.
 
 The draw is an inverse CDF over the tempered distribution, in two levels so that no fp64 cumsum
-runs over the whole vocabulary: the unnormalised probabilities are summed per tile of
-``TILE`` tokens (fp64 over ~V/1024 tile sums picks the tile), then a cumsum inside the chosen
-tile picks the token. Same distribution, same uniform, as a full cumsum; ~V/TILE + TILE scan
-work per row instead of V in fp64.
+runs over the whole vocabulary: the unnormalised probabilities are summed per tile of ``TILE``
+tokens (fp32 sums; an fp64 cumsum over the ~V/1024 tile sums picks the tile), then an fp64 cumsum
+inside the chosen tile picks the token. Same distribution and the same uniform as a full cumsum;
+one pass over the row plus ~V/TILE + TILE scan work, instead of V in fp64.
 """
 from __future__ import annotations
 
@@ -64,21 +64,27 @@ def suppress_mask(token_ids, vocab: int, device) -> torch.Tensor | None:
     return m
 
 
-def _draw(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Index i of each row with cumsum(weights)[i-1] < target <= cumsum(weights)[i], two-level.
-    weights [B, V] >= 0 (fp32), target [B] fp64 in (0, sum]."""
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i of each row with cdf[i-1] < u * total <= cdf[i], the cdf of ``weights`` [B, V] >= 0
+    (fp32) taken in two levels: fp32 sums of TILE-token tiles, their fp64 cumsum picks the tile,
+    an fp64 cumsum inside the tile picks the token. No [B, V] fp64 copy, no padded copy. u [B] fp64."""
     B, V = weights.shape
-    n_tiles = -(-V // TILE)
-    w = torch.nn.functional.pad(weights, (0, n_tiles * TILE - V)).view(B, n_tiles, TILE)
-    tile_cdf = w.sum(-1, dtype=torch.float64).cumsum(-1)                           # [B, n_tiles]
-    tile = torch.searchsorted(tile_cdf, target[:, None]).clamp_(max=n_tiles - 1)   # [B, 1]
-    before = torch.where(tile > 0, tile_cdf.gather(-1, (tile - 1).clamp_(min=0)), torch.zeros_like(target[:, None]))
-    in_tile = w.gather(1, tile[:, :, None].expand(B, 1, TILE)).squeeze(1)           # [B, TILE]
+    full = V // TILE
+    sums = [weights[:, :full * TILE].view(B, full, TILE).sum(-1)] if full else []
+    if V % TILE:
+        sums.append(weights[:, full * TILE:].sum(-1, keepdim=True))
+    tile_cdf = torch.cat(sums, dim=1).double().cumsum(-1)                          # [B, n_tiles]
+    n_tiles = tile_cdf.shape[1]
+    target = (u * tile_cdf[:, -1])[:, None]
+    tile = torch.searchsorted(tile_cdf, target).clamp_(max=n_tiles - 1)             # [B, 1]
+    before = torch.where(tile > 0, tile_cdf.gather(-1, (tile - 1).clamp(min=0)), torch.zeros_like(target))
+    cols = tile * TILE + torch.arange(TILE, device=weights.device)                 # [B, TILE]
+    inside = cols < V
+    in_tile = weights.gather(1, cols.clamp(max=V - 1)) * inside
     cdf = in_tile.double().cumsum(-1)
-    j = torch.searchsorted(cdf, target[:, None] - before).clamp_(max=TILE - 1)
-    # Past the last non-zero weight of the tile (rounding between the two levels): step back to it.
-    nz = (in_tile > 0).long() * torch.arange(1, TILE + 1, device=weights.device)
-    last = nz.amax(-1, keepdim=True) - 1
+    j = torch.searchsorted(cdf, target - before).clamp_(max=TILE - 1)
+    # Past the tile's last non-zero weight (rounding between the two levels): step back onto it.
+    last = ((in_tile > 0).long() * torch.arange(1, TILE + 1, device=weights.device)).amax(-1, keepdim=True) - 1
     j = torch.minimum(j, last.clamp_(min=0))
     return (tile * TILE + j).squeeze(-1).clamp_(max=V - 1)
 
@@ -90,22 +96,22 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
     Returns (tokens [B] int64, logp [B] fp32 of the token under the distribution drawn from,
     softmax(logits / T) over the tokens not suppressed -- the full distribution, not its top-p
     truncation: what the trainer recomputes)."""
-    z = logits / temperature
+    # Two [B, V] passes (the tempered, masked logits; their softmax): the sampler is memory-bound
+    # over B x V floats per token, so copies are what it costs (softmax's fused exp is ~2x exp's).
+    z = logits / temperature if temperature != 1.0 else logits
     if suppress is not None:
         z = z.masked_fill(suppress, float("-inf"))
-    m = z.amax(-1, keepdim=True)
-    e = torch.exp(z - m)                       # unnormalised probabilities, fp32
-    lse = m.squeeze(-1) + torch.log(e.sum(-1))
+    p = torch.softmax(z, dim=-1)
     if top_p < 1.0:
         # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches
         # top_p (the first token always stays); draw within it (sorting needs the whole row).
-        sp, order = torch.sort(e, dim=-1, descending=True)
-        total = sp.sum(-1, keepdim=True)
+        sp, order = torch.sort(p, dim=-1, descending=True)
         before = torch.cumsum(sp, dim=-1) - sp
-        sp = sp.masked_fill(before >= top_p * total, 0.0)
-        pos = _draw(sp, u * sp.sum(-1, dtype=torch.float64))
-        tokens = order.gather(-1, pos[:, None]).squeeze(-1)
+        sp.masked_fill_(before >= top_p, 0.0)
+        tokens = order.gather(-1, _draw(sp, u)[:, None]).squeeze(-1)
     else:
-        tokens = _draw(e, u * e.sum(-1, dtype=torch.float64))
-    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        tokens = _draw(p, u)
+    # log p of the drawn token straight from softmax's p (relative error ~1e-7): a drawn token has
+    # p > 0, and one rare enough for p to be denormal (log p < -87) is drawn about never.
+    logp = p.gather(-1, tokens[:, None]).squeeze(-1).log()
     return tokens, logp

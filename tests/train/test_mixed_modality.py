@@ -1,5 +1,6 @@
 """Stages that mix image and text-only samples on 2 ranks (gloo, CPU, torchrun): no hang, and the
-same per-step metrics and exported weights as 1 process, within 1e-5 in fp32.
+same per-step metrics and exported weights as 1 process -- from the same warm checkpoint, tight
+at the first step, then within the drift Adam allows (train_helpers.assert_runs_match).
 
 A rank whose micro-batch (or rollout) has no image runs the vision tower on a dummy zero image so
 that FSDP's all-gathers and reduce-scatters line up (staged.vision_dummy). Micro-batches of one
@@ -9,16 +10,17 @@ AdamW skips the tower). Padded and packed micro-batches both."""
 import json
 
 import pytest
-import torch
 
-from train_helpers import COMPARED, exported_weights, read_records, run_train
+from train_helpers import assert_exports_match, assert_runs_match, read_records, run_train
 
 
 # An sft stage and a GRPO stage with a KL reference (beta > 0: the reference's vision tower is
-# gathered too), both on perception (images) + textual (text only) samples shuffled together.
+# gathered too), both on perception (images) + textual (text only) samples shuffled together,
+# from the warm checkpoint, at lr 1e-5. G = 4 so that the GRPO stage earns rewards: with none,
+# its gradient would be rounding noise that Adam turns into lr-sized steps of random sign,
+# different on 1 and 2 ranks (the drift tolerance assumes real gradients).
 MIXED_TOML = """
-model = "embedded"
-embedded_dir = "{embedded}"
+model = "{model}"
 output_dir = "{out}"
 seed = 1
 checkpoint_every = 0
@@ -32,7 +34,7 @@ name = "mixed-sft"
 type = "sft"
 data = {{ synthetic = ["perception", "textual"], num_samples = 32 }}
 steps = 6
-lr = 3e-3
+lr = 1e-5
 batch = {{ prompts_per_step = 4, group_size = 1, micro_batch_size = 1 }}
 
 [[stages]]
@@ -40,8 +42,8 @@ name = "mixed-grpo"
 data = {{ synthetic = ["perception", "textual"], num_samples = 32, seed = 7 }}
 steps = 4
 lr = 1e-5
-batch = {{ prompts_per_step = 4, group_size = 2, micro_batch_size = 2, rollout_batch_size = 2 }}
-grpo = {{ max_response_tokens = 8, beta = 0.02 }}
+batch = {{ prompts_per_step = 4, group_size = 4, micro_batch_size = 2, rollout_batch_size = 2 }}
+grpo = {{ max_response_tokens = 10, beta = 0.02 }}
 """
 
 TIMEOUT_S = 300  # a hang (a rank skipping the vision tower's collectives) fails here instead
@@ -68,14 +70,14 @@ def _image_layout(cfg_path, nproc):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_mixed_stage_two_ranks_match_one_process(tmp_path, embedded_dir, packing):
+def test_mixed_stage_two_ranks_match_one_process(tmp_path, warm_model, packing):
     runs = {}
     for nproc in (1, 2):
         root = tmp_path / f"n{nproc}"
         root.mkdir()
         out = root / "out"
         cfg = root / "mixed.toml"
-        cfg.write_text(MIXED_TOML.format(embedded=embedded_dir, out=out))
+        cfg.write_text(MIXED_TOML.format(model=warm_model, out=out))
         run_train(["--config", str(cfg), f"packing.enabled={str(packing).lower()}"], nproc=nproc, cwd=root,
                   timeout=TIMEOUT_S)
         runs[nproc] = out
@@ -87,15 +89,7 @@ def test_mixed_stage_two_ranks_match_one_process(tmp_path, embedded_dir, packing
     assert any(max(r) == 0 for r in layout), json.dumps(layout)
 
     one, two = read_records(runs[1]), read_records(runs[2])
-    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 11))
-    for a, b in zip(one, two):
-        assert not a["skipped"] and not b["skipped"], (a, b)
-        for k in COMPARED:
-            if k in a:
-                assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), (a["step"], k, a[k], b[k])
-
-    for stage_dir in ("stage0-mixed-sft", "stage1-mixed-grpo"):
-        w1, w2 = exported_weights(runs[1], stage_dir), exported_weights(runs[2], stage_dir)
-        assert w1.keys() == w2.keys()
-        for k in w1:
-            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m: f"{stage_dir} {k}: {m}")
+    assert [r["step"] for r in one] == list(range(1, 11))
+    assert not any(r["skipped"] for r in one + two)
+    assert_runs_match(one, two)
+    assert_exports_match(runs[1], runs[2], ("stage0-mixed-sft", "stage1-mixed-grpo"))
