@@ -27,8 +27,12 @@ demo: env
 test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The GPU image's triton 3.6 as well: `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install
+# triton==3.6.0`, then `make aot AOT_TRITON=/tmp/t36/lib/python3.11/site-packages` (that triton
+# shadows the venv's; torch stays the venv's).
+AOT_TRITON ?=
 aot: env
-	env -u TRITON_INTERPRET $(PY) -m staged.kernels.aot
+	env -u TRITON_INTERPRET $(if $(AOT_TRITON),PYTHONPATH=$(AOT_TRITON)) $(PY) -m staged.kernels.aot
 
 bench: env
 	$(PY) -m benchmarks --all

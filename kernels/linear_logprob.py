@@ -174,18 +174,19 @@ def _linear_logprob_fwd_kernel(
         acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
                           HAS_BIAS, DOT_F32, PRECISION, ALIGNED)
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
-
+        # The target logit first, so that z dies into d below: at 128 x 128 tiles (sm_90) one
+        # more live [BLOCK_N, BLOCK_V] fp32 tile is 64 registers a thread, and spills.
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))           # finite: the tile has a valid column
         alpha = tl.exp(m - m_new)                           # 0 on the first tile (m = -inf)
-        d = tl.where(mask_v[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(mask_v[None, :], tl.exp(d), 0.0)
+        d = z - m_new[:, None]                              # -inf in masked columns
+        e = tl.exp(d)                                       # 0 there
         # t is relative to the running max: shifting m_old -> m_new adds s * (m_old - m_new).
         # (m_old is -inf before the first tile, where s = 0: use a shift of 0, not 0 * -inf.)
         m_old = tl.where(s > 0, m, m_new)
-        t = alpha * (t + s * (m_old - m_new)) + tl.sum(e * d, axis=1)
+        t = alpha * (t + s * (m_old - m_new)) + tl.sum(tl.where(mask_v[None, :], e * d, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
 
     out = part_ptr + pid_s * N + offs_n
     tl.store(out, m, mask=mask_n)
@@ -337,7 +338,9 @@ _DH_CONFIGS = {
     (90, "16", True): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     (80, "32", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
     (80, "16", False): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-    (80, "32", False): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+    # fp32 loads are 4-byte cp.async even unaligned, so this one pipelines too; K = 16 because
+    # K = 32 spilled 8 bytes on sm_90 (triton 3.6 and 3.9).
+    (80, "32", False): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
 }
 for _bits, _al in (("32", True), ("16", False), ("32", False)):
     _DH_CONFIGS[(90, _bits, _al)] = _DH_CONFIGS[(80, _bits, _al)]
