@@ -37,12 +37,13 @@ aot: env
 bench: env
 	$(PY) -m benchmarks --all
 
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` on a CPU: every step up to its CUDA calls.
 # The GPU machines have torch/triton/transformers but no network: no venv, no dependency
 # install; only this package itself, installed without deps or build isolation.
 gpu-check:
 	@P=$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)); \
 	$$P -c "import staged.kernels" 2>/dev/null || $$P -m pip install -q --no-deps --no-build-isolation -e . ; \
-	$$P -m benchmarks.gpu_check
+	$$P -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info staged/_C*.so
