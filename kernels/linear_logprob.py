@@ -179,12 +179,15 @@ def _linear_logprob_fwd_kernel(
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))           # finite: the tile has a valid column
         alpha = tl.exp(m - m_new)                           # 0 on the first tile (m = -inf)
-        d = z - m_new[:, None]                              # -inf in masked columns
-        e = tl.exp(d)                                       # 0 there
+        # Masked columns: z = -inf, clamped to a finite d so that e = 0 and e * d = 0 (not
+        # 0 * -inf). A clamp, not tl.where(mask, ...): the select kept one more tile live and
+        # spilled on sm_90 with bias (triton 3.9).
+        d = tl.maximum(z - m_new[:, None], -3.0e38)
+        e = tl.exp(d)
         # t is relative to the running max: shifting m_old -> m_new adds s * (m_old - m_new).
         # (m_old is -inf before the first tile, where s = 0: use a shift of 0, not 0 * -inf.)
         m_old = tl.where(s > 0, m, m_new)
-        t = alpha * (t + s * (m_old - m_new)) + tl.sum(tl.where(mask_v[None, :], e * d, 0.0), axis=1)
+        t = alpha * (t + s * (m_old - m_new)) + tl.sum(e * d, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
