@@ -551,6 +551,11 @@ def fused_linear_logprob_workspace(n_tokens: int, hidden: int, vocab: int,
         raise ValueError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}; got {dtype}")
     if arch not in (80, 90):
         raise ValueError(f"arch must be 80 or 90; got {arch}")
+    if n_tokens < 0 or hidden < 1 or vocab < 1:
+        raise ValueError(f"n_tokens must be >= 0 and hidden, vocab >= 1; got {n_tokens}, "
+                         f"{hidden}, {vocab}")
+    if n_tokens == 0:
+        return 0          # an empty batch launches nothing
     bits = "32" if dtype == torch.float32 else "16"
     aligned = hidden % _LOGIT_CONFIGS[(arch, bits, True)]["BLOCK_H"] == 0
     cfg = _gpu_config(arch, bits, aligned)

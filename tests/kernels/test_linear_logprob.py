@@ -214,11 +214,14 @@ def test_workspace_at_7b_head_is_within_2pct_of_fp32_logits():
     assert fused_linear_logprob_workspace is LL.fused_linear_logprob_workspace
 
 
-@pytest.mark.parametrize("bad", [dict(dtype=torch.float64), dict(arch=75)])
+@pytest.mark.parametrize("bad", [dict(dtype=torch.float64), dict(arch=75), dict(vocab=0),
+                                 dict(n_tokens=-1)])
 def test_workspace_rejects_bad_arguments(bad):
-    kw = dict(dtype=torch.bfloat16, arch=90) | bad
+    kw = dict(n_tokens=16, hidden=64, vocab=100, dtype=torch.bfloat16, arch=90) | bad
     with pytest.raises(ValueError, match="must be"):
-        LL.fused_linear_logprob_workspace(16, 64, 100, kw.pop("dtype"), **kw)
+        LL.fused_linear_logprob_workspace(kw.pop("n_tokens"), kw.pop("hidden"), kw.pop("vocab"),
+                                          kw.pop("dtype"), **kw)
+    assert LL.fused_linear_logprob_workspace(0, 64, 100) == 0
 
 
 @needs_interp
