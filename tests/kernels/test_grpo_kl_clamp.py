@@ -1,0 +1,232 @@
+"""The k3 KL term far from the reference (|ref - logp| = 20 ... 80), and options that TRL ignores.
+
+Held against an independent float64 transcription of TRL 1.16's formula, with no clamp at all
+(``trl_kl_loss`` below; float64 keeps e^80 finite). With zero advantages every loss type's policy
+term vanishes, so the loss is beta times the normalised KL and its gradient is the KL's alone.
+
+What the fused loss promises there (``staged.kernels.grpo_loss``, "exp clamp"):
+* token level with bias correction: the gradient is TRL's exactly, -(ref - logp) * ratio, for any
+  ref - logp (the e^y terms cancel in closed form; nothing is clamped);
+* otherwise, and for every value: exact while every exp argument is <= 20; beyond, finite, the
+  sign of TRL's gradient, and magnitude at most beta * e^20 * (|y| + 2) per token times the
+  normaliser;
+* the Triton and the torch paths agree everywhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from staged.kernels import grpo_loss
+from staged.kernels.grpo_options import LOSS_TYPES
+from staged.kernels.reference.grpo_loss import EXP_CLAMP
+
+BETA = 0.05
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("STAGED_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def trl_kl_loss(logp, old, ref, mask, loss_type, level, bias, max_len):
+    """TRL's loss at zero advantages, no clamp: beta * normaliser(k3 KL [* coef_1]). Any dtype."""
+    m = mask.to(logp.dtype)
+    d = ref - logp
+    kl = torch.exp(d) - d - 1
+    if bias:
+        lr = logp - old
+        if level == "sequence":
+            lr = ((lr * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        kl = kl * torch.exp(lr)
+    per = BETA * kl
+    B = logp.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        return ((per * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per * m).sum() / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per * m).sum() / (B * max_len)
+    if loss_type == "luspo":
+        return (per * m).sum(-1).mean()
+    return (per * m).sum() / m.sum().clamp(min=1.0)  # dapo, cispo, vespo (num_items = tokens)
+
+
+def trl_kl_grad_exact(logp, old, ref, mask, loss_type, level, bias, max_len):
+    """d loss / d logp of ``trl_kl_loss`` at 60 significant digits (mpmath): float64 autograd
+    cannot give it at ref - logp = 80, where the terms of (1 - e^y) r + (e^y - y - 1) r that cancel
+    are 1e34 and float64 keeps 16 digits of them."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    B, T = logp.shape
+    mpf = mpmath.mpf
+    L = [[mpf(float(v)) for v in row] for row in logp]
+    O = [[mpf(float(v)) for v in row] for row in old]
+    R = [[mpf(float(v)) for v in row] for row in ref]
+    M = [[mpf(float(v)) for v in row] for row in mask.double()]
+
+    def row_terms(b, lrow):
+        msum = sum(M[b])
+        if bias and level == "sequence":
+            lw = sum((lrow[t] - O[b][t]) * M[b][t] for t in range(T)) / max(msum, 1)
+        out = []
+        for t in range(T):
+            d = R[b][t] - lrow[t]
+            kl = mpmath.exp(d) - d - 1
+            if bias:
+                kl *= mpmath.exp(lw if level == "sequence" else lrow[t] - O[b][t])
+            out.append(BETA * kl * M[b][t])
+        return out, msum
+
+    def loss_of_row(b, lrow):
+        terms, msum = row_terms(b, lrow)
+        tot_m = sum(sum(r) for r in M)
+        s = sum(terms)
+        if loss_type in ("grpo", "sapo"):
+            return s / max(msum, 1) / B
+        if loss_type == "dr_grpo":
+            return s / (B * max_len)
+        if loss_type == "luspo":
+            return s / B
+        return s / max(tot_m, 1)  # bnpo, dapo, cispo, vespo: the batch's token count
+
+    g = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if M[b][t] == 0:
+                continue
+
+            def f(v, b=b, t=t):
+                lrow = list(L[b])
+                lrow[t] = v
+                return loss_of_row(b, lrow)
+            g[b, t] = float(mpmath.diff(f, L[b][t]))
+    return g
+
+
+def _inputs(gen, B, T, big):
+    """Rows: 0 one token far below the reference (ref - logp = +big), 1 every token so, 2 one token
+    far above it (ref - logp = -big), 3 ordinary. Log-ratios logp - old stay small."""
+    f64 = torch.float64
+    logp = -torch.rand(B, T, generator=gen, dtype=f64) * 3 - 1
+    old = logp - torch.randn(B, T, generator=gen, dtype=f64) * 0.1
+    ref = logp + torch.randn(B, T, generator=gen, dtype=f64) * 0.3
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    mask[:, :2] = True
+    ref[0, 1] = logp[0, 1] + big[0]
+    ref[1] = logp[1] + big[1] + torch.rand(T, generator=gen, dtype=f64) * 0.5
+    ref[2, 0] = logp[2, 0] - big[2]
+    return logp, old, ref, mask
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias_kl", "plain_kl"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_kl_far_from_reference(loss_type, level, bias, gen, device):
+    B, T = 4, 6
+    big = (20 + torch.rand(3, generator=gen, dtype=torch.float64) * 60).tolist()  # 20 ... 80
+    logp, old, ref, mask = _inputs(gen, B, T, big)
+    adv = torch.zeros(B, dtype=torch.float64)
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=BETA, use_bias_correction_kl=bias,
+                max_completion_length=T)
+
+    g_trl = trl_kl_grad_exact(logp, old, ref, mask, loss_type, level, bias, T)
+
+    outs = {}
+    for backend in ("triton", "torch"):
+        lp = logp.to(torch.float32).to(device).requires_grad_(True)
+        loss, metrics = grpo_loss(lp, old.float().to(device), ref.float().to(device), adv.float().to(device),
+                                  mask.to(device), backend=backend, **opts)
+        (g,) = torch.autograd.grad(loss, lp)
+        outs[backend] = (loss.double().cpu(), g.double().cpu(), metrics["kl"].double().cpu())
+    (loss, g, kl_metric), (loss_t, g_t, _) = outs["triton"], outs["torch"]
+
+    assert torch.isfinite(loss) and torch.isfinite(g).all() and torch.isfinite(kl_metric)
+    # the two paths implement one formula
+    gs = g_t.abs().max().item()
+    torch.testing.assert_close(loss, loss_t, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-6 * gs)
+
+    valid = mask.clone()
+    assert (g[~valid] == 0).all()
+    ok = g_trl.abs() > 1e-9 * g_trl.abs().max()
+    bad = valid & ok & (torch.sign(g) != torch.sign(g_trl))
+    assert not bad.any(), f"sign differs from TRL at {bad.nonzero().tolist()}: ours {g[bad]} TRL {g_trl[bad]}"
+    bound = BETA * math.exp(EXP_CLAMP) * (max(big) + 3) * 2.0  # ratio <= e^0.5, normaliser <= 1 per token
+    assert g.abs().max().item() <= bound * (T if loss_type == "luspo" else 1)
+
+    if level == "token" and bias:
+        # the closed form -y r is TRL's exact gradient at any distance from the reference
+        torch.testing.assert_close(g, g_trl, rtol=2e-5, atol=1e-6 * g_trl.abs().max().item())
+    # row 3 is ordinary (|y| small) and rows do not interact: exact there
+    torch.testing.assert_close(g[3], g_trl[3], rtol=1e-4, atol=1e-6)
+    if level == "token":
+        # far above the reference (y = -big) nothing is clamped: exact too
+        torch.testing.assert_close(g[2, 0], g_trl[2, 0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias_kl", "plain_kl"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_kl_exact_up_to_the_clamp(level, bias, gen, device):
+    """ref - logp in [15, 19.9]: nothing clamped, so loss and gradient are TRL's (fp32 rounding)."""
+    B, T = 3, 5
+    big = (15 + torch.rand(3, generator=gen, dtype=torch.float64) * 4.4).tolist()  # row 1 adds up to 0.5
+    logp, old, ref, mask = _inputs(gen, B + 1, T, big)
+    adv = torch.zeros(B + 1, dtype=torch.float64)
+    lt = logp.clone().requires_grad_(True)
+    trl = trl_kl_loss(lt, old, ref, mask, "bnpo", level, bias, T)
+    (g_trl,) = torch.autograd.grad(trl, lt)
+    lp = logp.float().to(device).requires_grad_(True)
+    loss, _ = grpo_loss(lp, old.float().to(device), ref.float().to(device), adv.float().to(device), mask.to(device),
+                        loss_type="bnpo", importance_sampling_level=level, beta=BETA, use_bias_correction_kl=bias)
+    (g,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(loss.double().cpu(), trl.detach(), rtol=2e-5, atol=0)
+    torch.testing.assert_close(g.double().cpu(), g_trl, rtol=2e-4, atol=1e-5 * g_trl.abs().max().item())
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_kl_past_the_clamp_is_increasing(level, device):
+    """The KL value keeps growing past the clamp (exp continued by its tangent), so the loss a
+    user logs is monotone in the distance to the reference."""
+    ys = torch.tensor([[19.0, 21.0, 30.0, 60.0, 80.0]], dtype=torch.float32)
+    vals = []
+    for j in range(ys.shape[1]):
+        logp = torch.full((1, 1), -3.0, device=device)
+        ref = logp + ys[:, j:j + 1].to(device)
+        loss, m = grpo_loss(logp, logp, ref, torch.zeros(1, device=device), None, beta=1.0, loss_type="bnpo",
+                            importance_sampling_level=level)
+        vals.append(loss.item())
+    assert all(math.isfinite(v) for v in vals) and all(a < b for a, b in zip(vals, vals[1:])), vals
+
+
+# ---------------------------------------------------------------------------------------------
+# options TRL ignores for a loss type are ignored here too (Liger passes them all positionally)
+
+IGNORED = [
+    ("cispo", dict(delta=2.0)), ("sapo", dict(delta=1.5)), ("vespo", dict(delta=3.0)),
+    ("bnpo", dict(sapo_temperature_neg=0.0, sapo_temperature_pos=-1.0)),
+    ("dapo", dict(vespo_k_pos=float("nan"), vespo_lambda_neg=float("inf"))),
+    ("grpo", dict(delta=None, sapo_temperature_neg=False)),
+]
+
+
+@pytest.mark.parametrize("loss_type,extra", IGNORED, ids=[f"{t}-{'-'.join(e)}" for t, e in IGNORED])
+def test_options_ignored_for_other_loss_types(loss_type, extra, gen, device):
+    B, T = 3, 7
+    logp = (-torch.rand(B, T, generator=gen) * 3).to(device)
+    old = logp - torch.randn(B, T, generator=gen).to(device) * 0.3  # ratios both sides of any delta
+    adv = torch.randn(B, generator=gen).to(device)
+    base = dict(loss_type=loss_type, eps_high=5.0 if loss_type == "cispo" else 0.2)
+    res = []
+    for kw in (base, {**base, **extra}):
+        lp = logp.clone().requires_grad_(True)
+        loss, metrics = grpo_loss(lp, old, None, adv, None, **kw)
+        res.append((loss, torch.autograd.grad(loss, lp)[0], metrics))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert {k: v.item() for k, v in res[0][2].items()} == {k: v.item() for k, v in res[1][2].items()}
