@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .aot import register_aot
 from .grpo_options import GRPOLossOptions, check_num_items, resolve_call
-from .reference.grpo_loss import EXP_CLAMP, grpo_loss_reference
+from .reference.grpo_loss import EXP_CLAMP, KL_EXP_CLAMP, grpo_loss_reference
 
 # Row statistics written by the forward kernel, [B, ROW_STATS] fp32.
 ROW_LOSS, ROW_COUNT, ROW_CLIP_LOW, ROW_CLIP_HIGH, ROW_KL, ROW_RATIO, ROW_SEQ_GRAD = range(7)
@@ -140,7 +140,7 @@ def _grpo_loss_fwd_kernel(
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
     LOSS_KIND: tl.constexpr, SEQ_LEVEL: tl.constexpr, IS_KIND: tl.constexpr, IS_TRUNC: tl.constexpr,
     USE_KL: tl.constexpr, KL_BIAS: tl.constexpr, STORE_GRAD: tl.constexpr, ROW_PASS: tl.constexpr,
-    EXP_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    EXP_MAX: tl.constexpr, KL_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     start, end = _row_bounds(CU, b, T, PACKED)
@@ -222,7 +222,7 @@ def _grpo_loss_fwd_kernel(
                 msum = tl.sum(acc_m, axis=0)
                 mden = tl.maximum(msum, 1.0)
                 se_row = tl.sum(acc_se * tl.exp(acc_ymax - ymax0), axis=0) / mden
-                kl_scale = tl.exp(_cap(ymax0, EXP_MAX))
+                ymax_c = _cap(ymax0, KL_MAX)
                 kl_const = 1.0 - msum / mden - tl.sum(acc_my, axis=0) / mden
         if IS_KIND == 4:
             isr_row = _vllm_ratio(tl.sum(acc_d, axis=0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
@@ -254,9 +254,11 @@ def _grpo_loss_fwd_kernel(
         if SEQ_LEVEL:
             c = c_row
             dc = dc_row
+            lc = _cap(lw, EXP_MAX)  # log of the (clamped) ratio
         else:
             x = lp - old
-            c = tl.exp(_cap(x, EXP_MAX))
+            lc = _cap(x, EXP_MAX)
+            c = tl.exp(lc)
             dc = tl.where(x <= EXP_MAX, c, 0.0)
 
         if LOSS_KIND == 4:
@@ -328,24 +330,33 @@ def _grpo_loss_fwd_kernel(
         if USE_KL:
             ref = tl.where(valid, tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
             y = ref - lp
-            ey = tl.exp(_cap(y, EXP_MAX))
-            kl = _exp_tangent(y, ey, EXP_MAX) - y - 1.0
+            ey = tl.exp(_cap(y, KL_MAX))
+            kl = _exp_tangent(y, ey, KL_MAX) - y - 1.0
             dkl = 1.0 - ey  # d kl / d logp (past the clamp: 1 - e^Y, the tangent's slope)
-            if KL_BIAS and SEQ_LEVEL:
-                loss_t = pg + beta * kl * c
-                e_rel = kl_scale * (se_row - tl.exp(tl.minimum(y - ymax0, 0.0)))
-                gkl = tl.where(lw <= EXP_MAX, e_rel + kl_const, dkl)
-                direct = direct + beta * gkl * c
+            if KL_BIAS:
+                # kl c = e^y c - (y + 1) c; e^y c = e^(ref - old) is formed in log space and its
+                # exponent capped at KL_MAX too, so that kl c is finite wherever e^y and c are
+                # clamped separately (e^80 e^20 would overflow fp32). Below the cap: TRL's product.
+                lyc = _cap(y, KL_MAX) + lc
+                fc = tl.exp(_cap(lyc, KL_MAX)) * (1.0 + tl.where(y > KL_MAX, y - KL_MAX, 0.0))
+                klc = tl.where(lyc > KL_MAX, fc - (y + 1.0) * c, kl * c)
+                loss_t = pg + beta * klc
                 dlc = dpg
-                kl = kl * c
-            elif KL_BIAS:
-                # d(kl c)/d logp = (1 - e^y) c + (e^y - y - 1) c = -y c: the e^y terms cancel, so
-                # the gradient is taken in that form (exact for any y, no clamp enters). The
-                # product rule with a clamped e^y would keep kl c and lose the -e^y c cancelling it.
-                loss_t = pg + beta * kl * c
-                direct = direct - beta * y * c
-                dlc = dpg
-                kl = kl * c
+                if SEQ_LEVEL:
+                    # e^ymax C, capped like e^y c above; past the ratio clamp (C constant) the
+                    # gradient is m_t C (1 - e^y_t), with e^y_t C capped the same way
+                    sc = tl.exp(_cap(ymax_c + lc, KL_MAX))
+                    gkl = tl.where(lw <= EXP_MAX,
+                                   sc * (se_row - tl.exp(tl.minimum(y - ymax0, 0.0))) + c * kl_const,
+                                   c - tl.exp(_cap(_cap(y, KL_MAX) + lc, KL_MAX)))
+                    direct = direct + beta * gkl
+                else:
+                    # d(kl c)/d logp = (1 - e^y) c + (e^y - y - 1) c = -y c: the e^y terms cancel,
+                    # so the gradient is taken in that form (exact for any y, no clamp enters).
+                    # The product rule with a clamped e^y keeps kl c without the -e^y c that
+                    # cancels it, which flips the sign.
+                    direct = direct - beta * y * c
+                kl = klc
             else:
                 loss_t = pg + beta * kl
                 direct = direct + beta * dkl
@@ -446,7 +457,7 @@ _FWD_SIG = {
 }
 _FWD_META = dict(PACKED=False, HAS_OLD=True, HAS_MASK=True, LOSS_KIND=_CLIPPED, SEQ_LEVEL=False,
                  IS_KIND=_IS_TOKEN_LOGP, IS_TRUNC=True, USE_KL=True, KL_BIAS=True, STORE_GRAD=True,
-                 ROW_PASS=False, EXP_MAX=EXP_CLAMP, BLOCK=1024)
+                 ROW_PASS=False, EXP_MAX=EXP_CLAMP, KL_MAX=KL_EXP_CLAMP, BLOCK=1024)
 register_aot(_grpo_loss_fwd_kernel, _FWD_SIG, _FWD_META, num_warps=8)
 register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
              {**_FWD_META, "PACKED": True, "SEQ_LEVEL": True, "IS_KIND": _IS_SEQ_LOGP, "IS_TRUNC": False,
@@ -569,7 +580,7 @@ class GRPOLossFunction(torch.autograd.Function):
             PACKED=inp.packed, HAS_OLD=inp.old_logp is not None, HAS_MASK=inp.mask is not None,
             LOSS_KIND=loss_kind, SEQ_LEVEL=seq, IS_KIND=is_kind, IS_TRUNC=opts.vllm_is_truncate,
             USE_KL=use_kl, KL_BIAS=bool(opts.use_bias_correction_kl), STORE_GRAD=store_grad,
-            ROW_PASS=seq or is_kind == _IS_SEQ_LOGP or loss_kind == _VESPO, EXP_MAX=EXP_CLAMP, BLOCK=block,
+            ROW_PASS=seq or is_kind == _IS_SEQ_LOGP or loss_kind == _VESPO, EXP_MAX=EXP_CLAMP, KL_MAX=KL_EXP_CLAMP, BLOCK=block,
             num_warps=num_warps,
         )
 

@@ -29,14 +29,17 @@ from ..grpo_options import check_num_items, resolve_call
 # "safe exp" bound. exp(20) = 4.85e8, so products such as the bias-corrected KL (kl * ratio,
 # <= e^40) and sums over a million tokens stay far from fp32's 3.4e38. The kernel reads it from here.
 EXP_CLAMP = 20.0
-_EXP_CLAMP_VALUE = math.exp(EXP_CLAMP)
+# The k3 KL's exp(ref - logp) is clamped much higher: the KL is TRL's exactly wherever TRL's fp32
+# value can be finite in a sum (e^80 = 5.5e34; e^88.7 overflows fp32), and only beyond is its exp
+# continued by the tangent line.
+KL_EXP_CLAMP = 80.0
 
 
-def exp_tangent(u):
-    """exp(u) for u <= EXP_CLAMP, continued by its tangent line e^Y (1 + u - Y) above: finite,
+def exp_tangent(u, bound=KL_EXP_CLAMP):
+    """exp(u) for u <= bound, continued by its tangent line e^Y (1 + u - Y) above: finite,
     increasing, derivative e^min(u, Y). (Both branches are finite, so where()'s unused branch
     never sends inf * 0 = NaN into the gradient.)"""
-    return torch.where(u > EXP_CLAMP, _EXP_CLAMP_VALUE * (1 + (u - EXP_CLAMP)), torch.exp(u.clamp(max=EXP_CLAMP)))
+    return torch.where(u > bound, math.exp(bound) * (1 + (u - bound)), torch.exp(u.clamp(max=bound)))
 
 
 class _WithGrad(torch.autograd.Function):
@@ -198,12 +201,22 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
         # past the clamp exp is continued by its tangent: the KL stays finite and increasing, and
         # its gradient 1 - e^min(d, Y) keeps the sign of TRL's 1 - e^d
         per_token_kl = exp_tangent(d) - d - 1
+        if opts.use_bias_correction_kl:
+            # kl r = e^d r - (d + 1) r with e^d r = e^(ref - old) formed in log space and its
+            # exponent capped at KL_EXP_CLAMP: finite where e^d and r, clamped apart, would overflow
+            lr = (log_importance_weights if seq else log_ratio).clamp(max=EXP_CLAMP)
+            lr = lay.expand(lr) if seq else lr
+            with torch.no_grad():
+                lyc = d.clamp(max=KL_EXP_CLAMP) + lr
+                fc = torch.exp(lyc.clamp(max=KL_EXP_CLAMP)) * (1 + (d - KL_EXP_CLAMP).clamp(min=0))
+                klc = torch.where(lyc > KL_EXP_CLAMP, fc - (d + 1) * coef_1, per_token_kl * coef_1)
         if opts.use_bias_correction_kl and seq:
             # d(r sum_s m_s kl_s)/d logp_t = m_t r [S/M - e^d_t + 1 - sum(m)/M - mean(d)] with
             # S = sum m e^d, M = max(sum m, 1) (r's own gradient included, for log_w <= Y): the e^d
-            # cancel, so they are formed relative to the row's largest d and only that factor is
-            # clamped, keeping the sign (the product rule would not once e^d is clamped)
+            # cancel, so they are formed relative to the row's largest d and only the common factor
+            # e^dmax r is capped, keeping the sign (the product rule would not once e^d is clamped)
             with torch.no_grad():
+                zero = torch.zeros((), dtype=dtype, device=dev)
                 neg_inf = torch.full((), -float("inf"), dtype=dtype, device=dev)
                 dv = torch.where(valid, d, neg_inf)
                 if lay.packed:
@@ -214,17 +227,19 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
                 dmax = torch.where(torch.isinf(dmax) & (dmax < 0), torch.zeros_like(dmax), dmax)
                 msum = lay.rowsum(m)
                 mden = msum.clamp(min=1.0)
-                rel = torch.exp(torch.minimum(d - lay.expand(dmax), torch.zeros((), dtype=dtype, device=dev)))
-                se_row = lay.rowsum(torch.where(valid, m * rel, torch.zeros((), dtype=dtype, device=dev))) / mden
+                rel = torch.exp(torch.minimum(d - lay.expand(dmax), zero))
+                se_row = lay.rowsum(torch.where(valid, m * rel, zero)) / mden
                 const = 1 - msum / mden - lay.rowsum(m * d) / mden
-                g_rel = lay.expand(torch.exp(dmax.clamp(max=EXP_CLAMP))) * (lay.expand(se_row) - rel) + lay.expand(const)
+                sc = torch.exp((lay.expand(dmax.clamp(max=KL_EXP_CLAMP)) + lr).clamp(max=KL_EXP_CLAMP))
+                g_rel = sc * (lay.expand(se_row) - rel) + coef_1 * lay.expand(const)
                 past = lay.expand(log_importance_weights > EXP_CLAMP)
-                g = torch.where(past, 1 - torch.exp(d.clamp(max=EXP_CLAMP)), g_rel) * coef_1
-            per_token_kl = with_grad(per_token_kl * coef_1, g, per_token_logps)
+                g_past = coef_1 - torch.exp((d.clamp(max=KL_EXP_CLAMP) + lr).clamp(max=KL_EXP_CLAMP))
+                g = torch.where(past, g_past, g_rel)
+            per_token_kl = with_grad(klc, g, per_token_logps)
         elif opts.use_bias_correction_kl:
             # d(kl r)/d logp = (1 - e^d) r + (e^d - d - 1) r = -d r exactly: taken in that form, so a
             # clamped e^d can never leave kl r uncancelled (which flips the gradient's sign)
-            per_token_kl = with_grad(per_token_kl * coef_1, -d * coef_1, per_token_logps)
+            per_token_kl = with_grad(klc, -d * coef_1, per_token_logps)
 
     eps_low, eps_high = opts.eps_low, opts.eps_high
 
