@@ -182,7 +182,8 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
                            old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                            cu_seqlens=None, sampling_logp=None, vllm_is_ratio=None, num_items_in_batch=None,
                            temperature: float = 1.0, use_ref_model: bool | None = None,
-                           return_entropy: bool = False, backend: str = "auto", **options):
+                           return_entropy: bool = False, backend: str = "auto",
+                           logit_dtype: torch.dtype | None = None, **options):
     """GRPO loss straight from final hidden states. Returns ``(loss, GRPOMetrics)``.
 
     hidden [B, T, H] (padded; [B*T, H] is accepted with ids [B, T]) or [N, H] with ``cu_seqlens``
@@ -197,7 +198,9 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
     epsilon_high, beta, delta, importance_sampling_level, use_bias_correction_kl, ...), TRL's
     defaults. ``backend`` goes to both kernels. A frozen weight / bias (requires_grad False) gets
     no gradient and costs no dW GEMM. Hidden is cast to the weight's dtype when they differ (an
-    fp32 lm_head under bf16 autocast), and autocast is off inside: the kernels pick their precision.
+    fp32 lm_head under bf16 autocast), and autocast is off inside: the kernels pick their precision,
+    unless ``logit_dtype`` (bf16 / fp16) asks for the lm_head as autocast runs it (see
+    ``fused_linear_logprob``; the TRL adapter passes it under ``bf16=True``, as TRL does).
     """
     opts = resolve_options(dict(options))  # validate early; grpo_loss re-parses the same dict
     beta = opts.beta
@@ -251,7 +254,7 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
 
     with torch.autocast(hidden.device.type, enabled=False):
         out = fused_linear_logprob(hidden, weight, ids, temperature=float(temperature), bias=bias,
-                                   return_entropy=return_entropy, backend=backend)
+                                   return_entropy=return_entropy, backend=backend, logit_dtype=logit_dtype)
         logp, entropy = out if return_entropy else (out, None)
 
         # ---- reference log-probs (beta != 0) ----
@@ -267,7 +270,7 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
                     if valid is not None and tuple(rh.shape[:-1]) == tuple(ids.shape):
                         rh = torch.where(valid.unsqueeze(-1), rh, torch.zeros((), dtype=rh.dtype, device=rh.device))
                     ref_logp = fused_linear_logprob(rh.to(rw.dtype), rw, ids, temperature=float(temperature),
-                                                    bias=rb, backend=backend)
+                                                    bias=rb, backend=backend, logit_dtype=logit_dtype)
             else:
                 raise ValueError(
                     f"FusedLinearGRPOLoss: beta={beta} with use_ref_model needs ref_per_token_logps, or "
