@@ -36,11 +36,15 @@ DOCUMENTED_FAILURES = {
         "luspo with a KL term: TRL sums each sequence's masked loss, Liger averages loss * len unmasked",
     r"test_correctness\[.*-sequence-luspo-.*\]":
         "luspo over masked positions: Liger weights every position, masked ones too",
+    r"test_functional_correctness\[.*-8-128-1024-4096\]":
+        "KL past ref - logp = 80: Liger's own loss is inf there (e^y overflows fp32), ours finite",
 }
 
-# A CPU-sized subsample: the large shapes (8x128x1024x4096, 1x4096x256x5000) take minutes each
-# under the Triton interpreter and say nothing the small ones do not; bf16 keeps one case in four.
-SUBSAMPLE = ["-k", "not 4096 and not 5000 and not triton_grpo_loss and not selective_chunk"]
+# A CPU-sized subsample (~60 s instead of ~15 min): the large shapes (8x128x1024x4096,
+# 1x4096x256x5000) are dropped, and bf16 test_correctness keeps its bias=False half. Liger's own
+# triton_grpo_loss and chunk_forward tests do not involve the class under test.
+SUBSAMPLE = ["-k", "not 4096 and not 5000 and not triton_grpo_loss and not selective_chunk "
+                   "and not True-1.0-dtype0"]
 
 
 def build_tree(src: Path, dst: Path) -> Path:
