@@ -605,8 +605,12 @@ class GRPOLossFunction(torch.autograd.Function):
         return loss, metrics
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dloss, dmetrics):
+        if torch.is_grad_enabled():
+            # (once_differentiable would hand back a gradient without a graph, and the second
+            # derivative would then fail far from here or silently count as zero)
+            raise RuntimeError("grpo_loss: double backward (create_graph=True) is not supported: the "
+                               "backward kernel is not itself differentiable")
         grad_buf, rows, w, mask, cu = ctx.saved_tensors
         packed, has_mask, has_direct, seq, T, B, N, block, num_warps, dtype = ctx.meta
         # rows outside every sequence (packed buffer padding) get no gradient: zeros, not empty
