@@ -32,6 +32,7 @@ Host syncs: none. Options and shapes are read on the host; cu_seqlens' values on
 Python number costs nothing.)
 
 Semantics: TRL's ``GRPOTrainer._compute_loss`` for every option the two share; see ``grpo_loss``.
+Double backward is a RuntimeError (the backward kernel is not differentiable).
 """
 from __future__ import annotations
 
@@ -685,34 +686,50 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
         clipped (grpo, bnpo, dr_grpo, dapo, luspo): -min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A)
         cispo  (TRL):  -sg(min(r, eps_high)) A logp      (verl variant: sg(clip(r, 1-eps_low, 1+eps_high)))
         sapo:          -sigmoid(tau (r - 1)) 4/tau A,   tau = tau_pos if A > 0 else tau_neg
+        vespo:         -phi A logp, phi = exp(lam + k log w - lam w) per sequence (detached), log w the
+                       sum of the clamped token log-ratios plus the summed log vLLM ratio, clamped to
+                       [log 1e-8, 20]; (k, lam) = vespo_k/lambda_pos if A >= 0 else _neg. The vLLM
+                       ratio enters phi instead of multiplying the loss (TRL's get_gamma_weights).
         times the vLLM ratio, plus beta * k3 KL (exp(ref-logp) - (ref-logp) - 1), times r when
         ``use_bias_correction_kl``.
     Normalisers, with GA = gradient_accumulation_steps (TRL, train mode):
         grpo, sapo:  mean_b(sum_t m l / max(sum_t m, 1)) / GA
         bnpo:        sum m l / max(sum m, 1) / GA
         dr_grpo:     sum m l / (B * max_completion_length) / GA
-        dapo, cispo: sum m l / (max(num_items_in_batch, 1) / num_processes * GA / steps_per_generation)
+        dapo, cispo, vespo: sum m l / (max(num_items_in_batch, 1) / num_processes * GA / steps_per_generation)
         luspo:       mean_b(sum_t m l) / GA
 
     Metrics (0-d device tensors, no host sync): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean`` (TRL's definitions; for cispo TRL's ``cispo_clip_ratio`` is the
     high one), ``kl`` (only when beta != 0), ``ratio_mean`` (mean importance ratio before delta),
-    ``num_tokens`` (sum of the mask). Token-level values are means over tokens; sequence-level
-    ones over sequences, all sequences counted, as TRL does.
+    ``num_tokens`` (sum of the mask), ``vespo/phi_seq_mean`` (vespo: mean phi over sequences).
+    Token-level values are means over tokens; sequence-level ones over sequences, all sequences
+    counted, as TRL does.
 
     Where we differ from TRL (all deliberate):
-      * every exp() argument (log-ratio, ref - logp, vLLM log-ratio) is clamped to <= 20 (verl's
-        bound; exp(20) = 4.85e8) so extreme log-ratios give finite values and gradients (zero
-        gradient past the clamp). TRL overflows to inf at 88.7 in fp32, and its bias-corrected KL
-        at ~44; below 20 the two agree exactly.
+      * exp clamp, ratios: the importance log-ratio and the vLLM log-ratio are clamped to <= 20
+        (verl's bound; exp(20) = 4.85e8), zero ratio-gradient past it. TRL overflows to inf at
+        88.7 in fp32; below 20 the two agree exactly.
+      * exp clamp, KL: the k3 KL is TRL's exactly while y = ref - logp <= 80 (KL_EXP_CLAMP; the
+        log-ratio above also at most 20). Past 80, e^y is continued by its tangent e^80 (1 + y - 80):
+        the KL stays finite and increasing, d KL / d logp = 1 - e^min(y, 80) keeps TRL's sign,
+        |gradient| <= beta e^80 (|y| + 3) per token (times the normaliser). With bias correction
+        the term kl * ratio = e^(y + log ratio) - (y + 1) ratio has that exponent capped at 80 too
+        (finite where TRL's product overflows), and its gradient is taken in closed form: token
+        level -y * ratio, TRL's exactly for any y (the e^y terms of the product rule cancel;
+        a clamped e^y would leave them uncancelled and flip the sign); sequence level
+        m_t C [S/M - e^y_t + 1 - sum(m)/M - mean(y)] (S = sum m e^y, M = max(sum m, 1)), with
+        the e^y formed relative to the row's largest and only that common factor capped — the
+        sign is TRL's, exact while the row's largest y plus its log-ratio is <= 80.
       * inputs at masked positions are zeroed before use; TRL multiplies by the mask, so a NaN or
         inf in padding turns its loss into NaN.
       * ``num_items_in_batch=None`` (TRL always passes it) falls back to this call's token count.
       * TRL's per-sequence ``clip_ratio/low_min`` / ``high_max``, the entropy bonus, top-entropy
-        masking, off-policy sequence masking and the ``vespo`` loss are not provided (the caller
-        can fold masks into ``mask``).
-      * ``delta`` with cispo/sapo is a ValueError (TRL ignores it silently); dr_grpo without
-        ``max_completion_length`` is a ValueError (TRL's config always has one, default 512).
+        masking and off-policy sequence masking are not provided (the caller can fold masks into
+        ``mask``).
+      * dr_grpo without ``max_completion_length`` is a ValueError (TRL's config always has one,
+        default 512). ``delta`` with cispo / sapo / vespo is ignored, as TRL ignores it; so are
+        the SAPO temperatures and VESPO shapes for the loss types that do not read them.
     Where Liger and verl differ from TRL (we follow TRL):
       * Liger defaults ``use_bias_correction_kl=False``, ``beta=0.04``, and eps_high 0.4 (triton op)
         / 0.2 (chunked); TRL and we: True, 0.0, eps_high = eps_low.

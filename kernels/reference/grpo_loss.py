@@ -13,9 +13,11 @@ masked). Per-sequence values (advantages, GSPO ratios) are [B, 1] in the padded 
 and gathered to [N] in the packed one.
 
 Where it departs from TRL it departs exactly like the kernel, on purpose (see
-``staged.kernels.grpo_loss`` for the list): every ``exp`` argument is clamped to at most
-``EXP_CLAMP`` so that extreme log-ratios stay finite, and inputs at masked positions are zeroed
-before use so that garbage in padding (NaN, inf) never reaches the loss or the gradient.
+``staged.kernels.grpo_loss`` for the list): ratio ``exp`` arguments are clamped at ``EXP_CLAMP``
+and the KL's at ``KL_EXP_CLAMP`` (continued by the tangent, with closed-form gradients for the
+bias-corrected KL, injected with ``with_grad``) so that extreme log-ratios stay finite, and inputs
+at masked positions are zeroed before use so that garbage in padding (NaN, inf) never reaches the
+loss or the gradient.
 """
 from __future__ import annotations
 
