@@ -109,10 +109,13 @@ class GRPOLossOptions:
             bad("importance_sampling_level", f"is unknown; expected one of {IMPORTANCE_SAMPLING_LEVELS}")
         if self.eps_high is None:
             object.__setattr__(self, "eps_high", self.eps_low)
-        for name in ("eps_low", "eps_high"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                bad(name, "must be a finite number >= 0")
+        # options a loss type does not read are accepted unchecked, as TRL and Liger ignore them
+        # (Liger's functional passes every option positionally, whatever the loss type)
+        if self.loss_type in CLIPPED_LOSS_TYPES + ("cispo",):
+            for name in ("eps_low", "eps_high"):
+                v = getattr(self, name)
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    bad(name, "must be a finite number >= 0")
         if self.loss_type == "cispo" and self.cispo_variant == "trl" and self.eps_high <= 0:
             bad("eps_high", "must be > 0 for loss_type='cispo' (it caps the detached ratio)")
         if self.delta is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
@@ -157,7 +160,7 @@ class GRPOLossOptions:
             if self.max_completion_length is None:
                 raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length (the loss "
                                  "is divided by B * max_completion_length); got None")
-        if self.max_completion_length is not None and not (
+        if self.loss_type == "dr_grpo" and not (
                 isinstance(self.max_completion_length, int) and self.max_completion_length > 0):
             bad("max_completion_length", "must be a positive int")
         for name in ("num_processes", "gradient_accumulation_steps"):

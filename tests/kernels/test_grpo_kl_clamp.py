@@ -181,6 +181,8 @@ IGNORED = [
     ("bnpo", dict(sapo_temperature_neg=0.0, sapo_temperature_pos=-1.0)),
     ("dapo", dict(vespo_k_pos=float("nan"), vespo_lambda_neg=float("inf"))),
     ("grpo", dict(delta=None, sapo_temperature_neg=False)),
+    ("sapo", dict(eps_low=float("nan"), eps_high=-3.0)), ("vespo", dict(eps_low=-1.0)),
+    ("grpo", dict(max_completion_length=0)),
 ]
 
 

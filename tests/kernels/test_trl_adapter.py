@@ -249,3 +249,48 @@ def test_importing_the_adapter_does_not_import_trl():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32_weights", "bf16_weights"])
+def test_lm_head_precision_matches_trl_chunked_logprob(weight_dtype, bias):
+    """The lm_head as TRL's fused head runs it under bf16 autocast (trl.kernels.ChunkedLogProbFunction,
+    its CPU path): log-probs, entropy and the gradients to hidden / weight / bias, on odd sizes."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from staged.kernels import fused_linear_logprob
+
+    g = torch.Generator().manual_seed(3)
+    N, H, V, temp = 37, 24, 301, 0.7
+    h0 = torch.randn(N, H, generator=g)
+    w0 = (torch.randn(V, H, generator=g) * 0.2).to(weight_dtype)
+    b0 = (torch.randn(V, generator=g) * 0.1).to(weight_dtype) if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    gl, ge = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    outs = []
+    for which in ("trl", "ours"):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True) if bias else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if which == "trl":
+                lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, b, t, temp, 64, None, 1.0, ("entropy",))
+            else:
+                lp, ent = fused_linear_logprob(h.to(w.dtype), w, t, temperature=temp, bias=b, return_entropy=True,
+                                               backend="torch", logit_dtype=torch.bfloat16)
+        ((lp * gl).sum() + (ent * ge).sum()).backward()
+        outs.append((lp.detach(), ent.detach(), h.grad, w.grad, b.grad if bias else None))
+    (l1, e1, gh1, gw1, gb1), (l2, e2, gh2, gw2, gb2) = outs
+    # the logits are the same bf16 numbers; what is left is fp32 summation order
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)
+    for a, b_, n in ((gh2, gh1, "hidden"), (gw2, gw1, "weight"), (gb2, gb1, "bias")):
+        if b_ is None:
+            continue
+        assert a.dtype == b_.dtype, n
+        # the logits' gradient is rounded to bf16 on both sides: an fp32-order difference may
+        # round one element to the neighbouring bf16 value (2^-8 relative)
+        torch.testing.assert_close(a.float(), b_.float(), rtol=4e-3, atol=4e-3 * b_.float().abs().max().item(),
+                                   msg=lambda m, n=n: f"grad {n}: {m}")
+    # without the logit dtype the fp32 head is measurably different (this test would notice)
+    lp32 = fused_linear_logprob(h0.to(w0.dtype), w0, t, temperature=temp, bias=b0, backend="torch")
+    assert (lp32 - l1).abs().max().item() > 1e-3
