@@ -658,6 +658,9 @@ class _FusedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fused_linear_logprob: double backward (create_graph=True) is not supported: "
+                               "the backward kernels are not themselves differentiable")
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2])
@@ -711,7 +714,8 @@ def _check_inputs(hidden, weight, targets, temperature, bias, backend) -> None:
 def _check_targets(targets: torch.Tensor, V: int) -> None:
     if targets.numel() == 0:
         return
-    if targets.device.type == "cuda":
+    if targets.device.type == "cuda" or torch.compiler.is_compiling():
+        # (under torch.compile a host read-back would break the graph: checked on the device)
         # No host sync: the assert fires asynchronously (at a later launch) if any target is bad.
         torch._assert_async(((targets >= 0) & (targets < V)).all(),
                             f"fused_linear_logprob: a target is outside [0, {V})")
@@ -737,7 +741,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          temperature: float = 1.0, bias: torch.Tensor | None = None,
-                         return_entropy: bool = False, backend: str = "auto"):
+                         return_entropy: bool = False, backend: str = "auto",
+                         logit_dtype: torch.dtype | None = None):
     """Log-probability of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden [..., H] and weight [V, H] share a dtype (bf16, fp16, fp32; fp64 on the torch
@@ -748,7 +753,15 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     backend: ``"auto"`` — Triton on CUDA, the chunked PyTorch path on CPU; ``"triton"`` — the
     Triton kernels (on CPU only under TRITON_INTERPRET=1, as the tests do); ``"torch"`` — the
     chunked PyTorch path (any device; peak extra memory one chunk x V, never N x V).
+
+    ``logit_dtype`` (bf16 / fp16, default None): run the lm_head as it runs under autocast —
+    operands in that dtype, fp32 accumulation — so that the log-probs match ones computed that way
+    (TRL's under ``bf16=True``). The torch path also rounds the logits and the logits' gradient to
+    it, as TRL's does; the Triton path keeps its fp32 logit tile. Gradients come back in the
+    inputs' dtypes.
     """
+    if logit_dtype is not None and logit_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"logit_dtype must be None, torch.bfloat16 or torch.float16; got {logit_dtype}")
     _check_inputs(hidden, weight, targets, temperature, bias, backend)
     kind = _resolve_backend(backend, hidden.device)
     if kind == "triton" and hidden.dtype not in _FLOAT_DTYPES:
@@ -771,10 +784,14 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         logp = zero.expand(0).reshape(lead)
         return (logp, logp.clone()) if return_entropy else logp
     if kind == "triton":
+        if logit_dtype is not None:
+            h2, w2 = h2.to(logit_dtype), w2.to(logit_dtype)
+            b1 = b1.to(logit_dtype) if b1 is not None else None
         logp, ent = _FusedLinearLogprob.apply(h2, w2, b1, t1, 1.0 / float(temperature))
     else:
         logp, ent = chunked_linear_logprob(h2, w2, t1, temperature=float(temperature), bias=b1,
-                                           with_entropy=return_entropy)
+                                           with_entropy=return_entropy,
+                                           logit_dtype=logit_dtype if h2.dtype != torch.float64 else None)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
