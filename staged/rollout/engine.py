@@ -421,17 +421,22 @@ def _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers
         pos.append(next_pos[live.row] + t_of[s] - 1)
         slot_idx.append(s)
     MB = max(len(b) for b in tables)
-    table = torch.tensor([b + [0] * (MB - len(b)) for b in tables], dtype=torch.int32)
-    seqlens = torch.tensor(lens, dtype=torch.int32)
-    step = DecodeStep(cache=cache, slot=torch.tensor(writes, device=device), block_table=table.to(device),
-                      seqlens=seqlens.to(device), backend=backend)
+    n = len(slot_idx)
+    # Everything the step needs from the host in one int64 buffer and one copy (pinned and
+    # asynchronous on CUDA: no per-tensor pageable copies that would wait for the device).
+    host = torch.tensor(writes + lens + pos + rows + [t_of[s] for s in slot_idx] + slot_idx
+                        + [x for b in tables for x in b + [0] * (MB - len(b))], dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    write, seqlens, pos_t, rows_t, t, idx = dev[:6 * n].view(6, n)
+    table = dev[6 * n:].view(n, MB).int()
+    step = DecodeStep(cache=cache, slot=write, block_table=table, seqlens=seqlens.int(), backend=backend)
     if backend == "torch":
-        step.mask = (torch.arange(MB * bs, device=device)[None] < step.seqlens[:, None].long())[:, None, None]
-    idx = torch.tensor(slot_idx, device=device)
+        step.mask = (torch.arange(MB * bs, device=device)[None] < seqlens[:, None])[:, None, None]
     tok = cur_tok[idx]
     h = text.embed_tokens(tok[:, None])
-    p = torch.tensor(pos, device=device).view(1, -1, 1).expand(3, -1, 1)
-    pe = text.rotary_emb(h, p)
+    pe = text.rotary_emb(h, pos_t.view(1, -1, 1).expand(3, -1, 1))
     for layer in layers:
         h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=None, paged=step,
                   **{layer_cache_kw: None})
@@ -439,7 +444,6 @@ def _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers
             h = h[0]
     h = text.norm(h)[:, 0]
     logits = torch.nn.functional.linear(h, lm_head.weight, lm_head.bias).float()
-    t = torch.tensor([t_of[s] for s in slot_idx], device=device)
-    cur_tok[idx] = emit(torch.tensor(rows, device=device), t, logits)
+    cur_tok[idx] = emit(rows_t, t, logits)
     for s in slot_idx:
         t_of[s] += 1
