@@ -246,6 +246,9 @@ def measure_rss(impl: str, N: int, V: int, H: int) -> dict:
 def measure_rss_subprocess(impl: str, N: int, V: int, H: int, timeout: float = 600) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)     # the CPU path under test is the chunked torch one
+    # Blocks over 64 KiB from mmap, returned to the OS when freed: the peak RSS is then the peak of
+    # live tensors, not of glibc's cached arenas (which varied it by +-100 MB from run to run).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_linear_logprob", "--measure-rss",
                           impl, str(N), str(V), str(H)], check=False, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
