@@ -21,24 +21,38 @@ $(VENV)/.staged-env: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 env: $(VENV)/.staged-env
 
-demo: env
+# The demo's own stamp: the package and what the demo runs (the plot), not the test extras
+# (trl, liger-kernel, datasets, ...). A venv that already has the test env serves both.
+$(VENV)/.staged-demo: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -c "import staged, staged.kernels; import torch; print('demo env ok: torch', torch.__version__)"
+	touch $@
+
+demo: $(VENV)/.staged-demo
 	$(PY) -m staged.train
 
 test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The GPU image's triton 3.6 as well: `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install
+# triton==3.6.0`, then `make aot AOT_TRITON=/tmp/t36/lib/python3.11/site-packages` (that triton
+# shadows the venv's; torch stays the venv's).
+AOT_TRITON ?=
 aot: env
-	env -u TRITON_INTERPRET $(PY) -m staged.kernels.aot
+	env -u TRITON_INTERPRET $(if $(AOT_TRITON),PYTHONPATH=$(AOT_TRITON)) $(PY) -m staged.kernels.aot
 
 bench: env
 	$(PY) -m benchmarks --all
 
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` on a CPU: every step up to its CUDA calls.
 # The GPU machines have torch/triton/transformers but no network: no venv, no dependency
 # install; only this package itself, installed without deps or build isolation.
 gpu-check:
 	@P=$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)); \
 	$$P -c "import staged.kernels" 2>/dev/null || $$P -m pip install -q --no-deps --no-build-isolation -e . ; \
-	$$P -m benchmarks.gpu_check
+	$$P -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info staged/_C*.so

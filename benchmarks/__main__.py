@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "grpo_loss": "benchmarks.bench_grpo_loss",
     "linear_logprob": "benchmarks.bench_linear_logprob",
+    "packing": "benchmarks.bench_packing",
     "planner": "benchmarks.bench_planner",
     "collate": "benchmarks.bench_collate",
     "train_step": "benchmarks.bench_train_step",

@@ -42,6 +42,10 @@ from staged.kernels.reference.linear_logprob import linear_logprob_eager  # noqa
 
 GPU_HEADS = [("7B head", 3584, 152064), ("3B head", 2048, 151936), ("0.5B head", 896, 151936)]
 GPU_TOKENS = (2048, 8192)
+# `make gpu-check` (STAGED_BENCH_GPU_CHECK=1): the 7B head only, at N = 2048 and 16384 tokens,
+# sized for a 15-minute lent GPU.
+GPU_CHECK = os.environ.get("STAGED_BENCH_GPU_CHECK") == "1"
+GPU_CHECK_TOKENS = (2048, 16384)
 CPU_SHAPE = (2048, 152064, 256)     # N, V, H: naive logits alone are N*V*4 B = 1.2 GB
 CPU_SHAPE_QUICK = (512, 152064, 256)
 
@@ -157,6 +161,10 @@ def _run_gpu(device, limits, quick=False):
     except ImportError as exc:
         print(f"  liger-kernel unavailable: {exc}")
     heads, tokens = (GPU_HEADS[:1], GPU_TOKENS[:1]) if quick else (GPU_HEADS, GPU_TOKENS)
+    if GPU_CHECK:
+        heads, tokens = GPU_HEADS[:1], GPU_CHECK_TOKENS
+    from staged.kernels import fused_linear_logprob_workspace
+    arch = 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
     for head, H, V in heads:
         for N in tokens:
             case = f"{head} N={N} H={H} V={V}"
@@ -181,9 +189,15 @@ def _run_gpu(device, limits, quick=False):
                     if name.startswith("lm_head"):
                         base[passname] = tm["median_ms"]
                     b = base.get(passname)
+                    logits_mb = N * V * 4 / 2**20
+                    ws = (fused_linear_logprob_workspace(N, H, V, torch.bfloat16, arch=arch) / 2**20
+                          if name.startswith("staged") else None)
                     rows.append({"case": case, "impl": name, "pass": passname, **tm,
                                  "tflops": flops / tm["median_ms"] / 1e9,
+                                 "x_gemm": tm["median_ms"] / b if b else None,
                                  "pct_gemm_floor": 100 * b / tm["median_ms"] if b else None,
+                                 "workspace_pct_logits": 100 * ws / logits_mb if ws else None,
+                                 "peak_pct_logits": 100 * mem / logits_mb if mem else None,
                                  "pct_of_gemm_limit": (100 * flops / tm["median_ms"] / 1e9
                                                        / limits["gemm_tflops"]) if limits else None,
                                  "peak_mb": mem})
@@ -232,6 +246,9 @@ def measure_rss(impl: str, N: int, V: int, H: int) -> dict:
 def measure_rss_subprocess(impl: str, N: int, V: int, H: int, timeout: float = 600) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)     # the CPU path under test is the chunked torch one
+    # Blocks over 64 KiB from mmap, returned to the OS when freed: the peak RSS is then the peak of
+    # live tensors, not of glibc's cached arenas (which varied it by +-100 MB from run to run).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_linear_logprob", "--measure-rss",
                           impl, str(N), str(V), str(H)], check=False, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)

@@ -1,10 +1,19 @@
 """Ahead-of-time compilation of every Triton kernel for real GPU targets, with no GPU.
 
-Each kernel module registers its ``@triton.jit`` functions once, with a representative
-signature, through :func:`register_aot`. ``python -m staged.kernels.aot`` compiles each of them
-for sm_80 and sm_90 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``),
-runs Triton's bundled ``ptxas -v`` over the PTX and reports registers, spills and shared
-memory. A kernel that does not compile, or spills, fails ``tests/kernels/test_aot_compile.py``.
+Each kernel module registers its ``@triton.jit`` functions through :func:`register_aot`: one
+entry per launch configuration its launcher can pick (tiles, warps, stages, constexpr flags),
+for the archs that configuration is picked on. ``python -m staged.kernels.aot`` compiles each
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``), runs Triton's own
+``ptxas -v`` over the PTX and reports registers, spills, shared memory and how the dots were
+lowered (``wgmma`` on sm_90, ``mma.sync`` on sm_80, ``fma`` for fp32 "ieee" dots, ``-`` without
+dots). A kernel that does not compile, or spills, or whose bf16 dots miss the tensor cores,
+fails ``tests/kernels/test_aot_compile.py``.
+
+The compile sees what the JIT sees at a real launch: the JIT specialises every pointer argument
+whose address, and every integer whose value, is a multiple of 16 (``tt.divisibility = 16``),
+and that decides vectorised / async loads and so registers and spills. Each registration names
+the arguments that are divisible at its real launches (``divisible=``); without them the gate
+would check a different kernel than the one that runs (176 vs 152 registers, issue 14).
 
 Must run in a process without ``TRITON_INTERPRET=1``: under the interpreter ``triton.jit``
 returns an interpreted function that cannot be lowered, which is why the test shells out.
@@ -40,22 +49,34 @@ class AotSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    archs: tuple = (80, 90)
+    divisible: tuple = ()
 
 
 _REGISTRY: dict[str, AotSpec] = {}
 
 
 def register_aot(fn, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
-                 num_stages: int = 3, name: str | None = None) -> None:
+                 num_stages: int = 3, name: str | None = None, archs=(80, 90),
+                 divisible=None) -> None:
     """Register ``fn`` for AOT compilation. ``signature`` maps every argument name to a Triton
     type string (``"*fp32"``, ``"i32"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives
-    the constexpr values of the representative launch."""
+    the constexpr values of the launch. ``archs``: the compute capabilities on which the
+    launcher picks this configuration. ``divisible``: argument names the JIT would mark
+    divisible by 16 at a real launch; default: every pointer (fresh allocations are 256-byte
+    aligned)."""
     constexprs = dict(constexprs or {})
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
+    if divisible is None:
+        divisible = [k for k, v in signature.items() if v.startswith("*")]
+    unknown = [k for k in divisible if k not in signature]
+    if unknown:
+        raise ValueError(f"register_aot({name or fn}): divisible names {unknown} are not arguments")
     key = name or getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__")
-    _REGISTRY[key] = AotSpec(key, fn, sig, constexprs, num_warps, num_stages)
+    _REGISTRY[key] = AotSpec(key, fn, sig, constexprs, num_warps, num_stages, tuple(archs),
+                             tuple(divisible))
 
 
 def registered() -> list[AotSpec]:
@@ -105,7 +126,9 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    # The attribute format the JIT itself builds (backend.parse_attr("D"), triton >= 3.3).
+    attrs = {(spec.fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in spec.divisible}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = compiled.asm["ptx"]
@@ -118,6 +141,14 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
                               "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True)
     log = out.stdout + out.stderr
+    if "wgmma.mma_async" in ptx:
+        dots = "wgmma"
+    elif "mma.sync" in ptx:
+        dots = "mma.sync"
+    elif _has_dot(compiled):
+        dots = "fma"
+    else:
+        dots = "-"
     regs = _RE_REGS.search(log)
     spills = _RE_SPILL.search(log)
     return {
@@ -128,7 +159,15 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
         "spill_loads": int(spills.group(2)) if spills else -1,
         "shared_bytes": int(compiled.metadata.shared),
         "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "dots": dots,
+        "triton": triton.__version__,
     }
+
+
+def _has_dot(compiled) -> bool:
+    ttir = compiled.asm.get("ttir", "")
+    return "tt.dot" in ttir
 
 
 def main(argv=None) -> int:
@@ -145,6 +184,8 @@ def main(argv=None) -> int:
         if args.only and spec.name not in args.only:
             continue
         for cc in args.arch:
+            if cc not in spec.archs:
+                continue
             try:
                 rows.append(compile_spec(spec, cc))
             except Exception as exc:  # noqa: BLE001 - reported, then the exit code says it
@@ -152,10 +193,15 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"compiled": rows, "failed": failures}))
     else:
-        print(f"{'kernel':40s} {'cc':>4s} {'regs':>5s} {'spill st/ld':>12s} {'smem B':>8s} {'warps':>5s}")
+        import triton
+
+        print(f"triton {triton.__version__}")
+        print(f"{'kernel':72s} {'cc':>3s} {'regs':>5s} {'spill st/ld':>12s} {'smem B':>7s} "
+              f"{'w/s':>4s} {'dots':>8s}")
         for r in rows:
-            print(f"{r['kernel']:40s} {r['cc']:>4d} {r['registers']:>5d} "
-                  f"{r['spill_stores']:>5d}/{r['spill_loads']:<6d} {r['shared_bytes']:>8d} {r['num_warps']:>5d}")
+            print(f"{r['kernel']:72s} {r['cc']:>3d} {r['registers']:>5d} "
+                  f"{r['spill_stores']:>5d}/{r['spill_loads']:<6d} {r['shared_bytes']:>7d} "
+                  f"{r['num_warps']:>2d}/{r['num_stages']:<1d} {r['dots']:>8s}")
         for f in failures:
             print(f"FAILED {f['kernel']} sm_{f['cc']}: {f['error']}")
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]

@@ -182,7 +182,8 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
                            old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                            cu_seqlens=None, sampling_logp=None, vllm_is_ratio=None, num_items_in_batch=None,
                            temperature: float = 1.0, use_ref_model: bool | None = None,
-                           return_entropy: bool = False, backend: str = "auto", **options):
+                           return_entropy: bool = False, backend: str = "auto",
+                           logit_dtype: torch.dtype | None = None, **options):
     """GRPO loss straight from final hidden states. Returns ``(loss, GRPOMetrics)``.
 
     hidden [B, T, H] (padded; [B*T, H] is accepted with ids [B, T]) or [N, H] with ``cu_seqlens``
@@ -197,7 +198,9 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
     epsilon_high, beta, delta, importance_sampling_level, use_bias_correction_kl, ...), TRL's
     defaults. ``backend`` goes to both kernels. A frozen weight / bias (requires_grad False) gets
     no gradient and costs no dW GEMM. Hidden is cast to the weight's dtype when they differ (an
-    fp32 lm_head under bf16 autocast), and autocast is off inside: the kernels pick their precision.
+    fp32 lm_head under bf16 autocast), and autocast is off inside: the kernels pick their precision,
+    unless ``logit_dtype`` (bf16 / fp16) asks for the lm_head as autocast runs it (see
+    ``fused_linear_logprob``; the TRL adapter passes it under ``bf16=True``, as TRL does).
     """
     opts = resolve_options(dict(options))  # validate early; grpo_loss re-parses the same dict
     beta = opts.beta
@@ -251,7 +254,7 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
 
     with torch.autocast(hidden.device.type, enabled=False):
         out = fused_linear_logprob(hidden, weight, ids, temperature=float(temperature), bias=bias,
-                                   return_entropy=return_entropy, backend=backend)
+                                   return_entropy=return_entropy, backend=backend, logit_dtype=logit_dtype)
         logp, entropy = out if return_entropy else (out, None)
 
         # ---- reference log-probs (beta != 0) ----
@@ -267,7 +270,7 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, mask, advantages,
                     if valid is not None and tuple(rh.shape[:-1]) == tuple(ids.shape):
                         rh = torch.where(valid.unsqueeze(-1), rh, torch.zeros((), dtype=rh.dtype, device=rh.device))
                     ref_logp = fused_linear_logprob(rh.to(rw.dtype), rw, ids, temperature=float(temperature),
-                                                    bias=rb, backend=backend)
+                                                    bias=rb, backend=backend, logit_dtype=logit_dtype)
             else:
                 raise ValueError(
                     f"FusedLinearGRPOLoss: beta={beta} with use_ref_model needs ref_per_token_logps, or "
@@ -306,8 +309,9 @@ class FusedLinearGRPOLoss(nn.Module):
         chunked by sequence), epsilon_low (0.2), epsilon_high (None = epsilon_low; Liger 0.2),
         loss_type ("dapo"), max_completion_length (dr_grpo), importance_sampling_level ("token"),
         sapo_temperature_pos / _neg (1.0 / 1.05), temperature (1.0), delta (None),
-        use_bias_correction_kl (True; Liger False), vespo_* (accepted; loss_type="vespo" is not
-        implemented and raises).
+        use_bias_correction_kl (True; Liger False), vespo_k_pos / _lambda_pos / _k_neg / _lambda_neg
+        (2, 3, 3, 2). Options a loss type does not use (delta for cispo / sapo / vespo, the SAPO
+        temperatures, the VESPO shapes) are accepted and ignored, as TRL and Liger do.
     Keyword-only extras: ``return_entropy`` (adds ``metrics["entropy"]``, the masked mean entropy
     of the tempered distribution), ``backend`` ("auto" | "triton" | "torch"), and any other
     ``grpo_loss`` option (``gradient_accumulation_steps``, ``num_processes``,
@@ -341,7 +345,9 @@ class FusedLinearGRPOLoss(nn.Module):
                             max_completion_length=max_completion_length,
                             importance_sampling_level=importance_sampling_level,
                             sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                            delta=delta, use_bias_correction_kl=use_bias_correction_kl, **grpo_options)
+                            delta=delta, use_bias_correction_kl=use_bias_correction_kl,
+                            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+                            vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, **grpo_options)
         self.opts = resolve_options(self.options)  # raises now, naming the field
         self.beta = beta
         self.compiled = compiled
@@ -381,4 +387,76 @@ class FusedLinearGRPOLoss(nn.Module):
                 f"level={o.importance_sampling_level!r}, temperature={self.temperature}, backend={self.backend!r}")
 
 
-__all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss", "GRPOMetrics", "resolve_lm_head", "gather_full"]
+# ---------------------------------------------------------------------------------------------
+# Liger's positional functional
+
+# Liger-Kernel 0.8.5's ``LigerFusedLinearGRPOFunction.forward`` arguments after ``ctx``, in order.
+LIGER_GRPO_ARGS = (
+    "_input", "weight", "selected_token_ids", "attention_mask", "advantages", "bias",
+    "ref_per_token_logps", "old_per_token_logps", "ref_input", "ref_weight", "ref_bias",
+    "beta", "epsilon_low", "epsilon_high", "loss_type", "max_completion_length",
+    "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg", "temperature",
+    "compiled", "use_ref_model", "chunk_size", "vllm_is_ratio", "delta", "use_bias_correction_kl",
+    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "num_items_in_batch",
+)
+# Where a value is omitted: TRL's defaults where TRL has the option (beta 0, bias-corrected KL,
+# epsilon_high = epsilon_low, use_ref_model = beta != 0), Liger's otherwise.
+_LIGER_GRPO_DEFAULTS = dict(
+    bias=None, ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
+    ref_bias=None, beta=0.0, epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
+    importance_sampling_level="token", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, temperature=1.0,
+    compiled=True, use_ref_model=None, chunk_size=1, vllm_is_ratio=None, delta=None, use_bias_correction_kl=True,
+    vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, num_items_in_batch=None,
+)
+
+
+class FusedLinearGRPOFunction:
+    """Twin of ``liger_kernel.chunked_loss.grpo_loss.LigerFusedLinearGRPOFunction``: ``.apply``
+    takes Liger 0.8.5's arguments positionally (or by name) in Liger's order — see
+    ``LIGER_GRPO_ARGS`` — and returns ``(loss, GRPOMetrics)``. ``compiled`` and ``chunk_size`` are
+    accepted and ignored (the kernels are fused already). Semantics and defaults are TRL's, as for
+    ``FusedLinearGRPOLoss`` (README: "Using the fused loss in your trainer" lists where Liger differs).
+
+    Not an ``autograd.Function`` itself: it composes two of them (``fused_linear_logprob`` and
+    ``grpo_loss``), so gradients flow to ``_input``, ``weight`` and ``bias`` as with Liger's."""
+
+    @staticmethod
+    def apply(*args, **kwargs):
+        if len(args) > len(LIGER_GRPO_ARGS):
+            raise TypeError(f"LigerFusedLinearGRPOFunction.apply takes at most {len(LIGER_GRPO_ARGS)} "
+                            f"positional arguments ({len(args)} given)")
+        named = dict(zip(LIGER_GRPO_ARGS, args))
+        for k, v in kwargs.items():
+            if k not in LIGER_GRPO_ARGS:
+                raise TypeError(f"LigerFusedLinearGRPOFunction.apply got an unexpected keyword argument {k!r}")
+            if k in named:
+                raise TypeError(f"LigerFusedLinearGRPOFunction.apply got multiple values for argument {k!r}")
+            named[k] = v
+        missing = [k for k in LIGER_GRPO_ARGS[:5] if k not in named]
+        if missing:
+            raise TypeError(f"LigerFusedLinearGRPOFunction.apply missing required arguments: {missing}")
+        a = {**_LIGER_GRPO_DEFAULTS, **named}
+        chunk_size = a["chunk_size"]
+        if not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise ValueError(f"LigerFusedLinearGRPOFunction: chunk_size must be an int >= 1; got {chunk_size!r}")
+        return fused_linear_grpo_loss(
+            a["_input"], a["weight"], a["selected_token_ids"], a["attention_mask"], a["advantages"],
+            bias=a["bias"], old_logp=a["old_per_token_logps"], ref_logp=a["ref_per_token_logps"],
+            ref_hidden=a["ref_input"], ref_weight=a["ref_weight"], ref_bias=a["ref_bias"],
+            vllm_is_ratio=a["vllm_is_ratio"], num_items_in_batch=a["num_items_in_batch"],
+            temperature=a["temperature"], use_ref_model=a["use_ref_model"],
+            beta=a["beta"], eps_low=a["epsilon_low"], eps_high=a["epsilon_high"], loss_type=a["loss_type"],
+            max_completion_length=a["max_completion_length"],
+            importance_sampling_level=a["importance_sampling_level"],
+            sapo_temperature_pos=a["sapo_temperature_pos"], sapo_temperature_neg=a["sapo_temperature_neg"],
+            delta=a["delta"], use_bias_correction_kl=a["use_bias_correction_kl"],
+            vespo_k_pos=a["vespo_k_pos"], vespo_lambda_pos=a["vespo_lambda_pos"],
+            vespo_k_neg=a["vespo_k_neg"], vespo_lambda_neg=a["vespo_lambda_neg"])
+
+
+LigerFusedLinearGRPOFunction = FusedLinearGRPOFunction
+liger_fused_linear_grpo = FusedLinearGRPOFunction.apply  # Liger's chunked_loss.functional name
+
+
+__all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss", "GRPOMetrics", "resolve_lm_head", "gather_full",
+           "FusedLinearGRPOFunction", "LigerFusedLinearGRPOFunction", "liger_fused_linear_grpo", "LIGER_GRPO_ARGS"]

@@ -32,9 +32,11 @@ Host syncs: none. Options and shapes are read on the host; cu_seqlens' values on
 Python number costs nothing.)
 
 Semantics: TRL's ``GRPOTrainer._compute_loss`` for every option the two share; see ``grpo_loss``.
+Double backward is a RuntimeError (the backward kernel is not differentiable).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -43,7 +45,7 @@ import triton.language as tl
 
 from .aot import register_aot
 from .grpo_options import GRPOLossOptions, check_num_items, resolve_call
-from .reference.grpo_loss import EXP_CLAMP, grpo_loss_reference
+from .reference.grpo_loss import EXP_CLAMP, KL_EXP_CLAMP, grpo_loss_reference
 
 # Row statistics written by the forward kernel, [B, ROW_STATS] fp32.
 ROW_LOSS, ROW_COUNT, ROW_CLIP_LOW, ROW_CLIP_HIGH, ROW_KL, ROW_RATIO, ROW_SEQ_GRAD = range(7)
@@ -51,7 +53,11 @@ ROW_STATS = 8  # padded to 8 floats (32 B) per row
 
 # Loss kinds (constexpr): the normaliser is applied on the host, so grpo/bnpo/dr_grpo/dapo/luspo
 # share one kernel specialisation.
-_CLIPPED, _CISPO_TRL, _CISPO_VERL, _SAPO = 0, 1, 2, 3
+_CLIPPED, _CISPO_TRL, _CISPO_VERL, _SAPO, _VESPO = 0, 1, 2, 3, 4
+ROW_PHI = 7  # VESPO's per-sequence gamma weight phi (the padding slot of the row stats)
+# TRL's get_gamma_weights clamps log-weights to [log(1e-8), 20]
+_VESPO_LOG_LO = tl.constexpr(math.log(1e-8))
+_VESPO_LOG_HI = tl.constexpr(20.0)
 # vLLM importance-ratio sources (constexpr).
 _IS_NONE, _IS_TOKEN_TENSOR, _IS_ROW_TENSOR, _IS_TOKEN_LOGP, _IS_SEQ_LOGP = 0, 1, 2, 3, 4
 
@@ -105,6 +111,19 @@ def _vllm_ratio(d, is_lo, is_hi, TRUNC: tl.constexpr, EXP_MAX: tl.constexpr):
 
 
 @triton.jit
+def _exp_tangent(y, ey, EXP_MAX: tl.constexpr):
+    # exp continued past the clamp by its tangent line: e^Y (1 + y - Y). Its derivative there is
+    # e^Y, so the KL stays increasing in y and its gradient keeps the sign of 1 - e^y
+    return ey * (1.0 + tl.where(y > EXP_MAX, y - EXP_MAX, 0.0))
+
+
+@triton.jit
+def _vespo_log_is(isr):
+    # TRL: clamp(log(ratio), log(1e-8), 20), NaN kept
+    return _clip(tl.log(isr), _VESPO_LOG_LO, _VESPO_LOG_HI)
+
+
+@triton.jit
 def _grpo_loss_fwd_kernel(
     # per-token inputs, [N] (a flag off means the pointer is a dummy never read)
     LOGP, OLD, REF, SAMP, ISR, MASK,
@@ -115,13 +134,14 @@ def _grpo_loss_fwd_kernel(
     # padded row length (unused when PACKED)
     T,
     # fp32 scalars: clip epsilons, delta (+inf = off), KL coefficient, SAPO temperatures, vLLM
-    # ratio bounds C_min / C_max (-inf / +inf = off)
+    # ratio bounds C_min / C_max (-inf / +inf = off), VESPO gamma shapes / rates (A >= 0, A < 0)
     eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi,
+    vk_pos, vl_pos, vk_neg, vl_neg,
     # meta-parameters
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
     LOSS_KIND: tl.constexpr, SEQ_LEVEL: tl.constexpr, IS_KIND: tl.constexpr, IS_TRUNC: tl.constexpr,
     USE_KL: tl.constexpr, KL_BIAS: tl.constexpr, STORE_GRAD: tl.constexpr, ROW_PASS: tl.constexpr,
-    EXP_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    EXP_MAX: tl.constexpr, KL_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     start, end = _row_bounds(CU, b, T, PACKED)
@@ -131,11 +151,18 @@ def _grpo_loss_fwd_kernel(
     lo = 1.0 - eps_low
     hi = 1.0 + eps_high
 
-    # ---- pass 1 (sequence-level ratio and/or sequence-level vLLM ratio): per-row sums ----
+    # ---- pass 1 (sequence-level ratio, sequence-level vLLM ratio, VESPO weight): per-row sums ----
     if ROW_PASS:
         acc_x = tl.zeros([BLOCK], tl.float32)
         acc_m = tl.zeros([BLOCK], tl.float32)
         acc_d = tl.zeros([BLOCK], tl.float32)
+        acc_v = tl.zeros([BLOCK], tl.float32)
+        acc_li = tl.zeros([BLOCK], tl.float32)
+        # sequence-level bias-corrected KL: per lane, the running max of y = ref - logp, the sum
+        # of m e^(y - max) (online, as a softmax) and the sum of m y
+        acc_ymax = tl.full([BLOCK], float("-inf"), tl.float32)
+        acc_se = tl.zeros([BLOCK], tl.float32)
+        acc_my = tl.zeros([BLOCK], tl.float32)
         for k in range(0, n, BLOCK):
             offs = start + k + cols
             inb = (k + cols) < n
@@ -149,15 +176,55 @@ def _grpo_loss_fwd_kernel(
             if SEQ_LEVEL:
                 acc_x += (lp - old) * m
                 acc_m += m
+                if USE_KL and KL_BIAS:
+                    yv = tl.where(valid, tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32), 0.0) - lp
+                    nm = tl.maximum(acc_ymax, tl.where(valid, yv, float("-inf")))
+                    nm0 = tl.where(nm == float("-inf"), 0.0, nm)
+                    acc_se = acc_se * tl.exp(acc_ymax - nm0) + tl.where(valid, m * tl.exp(yv - nm0), 0.0)
+                    acc_ymax = nm
+                    acc_my += m * yv
             if IS_KIND == 4:
                 s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
                 d = (old - s) * m
                 acc_d += tl.where(d == d, d, 0.0)  # TRL: nan_to_num (vLLM could not score it)
+            if LOSS_KIND == 4:
+                # VESPO: the *sum* of the clamped token log-ratios, plus the log vLLM ratio summed
+                # over every position of the row, masked ones included (TRL and Liger sum the
+                # unmasked [B, T] tensor; there the built ratio is exp(0) = 1)
+                acc_v += _clip(lp - old, -20.0, 20.0) * m
+                if IS_KIND == 1:
+                    acc_li += tl.where(inb, _vespo_log_is(tl.load(ISR + offs, mask=inb, other=1.0).to(tl.float32)), 0.0)
+                elif IS_KIND == 3:
+                    s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+                    d = (old - s) * m
+                    r3 = _vllm_ratio(tl.where(d == d, d, 0.0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
+                    acc_li += tl.where(inb, _vespo_log_is(r3), 0.0)
+        if LOSS_KIND == 4:
+            lwv = tl.sum(acc_v, axis=0) + tl.sum(acc_li, axis=0)
+            if IS_KIND == 2:
+                lwv += _vespo_log_is(tl.load(ISR + b).to(tl.float32))
+            lwv = _clip(lwv, _VESPO_LOG_LO, _VESPO_LOG_HI)
+            kv = tl.where(adv >= 0.0, vk_pos, vk_neg)
+            lv = tl.maximum(tl.where(adv >= 0.0, vl_pos, vl_neg), 1e-4)
+            phi = tl.exp(lv + kv * lwv - lv * tl.exp(lwv))
+            phi = tl.where((phi == phi) & (phi < float("inf")), phi, 0.0)  # TRL: nan_to_num -> 0
         if SEQ_LEVEL:
             # GSPO: mean log-ratio over the sequence's (weighted) tokens, denominator clamped at 1
             lw = tl.sum(acc_x, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
             c_row = tl.exp(_cap(lw, EXP_MAX))
             dc_row = tl.where(lw <= EXP_MAX, c_row, 0.0)  # d ratio / d lw (0 past the clamp)
+            if USE_KL and KL_BIAS:
+                # d(C sum_s m_s kl_s)/d logp_t = m_t C [S/M - e^(y_t) + 1 - sum(m)/M - mean(y)],
+                # S = sum m e^y, M = max(sum m, 1): the e^y terms largely cancel (all equal: exactly),
+                # so they are formed relative to the row's largest y and only that common factor
+                # e^ymax is clamped: the sign is kept, the magnitude bounded by e^EXP_MAX
+                ymax = tl.max(acc_ymax, axis=0)
+                ymax0 = tl.where(ymax == float("-inf"), 0.0, ymax)
+                msum = tl.sum(acc_m, axis=0)
+                mden = tl.maximum(msum, 1.0)
+                se_row = tl.sum(acc_se * tl.exp(acc_ymax - ymax0), axis=0) / mden
+                ymax_c = _cap(ymax0, KL_MAX)
+                kl_const = 1.0 - msum / mden - tl.sum(acc_my, axis=0) / mden
         if IS_KIND == 4:
             isr_row = _vllm_ratio(tl.sum(acc_d, axis=0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
     if IS_KIND == 2:
@@ -188,12 +255,16 @@ def _grpo_loss_fwd_kernel(
         if SEQ_LEVEL:
             c = c_row
             dc = dc_row
+            lc = _cap(lw, EXP_MAX)  # log of the (clamped) ratio
         else:
             x = lp - old
-            c = tl.exp(_cap(x, EXP_MAX))
+            lc = _cap(x, EXP_MAX)
+            c = tl.exp(lc)
             dc = tl.where(x <= EXP_MAX, c, 0.0)
 
-        if IS_KIND == 1:
+        if LOSS_KIND == 4:
+            pass
+        elif IS_KIND == 1:
             isr = tl.where(valid, tl.load(ISR + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         elif IS_KIND == 3:
             s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
@@ -234,6 +305,14 @@ def _grpo_loss_fwd_kernel(
             if not SEQ_LEVEL:
                 is_low = c < lo
                 is_high = c > hi
+        elif LOSS_KIND == 4:
+            # VESPO: phi (detached, per sequence) scales the policy gradient; no clipping
+            pg = -phi * adv * lp
+            direct = -phi * advv
+            dpg = 0.0
+            if not SEQ_LEVEL:
+                is_low = c < 0.0
+                is_high = c < 0.0
         else:
             tau = tl.where(adv > 0.0, tau_pos, tau_neg)
             sg = 1.0 / (1.0 + tl.exp(-tau * (c - 1.0)))  # tau*(c-1) >= -tau: exp cannot overflow
@@ -244,7 +323,7 @@ def _grpo_loss_fwd_kernel(
                 is_low = c < 0.0
                 is_high = c < 0.0
 
-        if IS_KIND != 0:
+        if IS_KIND != 0 and LOSS_KIND != 4:  # VESPO folds the vLLM ratio into phi
             pg = pg * isr
             direct = direct * isr
             dpg = dpg * isr
@@ -252,14 +331,33 @@ def _grpo_loss_fwd_kernel(
         if USE_KL:
             ref = tl.where(valid, tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
             y = ref - lp
-            ey = tl.exp(_cap(y, EXP_MAX))
-            kl = ey - y - 1.0
-            dkl = 1.0 - tl.where(y <= EXP_MAX, ey, 0.0)  # d kl / d logp
+            ey = tl.exp(_cap(y, KL_MAX))
+            kl = _exp_tangent(y, ey, KL_MAX) - y - 1.0
+            dkl = 1.0 - ey  # d kl / d logp (past the clamp: 1 - e^Y, the tangent's slope)
             if KL_BIAS:
-                loss_t = pg + beta * kl * c
-                direct = direct + beta * dkl * c
-                dlc = dpg + beta * kl
-                kl = kl * c
+                # kl c = e^y c - (y + 1) c; e^y c = e^(ref - old) is formed in log space and its
+                # exponent capped at KL_MAX too, so that kl c is finite wherever e^y and c are
+                # clamped separately (e^80 e^20 would overflow fp32). Below the cap: TRL's product.
+                lyc = _cap(y, KL_MAX) + lc
+                fc = tl.exp(_cap(lyc, KL_MAX)) * (1.0 + tl.where(y > KL_MAX, y - KL_MAX, 0.0))
+                klc = tl.where(lyc > KL_MAX, fc - (y + 1.0) * c, kl * c)
+                loss_t = pg + beta * klc
+                dlc = dpg
+                if SEQ_LEVEL:
+                    # e^ymax C, capped like e^y c above; past the ratio clamp (C constant) the
+                    # gradient is m_t C (1 - e^y_t), with e^y_t C capped the same way
+                    sc = tl.exp(_cap(ymax_c + lc, KL_MAX))
+                    gkl = tl.where(lw <= EXP_MAX,
+                                   sc * (se_row - tl.exp(tl.minimum(y - ymax0, 0.0))) + c * kl_const,
+                                   c - tl.exp(_cap(_cap(y, KL_MAX) + lc, KL_MAX)))
+                    direct = direct + beta * gkl
+                else:
+                    # d(kl c)/d logp = (1 - e^y) c + (e^y - y - 1) c = -y c: the e^y terms cancel,
+                    # so the gradient is taken in that form (exact for any y, no clamp enters).
+                    # The product rule with a clamped e^y keeps kl c without the -e^y c that
+                    # cancels it, which flips the sign.
+                    direct = direct - beta * y * c
+                kl = klc
             else:
                 loss_t = pg + beta * kl
                 direct = direct + beta * dkl
@@ -279,7 +377,7 @@ def _grpo_loss_fwd_kernel(
             if SEQ_LEVEL:
                 # the ratio term is shared by the row: sum it here, spread it in the backward
                 acc_s += dlc * m
-                if LOSS_KIND == 1 or LOSS_KIND == 2 or USE_KL:
+                if LOSS_KIND == 1 or LOSS_KIND == 2 or LOSS_KIND == 4 or USE_KL:
                     tl.store(GRAD + offs, direct * m, mask=inb)
             else:
                 tl.store(GRAD + offs, (direct + dlc * dc) * m, mask=inb)
@@ -314,7 +412,10 @@ def _grpo_loss_fwd_kernel(
         tl.store(rp + 3, tl.sum(acc_high, axis=0))
         tl.store(rp + 5, tl.sum(acc_ratio, axis=0))
         tl.store(rp + 6, 0.0)
-    tl.store(rp + 7, 0.0)
+    if LOSS_KIND == 4:
+        tl.store(rp + 7, phi)
+    else:
+        tl.store(rp + 7, 0.0)
 
 
 @triton.jit
@@ -353,10 +454,11 @@ _FWD_SIG = {
     "ADV": "*fp32", "CU": "*i32", "GRAD": "*fp32", "ROW": "*fp32", "T": "i64",
     "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "beta": "fp32", "tau_pos": "fp32",
     "tau_neg": "fp32", "is_lo": "fp32", "is_hi": "fp32",
+    "vk_pos": "fp32", "vl_pos": "fp32", "vk_neg": "fp32", "vl_neg": "fp32",
 }
 _FWD_META = dict(PACKED=False, HAS_OLD=True, HAS_MASK=True, LOSS_KIND=_CLIPPED, SEQ_LEVEL=False,
                  IS_KIND=_IS_TOKEN_LOGP, IS_TRUNC=True, USE_KL=True, KL_BIAS=True, STORE_GRAD=True,
-                 ROW_PASS=False, EXP_MAX=EXP_CLAMP, BLOCK=1024)
+                 ROW_PASS=False, EXP_MAX=EXP_CLAMP, KL_MAX=KL_EXP_CLAMP, BLOCK=1024)
 register_aot(_grpo_loss_fwd_kernel, _FWD_SIG, _FWD_META, num_warps=8)
 register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
              {**_FWD_META, "PACKED": True, "SEQ_LEVEL": True, "IS_KIND": _IS_SEQ_LOGP, "IS_TRUNC": False,
@@ -368,6 +470,9 @@ register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
 register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
              {**_FWD_META, "LOSS_KIND": _CISPO_TRL, "PACKED": True},
              num_warps=8, name="_grpo_loss_fwd_kernel[cispo,packed]")
+register_aot(_grpo_loss_fwd_kernel, _FWD_SIG,
+             {**_FWD_META, "LOSS_KIND": _VESPO, "IS_KIND": _IS_TOKEN_TENSOR, "ROW_PASS": True},
+             num_warps=8, name="_grpo_loss_fwd_kernel[vespo]")
 _BWD_SIG = {"GRAD": "*fp32", "MASK": "*u8", "ROW": "*fp32", "W": "*fp32", "CU": "*i32",
             "DLOGP": "*fp32", "T": "i64"}
 register_aot(_grpo_loss_bwd_kernel, _BWD_SIG,
@@ -404,7 +509,7 @@ def _row_weights(opts: GRPOLossOptions, cnt, num_items):
         return (1.0 / (cnt.sum().clamp(min=1.0) * ga)).expand(B)
     if lt == "dr_grpo":  # constant B * max_completion_length
         return cnt.new_full((B,), 1.0 / (B * opts.max_completion_length * ga))
-    if lt in ("dapo", "cispo"):  # global token count of the generation batch, per process
+    if lt in ("dapo", "cispo", "vespo"):  # global token count of the generation batch, per process
         scale = ga / (opts.num_processes * opts.steps_per_generation)
         if num_items is not None and not isinstance(num_items, torch.Tensor):
             # a Python number: a fill, no host-to-device copy
@@ -417,7 +522,7 @@ def _row_weights(opts: GRPOLossOptions, cnt, num_items):
 
 
 _METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
-                 "ratio_mean", "num_tokens")
+                 "ratio_mean", "num_tokens", "vespo/phi_seq_mean")
 
 
 class GRPOLossFunction(torch.autograd.Function):
@@ -437,7 +542,7 @@ class GRPOLossFunction(torch.autograd.Function):
             torch._assert_async(((cu[1:] >= cu[:-1]).all() & (cu[0] >= 0) & (cu[-1] <= N)),
                                 "grpo_loss: cu_seqlens must be non-decreasing, within [0, N]")
         loss_kind = {"cispo": _CISPO_TRL if opts.cispo_variant == "trl" else _CISPO_VERL,
-                     "sapo": _SAPO}.get(opts.loss_type, _CLIPPED)
+                     "sapo": _SAPO, "vespo": _VESPO}.get(opts.loss_type, _CLIPPED)
         if inp.sampling_logp is not None:
             is_kind = _IS_SEQ_LOGP if opts.vllm_is_sequence else _IS_TOKEN_LOGP
         elif inp.is_ratio_token is not None:
@@ -448,7 +553,7 @@ class GRPOLossFunction(torch.autograd.Function):
             is_kind = _IS_NONE
         seq = opts.sequence_level
         use_kl = opts.beta != 0.0
-        has_direct = (not seq) or use_kl or loss_kind in (_CISPO_TRL, _CISPO_VERL)
+        has_direct = (not seq) or use_kl or loss_kind in (_CISPO_TRL, _CISPO_VERL, _VESPO)
         lo = opts.vllm_importance_sampling_clip_min
         hi = opts.vllm_importance_sampling_clip_max
 
@@ -471,10 +576,12 @@ class GRPOLossFunction(torch.autograd.Function):
             float("inf") if opts.delta is None else float(opts.delta),
             float(opts.beta), float(opts.sapo_temperature_pos), float(opts.sapo_temperature_neg),
             -float("inf") if lo is None else float(lo), float("inf") if hi is None else float(hi),
+            float(opts.vespo_k_pos), float(opts.vespo_lambda_pos), float(opts.vespo_k_neg),
+            float(opts.vespo_lambda_neg),
             PACKED=inp.packed, HAS_OLD=inp.old_logp is not None, HAS_MASK=inp.mask is not None,
             LOSS_KIND=loss_kind, SEQ_LEVEL=seq, IS_KIND=is_kind, IS_TRUNC=opts.vllm_is_truncate,
             USE_KL=use_kl, KL_BIAS=bool(opts.use_bias_correction_kl), STORE_GRAD=store_grad,
-            ROW_PASS=seq or is_kind == _IS_SEQ_LOGP, EXP_MAX=EXP_CLAMP, BLOCK=block,
+            ROW_PASS=seq or is_kind == _IS_SEQ_LOGP or loss_kind == _VESPO, EXP_MAX=EXP_CLAMP, KL_MAX=KL_EXP_CLAMP, BLOCK=block,
             num_warps=num_warps,
         )
 
@@ -488,7 +595,8 @@ class GRPOLossFunction(torch.autograd.Function):
         low = rows[:, ROW_CLIP_LOW].sum() / denom
         high = rows[:, ROW_CLIP_HIGH].sum() / denom
         kl = rows[:, ROW_KL].sum() / tok_denom if use_kl else torch.zeros((), device=dev)
-        metrics = torch.stack([low, high, low + high, kl, rows[:, ROW_RATIO].sum() / denom, tokens])
+        metrics = torch.stack([low, high, low + high, kl, rows[:, ROW_RATIO].sum() / denom, tokens,
+                               rows[:, ROW_PHI].sum() / float(B)])
 
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(grad_buf, rows, w, inp.mask if inp.mask is not None else grad_buf,
@@ -498,8 +606,12 @@ class GRPOLossFunction(torch.autograd.Function):
         return loss, metrics
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dloss, dmetrics):
+        if torch.is_grad_enabled():
+            # (once_differentiable would hand back a gradient without a graph, and the second
+            # derivative would then fail far from here or silently count as zero)
+            raise RuntimeError("grpo_loss: double backward (create_graph=True) is not supported: the "
+                               "backward kernel is not itself differentiable")
         grad_buf, rows, w, mask, cu = ctx.saved_tensors
         packed, has_mask, has_direct, seq, T, B, N, block, num_warps, dtype = ctx.meta
         # rows outside every sequence (packed buffer padding) get no gradient: zeros, not empty
@@ -574,34 +686,50 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
         clipped (grpo, bnpo, dr_grpo, dapo, luspo): -min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A)
         cispo  (TRL):  -sg(min(r, eps_high)) A logp      (verl variant: sg(clip(r, 1-eps_low, 1+eps_high)))
         sapo:          -sigmoid(tau (r - 1)) 4/tau A,   tau = tau_pos if A > 0 else tau_neg
+        vespo:         -phi A logp, phi = exp(lam + k log w - lam w) per sequence (detached), log w the
+                       sum of the clamped token log-ratios plus the summed log vLLM ratio, clamped to
+                       [log 1e-8, 20]; (k, lam) = vespo_k/lambda_pos if A >= 0 else _neg. The vLLM
+                       ratio enters phi instead of multiplying the loss (TRL's get_gamma_weights).
         times the vLLM ratio, plus beta * k3 KL (exp(ref-logp) - (ref-logp) - 1), times r when
         ``use_bias_correction_kl``.
     Normalisers, with GA = gradient_accumulation_steps (TRL, train mode):
         grpo, sapo:  mean_b(sum_t m l / max(sum_t m, 1)) / GA
         bnpo:        sum m l / max(sum m, 1) / GA
         dr_grpo:     sum m l / (B * max_completion_length) / GA
-        dapo, cispo: sum m l / (max(num_items_in_batch, 1) / num_processes * GA / steps_per_generation)
+        dapo, cispo, vespo: sum m l / (max(num_items_in_batch, 1) / num_processes * GA / steps_per_generation)
         luspo:       mean_b(sum_t m l) / GA
 
     Metrics (0-d device tensors, no host sync): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean`` (TRL's definitions; for cispo TRL's ``cispo_clip_ratio`` is the
     high one), ``kl`` (only when beta != 0), ``ratio_mean`` (mean importance ratio before delta),
-    ``num_tokens`` (sum of the mask). Token-level values are means over tokens; sequence-level
-    ones over sequences, all sequences counted, as TRL does.
+    ``num_tokens`` (sum of the mask), ``vespo/phi_seq_mean`` (vespo: mean phi over sequences).
+    Token-level values are means over tokens; sequence-level ones over sequences, all sequences
+    counted, as TRL does.
 
     Where we differ from TRL (all deliberate):
-      * every exp() argument (log-ratio, ref - logp, vLLM log-ratio) is clamped to <= 20 (verl's
-        bound; exp(20) = 4.85e8) so extreme log-ratios give finite values and gradients (zero
-        gradient past the clamp). TRL overflows to inf at 88.7 in fp32, and its bias-corrected KL
-        at ~44; below 20 the two agree exactly.
+      * exp clamp, ratios: the importance log-ratio and the vLLM log-ratio are clamped to <= 20
+        (verl's bound; exp(20) = 4.85e8), zero ratio-gradient past it. TRL overflows to inf at
+        88.7 in fp32; below 20 the two agree exactly.
+      * exp clamp, KL: the k3 KL is TRL's exactly while y = ref - logp <= 80 (KL_EXP_CLAMP; the
+        log-ratio above also at most 20). Past 80, e^y is continued by its tangent e^80 (1 + y - 80):
+        the KL stays finite and increasing, d KL / d logp = 1 - e^min(y, 80) keeps TRL's sign,
+        |gradient| <= beta e^80 (|y| + 3) per token (times the normaliser). With bias correction
+        the term kl * ratio = e^(y + log ratio) - (y + 1) ratio has that exponent capped at 80 too
+        (finite where TRL's product overflows), and its gradient is taken in closed form: token
+        level -y * ratio, TRL's exactly for any y (the e^y terms of the product rule cancel;
+        a clamped e^y would leave them uncancelled and flip the sign); sequence level
+        m_t C [S/M - e^y_t + 1 - sum(m)/M - mean(y)] (S = sum m e^y, M = max(sum m, 1)), with
+        the e^y formed relative to the row's largest and only that common factor capped — the
+        sign is TRL's, exact while the row's largest y plus its log-ratio is <= 80.
       * inputs at masked positions are zeroed before use; TRL multiplies by the mask, so a NaN or
         inf in padding turns its loss into NaN.
       * ``num_items_in_batch=None`` (TRL always passes it) falls back to this call's token count.
       * TRL's per-sequence ``clip_ratio/low_min`` / ``high_max``, the entropy bonus, top-entropy
-        masking, off-policy sequence masking and the ``vespo`` loss are not provided (the caller
-        can fold masks into ``mask``).
-      * ``delta`` with cispo/sapo is a ValueError (TRL ignores it silently); dr_grpo without
-        ``max_completion_length`` is a ValueError (TRL's config always has one, default 512).
+        masking and off-policy sequence masking are not provided (the caller can fold masks into
+        ``mask``).
+      * dr_grpo without ``max_completion_length`` is a ValueError (TRL's config always has one,
+        default 512). ``delta`` with cispo / sapo / vespo is ignored, as TRL ignores it; so are
+        the SAPO temperatures and VESPO shapes for the loss types that do not read them.
     Where Liger and verl differ from TRL (we follow TRL):
       * Liger defaults ``use_bias_correction_kl=False``, ``beta=0.04``, and eps_high 0.4 (triton op)
         / 0.2 (chunked); TRL and we: True, 0.0, eps_high = eps_low.
@@ -632,4 +760,6 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
     metrics = {name: mvec[i] for i, name in enumerate(_METRIC_NAMES)}
     if opts.beta == 0.0:
         del metrics["kl"]
+    if opts.loss_type != "vespo":
+        del metrics["vespo/phi_seq_mean"]
     return loss, metrics

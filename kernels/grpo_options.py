@@ -17,9 +17,10 @@ from dataclasses import dataclass, fields
 import torch
 
 # Loss types whose surrogate is PPO's clipped ``-min(r*A, clip(r)*A)``; they differ only in the
-# normaliser. ``delta`` (INTELLECT-2's two-sided clip) only has a meaning for these.
+# normaliser. ``delta`` (INTELLECT-2's two-sided clip) only has a meaning for these: TRL and Liger
+# ignore it for the others, and so do we.
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo")
+LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 CISPO_VARIANTS = ("trl", "verl")
@@ -47,7 +48,7 @@ class GRPOLossOptions:
     """Every scalar option of ``grpo_loss``. Validated on construction; errors name the field."""
 
     loss_type: str = "dapo"
-    """grpo | bnpo | dr_grpo | dapo | luspo | cispo | sapo (TRL's meanings; see grpo_loss)."""
+    """grpo | bnpo | dr_grpo | dapo | luspo | cispo | sapo | vespo (TRL's meanings; see grpo_loss)."""
     importance_sampling_level: str = "token"
     """'token': one ratio per token. 'sequence' (GSPO): exp of the masked mean log-ratio per
     sequence, shared by all its tokens."""
@@ -57,7 +58,8 @@ class GRPOLossOptions:
     """Upper clip: ``1 + eps_high`` for clipped losses; for ``cispo`` (TRL) the raw upper bound
     on the detached ratio (ScaleRL recommends 5.0). ``None`` means ``eps_low``, as in TRL."""
     delta: float | None = None
-    """INTELLECT-2 two-sided clip: the unclipped ratio is capped at ``delta``. Clipped losses only."""
+    """INTELLECT-2 two-sided clip: the unclipped ratio is capped at ``delta``. Clipped losses only;
+    accepted and ignored (not validated) for cispo / sapo / vespo, as TRL and Liger do."""
     beta: float = 0.0
     """k3 KL coefficient. 0 skips every reference-model term (``ref_logp`` may be None)."""
     use_bias_correction_kl: bool = True
@@ -69,7 +71,17 @@ class GRPOLossOptions:
     sapo_temperature_pos: float = 1.0
     """SAPO gate temperature for tokens with advantage > 0."""
     sapo_temperature_neg: float = 1.05
-    """SAPO gate temperature for tokens with advantage <= 0."""
+    """SAPO gate temperature for tokens with advantage <= 0. Both temperatures are validated only
+    for ``loss_type='sapo'`` and ignored otherwise (Liger's functional passes them positionally
+    whatever the loss type)."""
+    vespo_k_pos: float = 2.0
+    """VESPO gamma shape k for sequences with advantage >= 0 (TRL ``vespo_k_pos``)."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO gamma rate lambda for advantage >= 0 (clamped at >= 1e-4, as TRL does)."""
+    vespo_k_neg: float = 3.0
+    """VESPO gamma shape k for advantage < 0."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO gamma rate lambda for advantage < 0. The four are validated only for loss_type='vespo'."""
     vllm_importance_sampling_mode: str = "sequence_mask"
     """How the rollout-engine correction ``exp(old_logp - sampling_logp)`` is built when
     ``sampling_logp`` is given: token_/sequence_ granularity, _truncate (clamp) or _mask (zero)."""
@@ -91,29 +103,27 @@ class GRPOLossOptions:
         def bad(name, why):
             raise ValueError(f"grpo_loss: {name}={getattr(self, name)!r} {why}")
 
-        if self.loss_type == "vespo":
-            bad("loss_type", "is not implemented by staged's fused GRPO loss; supported: "
-                f"{', '.join(LOSS_TYPES)}")
         if self.loss_type not in LOSS_TYPES:
             bad("loss_type", f"is unknown; expected one of {', '.join(LOSS_TYPES)}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             bad("importance_sampling_level", f"is unknown; expected one of {IMPORTANCE_SAMPLING_LEVELS}")
         if self.eps_high is None:
             object.__setattr__(self, "eps_high", self.eps_low)
-        for name in ("eps_low", "eps_high"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                bad(name, "must be a finite number >= 0")
+        # options a loss type does not read are accepted unchecked, as TRL and Liger ignore them
+        # (Liger's functional passes every option positionally, whatever the loss type)
+        if self.loss_type in CLIPPED_LOSS_TYPES + ("cispo",):
+            for name in ("eps_low", "eps_high"):
+                v = getattr(self, name)
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    bad(name, "must be a finite number >= 0")
         if self.loss_type == "cispo" and self.cispo_variant == "trl" and self.eps_high <= 0:
             bad("eps_high", "must be > 0 for loss_type='cispo' (it caps the detached ratio)")
-        if self.delta is not None:
-            if self.loss_type not in CLIPPED_LOSS_TYPES:
-                raise ValueError(
-                    f"grpo_loss: delta={self.delta!r} with loss_type={self.loss_type!r} is not a valid "
-                    f"combination: delta caps the unclipped ratio of the clipped surrogate, which only "
-                    f"{', '.join(CLIPPED_LOSS_TYPES)} use")
-            if not (math.isfinite(self.delta) and self.delta > 0):
-                bad("delta", "must be a finite number > 0 (TRL recommends > 1 + eps_high)")
+        if self.delta is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
+            # TRL's _compute_loss reads delta only in the clipped branch and trains on without it
+            object.__setattr__(self, "delta", None)
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta)
+                                           and self.delta > 0):
+            bad("delta", "must be a finite number > 0 (TRL recommends > 1 + eps_high)")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             bad("beta", "must be a finite number >= 0")
         if self.cispo_variant not in CISPO_VARIANTS:
@@ -122,10 +132,16 @@ class GRPOLossOptions:
             raise ValueError(
                 f"grpo_loss: cispo_variant={self.cispo_variant!r} with loss_type={self.loss_type!r} is "
                 f"not a valid combination: cispo_variant only applies to loss_type='cispo'")
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                bad(name, "must be a finite number > 0")
+        if self.loss_type == "sapo":
+            for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+                v = getattr(self, name)
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                    bad(name, "must be a finite number > 0")
+        if self.loss_type == "vespo":
+            for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+                v = getattr(self, name)
+                if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                    bad(name, "must be a finite number")
         if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
             bad("vllm_importance_sampling_mode", f"is unknown; expected one of {VLLM_IS_MODES}")
         lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
@@ -144,7 +160,7 @@ class GRPOLossOptions:
             if self.max_completion_length is None:
                 raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length (the loss "
                                  "is divided by B * max_completion_length); got None")
-        if self.max_completion_length is not None and not (
+        if self.loss_type == "dr_grpo" and not (
                 isinstance(self.max_completion_length, int) and self.max_completion_length > 0):
             bad("max_completion_length", "must be a positive int")
         for name in ("num_processes", "gradient_accumulation_steps"):
@@ -296,6 +312,10 @@ def prepare_inputs(opts: GRPOLossOptions, logp, old_logp, ref_logp, advantages, 
     if sampling_logp is not None and vllm_is_ratio is not None:
         raise ValueError("grpo_loss: sampling_logp and vllm_is_ratio are both given; pass one: the "
                          "rollout log-probs (the ratio is then built in the kernel) or a precomputed ratio")
+    if opts.loss_type == "vespo" and sampling_logp is not None and opts.vllm_is_sequence:
+        raise ValueError(f"grpo_loss: loss_type='vespo' needs a token-level vLLM ratio "
+                         f"(vllm_importance_sampling_mode token_truncate or token_mask); got "
+                         f"{opts.vllm_importance_sampling_mode!r} (TRL raises here too)")
     is_tok = is_row = None
     if vllm_is_ratio is not None:
         if isinstance(vllm_is_ratio, torch.Tensor) and tuple(vllm_is_ratio.shape) == tuple(logp.shape):

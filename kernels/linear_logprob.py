@@ -1,5 +1,5 @@
 """Fused linear -> log-prob (+ entropy): the log-probability of each sampled token under
-``softmax((hidden @ weight.T + bias) / T)``, without materialising [N, V] logits in the forward.
+``softmax((hidden @ weight.T + bias) / T)``, without materialising [N, V] logits.
 
 Shapes and dtypes
     hidden  : [N, H]  bf16 / fp16 / fp32   (leading dims [..., H] are flattened by the wrapper)
@@ -8,39 +8,50 @@ Shapes and dtypes
     targets : [N]     int32 / int64, 0 <= t < V
     out     : logp [N] fp32, entropy [N] fp32 (entropy of softmax(z), z = logits / T)
 
-Design: recompute in backward, 8NHV FLOPs in all, deterministic.
+Design: recompute in backward, 8NHV FLOPs in all, deterministic (no atomics, fixed tiles per
+arch, no autotuning whose pick could change the summation order between runs).
     forward   one kernel, tiles of BLOCK_N tokens x BLOCK_V vocab columns. Each program owns a
-              token tile and a contiguous range of vocab tiles (a "split"), computes the logit
-              tile z = (h @ W_tile^T + b) / T in fp32 and folds it into an online log-sum-exp
-              (running max m, sum s = sum exp(z - m), t = sum exp(z - m) * (z - m), target logit).
-              Splits exist so that a small N still fills the GPU; their partials are merged by a
-              few [SPLITS, N] torch ops (log-sum-exp of partials; no host sync). Only lse[N] and
-              entropy[N] are saved for backward: no [N, V] tensor ever exists in the forward.
-    backward  for each chunk of C tokens, one kernel recomputes the logit tiles and writes
-              dlogits[C, V] (in the input dtype) with the softmax / entropy gradient fused in its
-              epilogue; then cuBLAS does dH[chunk] = dlogits @ W and dW += dlogits^T @ h[chunk].
-              Peak extra memory is C x V (C from BWD_CHUNK_BYTES) plus, when there is more than
-              one chunk and W is bf16/fp16, an fp32 dW accumulator and a chunk's dW, V x H x 6 B.
+              token tile and a contiguous range of FWD_SPLIT_TILES vocab tiles (a "split"),
+              computes the logit tile z = (h @ W_tile^T + b) / T in fp32 and folds it into an
+              online log-sum-exp (running max m, sum s = sum exp(z - m), t = sum exp(z - m)(z - m),
+              target logit). The split partials [4, SPLITS, N] are merged by a few torch ops (no
+              host sync). Grid: one axis, rasterised in groups of GROUP_N token tiles that sweep
+              all splits together, so the CTAs resident at one time read GROUP_N h tiles and a
+              band of W tiles that both stay in L2 (at the 7B head on sm_90: 8 h tiles of
+              128 x 3584 bf16 = 7.3 MB and ~17 splits' W tiles of 128 x 3584 = 15 MB, against
+              50 MB of L2); each W tile then comes from HBM once per GROUP_N token tiles.
+    backward  split along the vocabulary, as verl's fused kernel does. For each slice of VS
+              columns: (1) a kernel recomputes the slice's logit tiles and writes dz[N, VS] in
+              the input dtype with the softmax / entropy gradient fused in its epilogue; (2)
+              cuBLAS writes dW[slice] = dz^T @ h once (K = N: no dW accumulator, no re-read);
+              (3) a Triton GEMM adds dz @ W[slice] into dH. dH is the only accumulator. For
+              bf16/fp16 it is held as two planes hi + lo in the input dtype (hi is the returned
+              gradient; lo the rounding residual, a compensated sum): ~16 significant bits per
+              partial sum for bf16, while an fp32 [N, H] accumulator would alone be H / V of the
+              fp32 logits (2.4% at the 7B head, over the 2% budget). VS is chosen so that all
+              transient buffers stay within BWD_WORKSPACE_FRACTION of N * V * 4 bytes; see
+              fused_linear_logprob_workspace.
     Why not a fully fused backward: dH [BLOCK_N, H] and dW [BLOCK_V, H] accumulators do not fit in
     registers at H = 3584, and keeping them in global memory (read-modify-write or atomics per
     [BLOCK_N, BLOCK_V] tile) moves 8 * (BLOCK_N + BLOCK_V) * H bytes per 4 * BLOCK_N * BLOCK_V * H
     FLOPs, ~21 FLOP/byte at 64 x 128 tiles: HBM-bound at a tenth of tensor-core speed. Atomics
-    would also make dW non-deterministic. A chunk of dlogits costs 3 * C * V * elem bytes for
-    6 * C * H * V FLOPs (2 * H FLOP/byte = 7168 at H = 3584): compute-bound, and deterministic.
+    would also make dW non-deterministic.
 
 Gradients (z = logits / T, p = softmax(z), lse = logsumexp(z), ent = lse - sum_j p_j z_j):
     d logp / d z_j = onehot_j - p_j
     d ent  / d z_j = -p_j (z_j - sum_k p_k z_k) = -p_j (log p_j + ent)
     dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + ent)) / T;   db = sum_n dlogits
 
-FLOP / byte model (elem = bytes per input element; the benchmark reports TFLOP/s from this)
-    forward : 2 N H V (logit GEMM) + ~8 N V (exp, max, sums).  Bytes from HBM at best
-              (N H + V H) elem + 4 N * 4; the kernel streams W once per token tile, so
-              ceil(N / BLOCK_N) * V * H * elem bytes go through L2 (neighbouring programs share W
-              tiles: the token tile is the fastest grid axis).
-    backward: 6 N H V (recompute 2NHV, dH 2NHV, dW 2NHV) + ~10 N V. Bytes: W and h read by each
-              of the three GEMMs, dlogits written once and read twice (3 N V elem), and with
-              k = ceil(N / C) > 1 chunks a dW accumulator pass of k * V * H * (elem + 8) bytes.
+FLOP / byte model (e = bytes per input element, k = ceil(V / VS) slices; the benchmark reports
+TFLOP/s from the FLOPs, and the bytes bound the memory-side time)
+    forward : 2 N H V (logit GEMM) + ~8 N V (exp, max, sums). HBM: h once (N H e), W once per
+              group of GROUP_N token tiles (ceil(N / (GROUP_N BLOCK_N)) V H e), partials 16 N SPLITS.
+    backward: 6 N H V (recompute 2NHV, dW 2NHV, dH 2NHV) + ~10 N V. HBM per slice: h twice
+              (recompute, dW: 2 N H e), the W slice (L2-resident across the slice), dz written
+              once and read twice (3 N VS e), dH planes read and written (4 N H e, compensated);
+              in all ~k (6 N H e) + 3 N V e + V H e. At the 7B head, N = 16k, bf16, VS = 2304:
+              k = 66 and ~47 GB, against 5.4e16 FLOPs: ~10 ms of HBM at 4.8 TB/s overlapped with
+              ~75 ms of tensor-core time (model, not a measurement).
     total   : 8 N H V FLOPs, against 6 N H V for the bare lm_head GEMMs of forward + backward.
 
 Host syncs: none on CUDA. Out-of-range targets are caught with torch._assert_async there (the
@@ -58,10 +69,11 @@ import triton.language as tl
 from staged.kernels.aot import register_aot
 from staged.kernels.linear_logprob_chunked import chunked_linear_logprob
 
-# Peak bytes of the dlogits chunk the backward materialises (C x V x elem). 512 MiB at
-# V = 152064 bf16 is C = 1765 tokens: big enough that the three GEMMs run at full speed and the
-# fp32 dW accumulator pass is a small fraction of them (see the byte model above).
-BWD_CHUNK_BYTES = int(os.environ.get("STAGED_LOGPROB_CHUNK_MB", "512")) * 2**20
+# Transient device memory of forward + backward, as a fraction of the fp32 logits N * V * 4 B
+# they avoid: the backward's vocab slice VS is the largest that fits (>= _MIN_SLICE_COLS).
+BWD_WORKSPACE_FRACTION = float(os.environ.get("STAGED_LOGPROB_WORKSPACE_PCT", "2")) / 100
+# Below ~1k columns the per-slice GEMMs (M = VS for dW, K = VS for dH) stop filling the GPU.
+_MIN_SLICE_COLS = 1024
 
 # ---------------------------------------------------------------------------------------------
 # kernels
@@ -81,8 +93,8 @@ def _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H,
         wp = w_cols + offs_k[:, None]
         if ALIGNED:
             # The launcher checked: H % BLOCK_H == 0 (no K mask), 16-byte aligned rows and
-            # bases. The hint is what the JIT infers by itself from aligned arguments; it
-            # makes the ahead-of-time compile see the same vectorised, pipelined loads.
+            # bases. The hint repeats what the JIT's divisibility-16 specialisation tells the
+            # compiler, so that vectorised, pipelined loads survive any argument attribute.
             hk = tl.load(tl.multiple_of(hp, [16, 16]), mask=mask_n[:, None], other=0.0)
             wk = tl.load(tl.multiple_of(wp, [16, 16]), mask=mask_v[None, :], other=0.0)
         else:
@@ -99,6 +111,27 @@ def _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H,
 
 
 @triton.jit
+def _bf16_rne(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (a later .to(bf16) is then exact). Only
+    for the interpreter, whose fp32 -> bf16 cast truncates; GPUs round to nearest even."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _grouped(pid, num_pid_a, num_pid_b, GROUP_A: tl.constexpr):
+    """(pid_a, pid_b) of a 1-D grid in groups of GROUP_A a-tiles that sweep all b-tiles side by
+    side (Triton's matmul tutorial): CTAs resident at once share their b-side operand in L2."""
+    per_group = GROUP_A * num_pid_b
+    first_a = (pid // per_group) * GROUP_A
+    group_size = tl.minimum(num_pid_a - first_a, GROUP_A)
+    pid_a = first_a + (pid % per_group) % group_size
+    pid_b = (pid % per_group) // group_size
+    return pid_a, pid_b
+
+
+@triton.jit
 def _linear_logprob_fwd_kernel(
     # pointers
     h_ptr,          # [N, H] hidden, row stride stride_hn, unit column stride
@@ -109,6 +142,7 @@ def _linear_logprob_fwd_kernel(
     # sizes
     N, V, H,
     tiles_per_split,  # vocab tiles per split; split s covers tiles [s*tps, (s+1)*tps)
+    n_splits,
     stride_hn, stride_wv,
     stride_part,      # SPLITS * N: distance between the four partial planes
     inv_temp,         # 1 / temperature
@@ -118,9 +152,9 @@ def _linear_logprob_fwd_kernel(
     PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands ("ieee" or "tf32")
     ALIGNED: tl.constexpr,     # H % BLOCK_H == 0 and 16-byte aligned rows: unmasked K loads
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,     # token tiles that sweep the splits together (L2 reuse of W, h)
 ):
-    pid_n = tl.program_id(0)   # token tile: fastest axis, so concurrent programs share W tiles
-    pid_s = tl.program_id(1)   # vocab split
+    pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)
@@ -140,18 +174,22 @@ def _linear_logprob_fwd_kernel(
         acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
                           HAS_BIAS, DOT_F32, PRECISION, ALIGNED)
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
-
+        # The target logit first, so that z dies into d below: at 128 x 128 tiles (sm_90) one
+        # more live [BLOCK_N, BLOCK_V] fp32 tile is 64 registers a thread, and spills.
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))           # finite: the tile has a valid column
         alpha = tl.exp(m - m_new)                           # 0 on the first tile (m = -inf)
-        d = tl.where(mask_v[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(mask_v[None, :], tl.exp(d), 0.0)
+        # Masked columns: z = -inf, clamped to a finite d so that e = 0 and e * d = 0 (not
+        # 0 * -inf). A clamp, not tl.where(mask, ...): the select kept one more tile live and
+        # spilled on sm_90 with bias (triton 3.9).
+        d = tl.maximum(z - m_new[:, None], -3.0e38)
+        e = tl.exp(d)
         # t is relative to the running max: shifting m_old -> m_new adds s * (m_old - m_new).
         # (m_old is -inf before the first tile, where s = 0: use a shift of 0, not 0 * -inf.)
         m_old = tl.where(s > 0, m, m_new)
         t = alpha * (t + s * (m_old - m_new)) + tl.sum(e * d, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
 
     out = part_ptr + pid_s * N + offs_n
     tl.store(out, m, mask=mask_n)
@@ -162,41 +200,35 @@ def _linear_logprob_fwd_kernel(
 
 @triton.jit
 def _linear_logprob_bwd_kernel(
-    # pointers (all offset to the first row of the chunk)
-    h_ptr,          # [C, H] hidden rows of the chunk
-    w_ptr,          # [V, H] weight
+    # pointers
+    h_ptr,          # [N, H] hidden
+    w_ptr,          # [V, H] weight (the whole table: the slice is v0 ... v0 + n_cols)
     b_ptr,          # [V] bias (never read when HAS_BIAS is False)
-    tgt_ptr,        # [C] targets
-    lse_ptr,        # [C] fp32 log-sum-exp of z saved by the forward
-    ent_ptr,        # [C] fp32 entropy saved by the forward (read only when HAS_GENT)
-    glogp_ptr,      # [C] fp32 upstream grad of logp (read only when HAS_GLOGP)
-    gent_ptr,       # [C] fp32 upstream grad of entropy (read only when HAS_GENT)
-    dz_ptr,         # [C, V] out: dlogits in the input dtype, row stride stride_dzn
+    tgt_ptr,        # [N] targets
+    lse_ptr,        # [N] fp32 log-sum-exp of z saved by the forward
+    ent_ptr,        # [N] fp32 entropy saved by the forward (read only when HAS_GENT)
+    glogp_ptr,      # [N] fp32 upstream grad of logp (read only when HAS_GLOGP)
+    gent_ptr,       # [N] fp32 upstream grad of entropy (read only when HAS_GENT)
+    dz_ptr,         # [N, >= n_cols] out: dlogits of the slice in the input dtype
     # sizes
-    C, V, H,
+    N, V, H,
+    v0, n_cols,     # the vocab slice: columns [v0, v0 + n_cols)
     stride_hn, stride_wv, stride_dzn,
     inv_temp,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    RNE_BF16: tl.constexpr,  # interpreter + bf16: round dz explicitly (see _bf16_rne)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr,   # token tiles that walk the vocab together (L2 reuse of W tiles)
+    GROUP_N: tl.constexpr,   # token tiles that walk the slice together (L2 reuse of W tiles)
 ):
-    # Grouped ordering, as in Triton's matmul tutorial: GROUP_N token tiles sweep the vocab
-    # side by side, so each W tile is fetched from HBM once per group, not once per token tile.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(C, BLOCK_N)
-    num_pid_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_pid_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V),
+                            GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_n = offs_n < C
-    mask_v = offs_v < V
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)       # column within the slice
+    offs_v = v0 + offs_c
+    mask_n = offs_n < N
+    mask_v = offs_c < n_cols
     h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
     w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
 
@@ -204,7 +236,7 @@ def _linear_logprob_bwd_kernel(
                       HAS_BIAS, DOT_F32, PRECISION, ALIGNED)   # the forward's tile, recomputed
 
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    # log p_j; rows past C are zeroed so that their (unstored) lanes never overflow exp.
+    # log p_j; rows past N are zeroed so that their (unstored) lanes never overflow exp.
     logp = tl.where(mask_n[:, None], acc * inv_temp - lse[:, None], 0.0)
     p = tl.exp(logp)
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -218,59 +250,178 @@ def _linear_logprob_bwd_kernel(
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         dz -= ge[:, None] * p * (logp + ent[:, None])
     dz = dz * inv_temp
-    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_v[None, :]
+    if RNE_BF16:
+        dz = _bf16_rne(dz)
+    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _linear_logprob_dh_kernel(
+    # pointers
+    dz_ptr,         # [N, >= K] dlogits of the slice (input dtype), row stride stride_dzn
+    w_ptr,          # [V, H] weight: rows v0 ... v0 + K are the slice
+    hi_ptr,         # [N, H] dH (input dtype): the returned gradient; fp32 when not COMPENSATED
+    lo_ptr,         # [N, H] rounding residual of dH (input dtype; read only when COMPENSATED)
+    # sizes
+    N, H, K, v0,
+    stride_dzn, stride_wv, stride_on,
+    # meta-parameters
+    FIRST: tl.constexpr,        # first slice: dH starts at 0, the planes are not read
+    COMPENSATED: tl.constexpr,  # dH kept as hi + lo in a 16-bit dtype (else plain fp32)
+    RNE_BF16: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,      # token tiles sharing each W column block in L2
+):
+    """dH[N, H] (+)= dz[N, K] @ W[v0:v0+K, H], the sum carried across slices in hi + lo."""
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N
+    mask_h = offs_h < H
+    a_rows = dz_ptr + offs_m.to(tl.int64)[:, None] * stride_dzn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + (v0 + offs_k).to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
+                    mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    off = offs_m.to(tl.int64)[:, None] * stride_on + offs_h[None, :]
+    mask = mask_m[:, None] & mask_h[None, :]
+    if not FIRST:
+        acc += tl.load(hi_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if COMPENSATED:
+            acc += tl.load(lo_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if COMPENSATED:
+        # hi = acc rounded to the storage dtype, lo = what that rounding lost (rounded again):
+        # hi + lo carries ~2x the dtype's significand, and hi alone is the correctly rounded dH.
+        if RNE_BF16:
+            hi = _bf16_rne(acc)
+            lo = _bf16_rne(acc - hi)
+        else:
+            hi = acc.to(hi_ptr.dtype.element_ty).to(tl.float32)
+            lo = acc - hi
+        tl.store(hi_ptr + off, hi.to(hi_ptr.dtype.element_ty), mask=mask)
+        tl.store(lo_ptr + off, lo.to(lo_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(hi_ptr + off, acc.to(hi_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU launch configurations, and their ahead-of-time registration (the same table feeds both)
 
-# (operand dtype, aligned) -> tiles, warps, stages. "aligned": H % BLOCK_H == 0, 16-byte aligned
-# base pointers and row strides — every real lm_head (H = 896 ... 8192). The unaligned variant
-# (odd H such as 59, or a misaligned view) masks K and cannot use vectorised async copies, so it
-# keeps its loads in registers: smaller K tiles and no pipelining keep it from spilling. fp32
-# ("ieee" dots run on the FMA units, operands in registers) uses 64 x 64 tiles for the same reason.
-_GPU_CONFIGS = {
-    ("16", True): {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
-    ("32", True): {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
-    ("16", False): {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 1},
-    ("32", False): {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 16, "num_warps": 8, "num_stages": 1},
+# (arch, operand bits, aligned) -> tiles, warps, stages. arch: 80 (Ampere, mma.sync) or 90
+# (Hopper and later: wgmma). "aligned": H % BLOCK_H == 0, 16-byte aligned base pointers and row
+# strides: every real lm_head (H = 896 ... 8192). The unaligned variant (odd H such as 59, or a
+# misaligned view) masks K and cannot use vectorised async copies, so it keeps its loads in
+# registers: smaller K tiles and no pipelining keep it from spilling. fp32 ("ieee" dots run on
+# the FMA units, operands in registers) uses 64 x 64 tiles for the same reason.
+# sm_90 bf16: 128 x 128 tiles, so that each of the two warpgroups issues wgmma m64n128 (a
+# 64 x 128 tile with 8 warps splits N and gets n = 64, half the operand reuse per instruction).
+_LOGIT_CONFIGS = {
+    (80, "16", True): {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+    (90, "16", True): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+    (80, "32", True): {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    (80, "16", False): {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 1},
+    (80, "32", False): {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 16, "num_warps": 8, "num_stages": 1},
 }
-_BWD_GROUP_N = 8
+for _bits, _al in (("32", True), ("16", False), ("32", False)):
+    _LOGIT_CONFIGS[(90, _bits, _al)] = _LOGIT_CONFIGS[(80, _bits, _al)]
+
+# The dH GEMM (M = tokens, N = hidden, K = slice columns): a plain tiled GEMM with a
+# read-modify-write epilogue. 128 x 128 x 64 bf16 is the tutorial's Ampere/Hopper tile.
+_DH_CONFIGS = {
+    (80, "16", True): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    (90, "16", True): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    (80, "32", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    (80, "16", False): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    # fp32 loads are 4-byte cp.async even unaligned, so this one pipelines too; K = 16 because
+    # K = 32 spilled 8 bytes on sm_90 (triton 3.6 and 3.9).
+    (80, "32", False): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
+}
+for _bits, _al in (("32", True), ("16", False), ("32", False)):
+    _DH_CONFIGS[(90, _bits, _al)] = _DH_CONFIGS[(80, _bits, _al)]
+
+_GROUP = 8                # token tiles per raster group, forward, recompute and dH
+FWD_SPLIT_TILES = 32      # vocab tiles per forward split: 4096 columns at BLOCK_V = 128
+_FWD_MIN_PROGRAMS = 1024  # small N: more splits, so that >= ~8 waves of 132 SMs still run
 
 _FWD_SIG = {
     "h_ptr": "*{t}", "w_ptr": "*{t}", "b_ptr": "*{t}", "tgt_ptr": "*i64", "part_ptr": "*fp32",
-    "N": "i32", "V": "i32", "H": "i32", "tiles_per_split": "i32",
+    "N": "i32", "V": "i32", "H": "i32", "tiles_per_split": "i32", "n_splits": "i32",
     "stride_hn": "i32", "stride_wv": "i32", "stride_part": "i32", "inv_temp": "fp32",
 }
 _BWD_SIG = {
     "h_ptr": "*{t}", "w_ptr": "*{t}", "b_ptr": "*{t}", "tgt_ptr": "*i64",
     "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32",
-    "dz_ptr": "*{t}", "C": "i32", "V": "i32", "H": "i32",
+    "dz_ptr": "*{t}", "N": "i32", "V": "i32", "H": "i32", "v0": "i32", "n_cols": "i32",
     "stride_hn": "i32", "stride_wv": "i32", "stride_dzn": "i32", "inv_temp": "fp32",
 }
+_DH_SIG = {
+    "dz_ptr": "*{t}", "w_ptr": "*{t}", "hi_ptr": "*{t}", "lo_ptr": "*{t}",
+    "N": "i32", "H": "i32", "K": "i32", "v0": "i32",
+    "stride_dzn": "i32", "stride_wv": "i32", "stride_on": "i32",
+}
+# What the JIT marks divisible by 16 at a real launch (triton specialises every pointer whose
+# address, and every int whose value, is a multiple of 16): pointers are fresh allocations or
+# aligned views; strides are multiples of 16 elements in the aligned configs (H % 64 == 0, dz
+# rows padded); v0 is a multiple of the slice width. Sizes N, V, n_cols, K are not assumed.
+_DIV_PTRS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "part_ptr", "lse_ptr", "ent_ptr",
+             "glogp_ptr", "gent_ptr", "dz_ptr", "hi_ptr", "lo_ptr")
+_DIV_STRIDES = ("stride_hn", "stride_wv", "stride_dzn", "stride_on", "stride_part", "H")
+
+
+def _divisible(sig: dict, aligned: bool) -> list[str]:
+    names = [k for k in sig if k in _DIV_PTRS or k == "v0"]
+    if aligned:
+        names += [k for k in sig if k in _DIV_STRIDES]
+    else:
+        # dz rows are padded to 16 B whatever H is; h, W and dH rows follow H.
+        names += [k for k in sig if k == "stride_dzn"]
+    return names
 
 
 def _register_all() -> None:
-    for (bits, aligned), cfg in _GPU_CONFIGS.items():
+    for (arch, bits, aligned), cfg in _LOGIT_CONFIGS.items():
         t, prec = ("bf16", "tf32") if bits == "16" else ("fp32", "ieee")
         blocks = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
-        common = {"DOT_F32": False, "PRECISION": prec, "ALIGNED": aligned, **blocks}
-        tag = f"{t},{'aligned' if aligned else 'unaligned'}"
-        launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        common = {"DOT_F32": False, "PRECISION": prec, "ALIGNED": aligned, **blocks,
+                  "GROUP_N": _GROUP}
+        tag = f"sm{arch},{t},{'aligned' if aligned else 'unaligned'}"
+        launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "archs": (arch,)}
         fwd_sig = {k: v.format(t=t) for k, v in _FWD_SIG.items()}
         bwd_sig = {k: v.format(t=t) for k, v in _BWD_SIG.items()}
         for bias in (False, True):
             register_aot(_linear_logprob_fwd_kernel, fwd_sig, {"HAS_BIAS": bias, **common},
-                         name=f"_linear_logprob_fwd_kernel[{tag},bias={int(bias)}]", **launch)
+                         name=f"_linear_logprob_fwd_kernel[{tag},bias={int(bias)}]",
+                         divisible=_divisible(fwd_sig, aligned), **launch)
         # logp only (plain GRPO), logp + entropy (entropy bonus / metrics), entropy only.
         for bias, gl, ge in ((False, True, False), (False, True, True), (True, True, True),
                              (False, False, True)):
             register_aot(_linear_logprob_bwd_kernel, bwd_sig,
-                         {"HAS_BIAS": bias, "HAS_GLOGP": gl, "HAS_GENT": ge,
-                          "GROUP_N": _BWD_GROUP_N, **common},
+                         {"HAS_BIAS": bias, "HAS_GLOGP": gl, "HAS_GENT": ge, "RNE_BF16": False,
+                          **common},
                          name=f"_linear_logprob_bwd_kernel[{tag},bias={int(bias)},"
-                              f"logp={int(gl)},ent={int(ge)}]", **launch)
+                              f"logp={int(gl)},ent={int(ge)}]",
+                         divisible=_divisible(bwd_sig, aligned), **launch)
+        dcfg = _DH_CONFIGS[(arch, bits, aligned)]
+        dh_sig = {k: v.format(t=t) for k, v in _DH_SIG.items()}
+        if bits == "32":
+            dh_sig["lo_ptr"] = "*fp32"
+        for first in (True, False):
+            register_aot(_linear_logprob_dh_kernel, dh_sig,
+                         {"FIRST": first, "COMPENSATED": bits == "16", "RNE_BF16": False,
+                          "DOT_F32": False, "PRECISION": prec, "GROUP_M": _GROUP,
+                          **{k: dcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+                         name=f"_linear_logprob_dh_kernel[{tag},first={int(first)}]",
+                         divisible=_divisible(dh_sig, aligned), num_warps=dcfg["num_warps"],
+                         num_stages=dcfg["num_stages"], archs=(arch,))
 
 
 _register_all()
@@ -297,34 +448,118 @@ def _aligned(tensors, H: int, block_h: int) -> bool:
 # Tests may override (e.g. GPU-sized tiles under the interpreter): dict merged into the config.
 _CONFIG_OVERRIDE: dict = {}
 
+# Interpreter tiles: small, so that tests at interpreter-friendly sizes cross many tile, split,
+# group and slice edges.
+_INTERP_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1,
+                  "GROUP_N": 2, "SPLIT_TILES": 2, "MIN_PROGRAMS": 8, "MIN_SLICE": 32,
+                  "DH_BLOCK_M": 16, "DH_BLOCK_N": 32, "DH_BLOCK_K": 32, "DH_num_warps": 4,
+                  "DH_num_stages": 1}
+
+
+def _arch(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _gpu_config(arch: int, bits: str, aligned: bool) -> dict:
+    d = _DH_CONFIGS[(arch, bits, aligned)]
+    return {**_LOGIT_CONFIGS[(arch, bits, aligned)], "GROUP_N": _GROUP,
+            "SPLIT_TILES": FWD_SPLIT_TILES, "MIN_PROGRAMS": _FWD_MIN_PROGRAMS,
+            "MIN_SLICE": _MIN_SLICE_COLS,
+            **{f"DH_{k}": v for k, v in d.items()}}
+
 
 def _config(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
-    """Tiles, warps, stages and dot flags for this launch (the backward's per-chunk views of
-    hidden keep the alignment of hidden: chunks start at multiples of BLOCK_N rows)."""
+    """Tiles, warps, stages and dot flags for this launch."""
     if _interpreting(hidden):
-        # Small tiles, so that tests at interpreter-friendly sizes cross many tile edges. The
-        # interpreter's bf16 tl.dot multiplies the raw uint16 storage (triton 3.9), so operands
-        # are upcast to fp32: the same products, exact in fp32, that the tensor cores form.
-        cfg = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1,
-               "DOT_F32": True, "PRECISION": "ieee"}
+        # The interpreter's bf16 tl.dot multiplies the raw uint16 storage (triton 3.9), so
+        # operands are upcast to fp32: the same products, exact in fp32, that tensor cores form.
+        cfg = {**_INTERP_CONFIG, "DOT_F32": True, "PRECISION": "ieee",
+               "RNE_BF16": hidden.dtype == torch.bfloat16}
         cfg.update(_CONFIG_OVERRIDE)
         cfg["ALIGNED"] = _aligned((hidden, weight), hidden.shape[1], cfg["BLOCK_H"])
         return cfg
     bits = "32" if hidden.dtype == torch.float32 else "16"
-    aligned = _aligned((hidden, weight), hidden.shape[1], _GPU_CONFIGS[(bits, True)]["BLOCK_H"])
+    arch = _arch(hidden.device)
+    aligned = _aligned((hidden, weight), hidden.shape[1],
+                       _LOGIT_CONFIGS[(arch, bits, True)]["BLOCK_H"])
     # fp32 operands follow torch's own matmul setting: fp32 callers get fp32 GEMMs unless they
     # opted into TF32 for their matmuls too.
     prec = "tf32" if (bits == "16" or torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    cfg = {**_GPU_CONFIGS[(bits, aligned)], "DOT_F32": False, "PRECISION": prec,
-           "ALIGNED": aligned}
+    cfg = {**_gpu_config(arch, bits, aligned), "DOT_F32": False, "PRECISION": prec,
+           "ALIGNED": aligned, "RNE_BF16": False}
     cfg.update(_CONFIG_OVERRIDE)
     return cfg
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4   # interpreter: a pretend 4-SM machine, so that small tests exercise vocab splits
+def _fwd_splits(N: int, V: int, cfg: dict) -> tuple[int, int]:
+    """(splits, vocab tiles per split): SPLIT_TILES tiles per split, more splits when N is too
+    small to give MIN_PROGRAMS programs. Depends on the shape only, not on the device."""
+    n_tiles, v_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+    splits = max(triton.cdiv(v_tiles, cfg["SPLIT_TILES"]), triton.cdiv(cfg["MIN_PROGRAMS"], n_tiles))
+    splits = max(1, min(v_tiles, splits))
+    tps = triton.cdiv(v_tiles, splits)
+    return triton.cdiv(v_tiles, tps), tps
+
+
+# Allocation log for tests: (name, bytes) of every workspace buffer, when a list.
+_ALLOC_LOG: list | None = None
+
+
+def _workspace(shape, dtype, device, name: str) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _ALLOC_LOG is not None:
+        _ALLOC_LOG.append((name, t.numel() * t.element_size()))
+    return t
+
+
+def _plan(N: int, H: int, V: int, dtype: torch.dtype, cfg: dict, *, has_bias: bool = True,
+          need_h: bool = True) -> dict:
+    """Slice width and the transient bytes of every buffer forward and backward allocate
+    (beyond inputs, outputs and gradients). The launchers allocate exactly these."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    splits, _ = _fwd_splits(N, V, cfg)
+    saved = 8 * N                                  # lse, entropy: forward -> backward
+    # Forward: the partials, and the merge's [SPLITS, N] fp32 temporaries (<= 4 alive at once).
+    fwd = {"partials": 16 * splits * N, "merge": 16 * splits * N + 24 * N}
+    bwd = {"grad_copies": 8 * N}                   # fp32 upstream grads
+    if need_h and dtype != torch.float32:
+        bwd["dh_lo"] = N * H * elem
+    if has_bias:
+        bwd["db32"] = 4 * V
+    q = max(cfg["BLOCK_V"], cfg["DH_BLOCK_K"])
+    budget = BWD_WORKSPACE_FRACTION * 4 * N * V
+    cols = int(budget - saved - sum(bwd.values())) // max(1, N * elem) // q * q
+    v_pad = triton.cdiv(V, q) * q
+    cols = min(v_pad, max(cols, min(v_pad, triton.cdiv(cfg["MIN_SLICE"], q) * q)))
+    bwd["dz"] = N * cols * elem
+    total = saved + max(sum(fwd.values()), sum(bwd.values()))
+    return {"slice_cols": cols, "n_slices": triton.cdiv(V, cols), "saved": saved, "fwd": fwd,
+            "bwd": bwd, "total": total, "splits": splits}
+
+
+def fused_linear_logprob_workspace(n_tokens: int, hidden: int, vocab: int,
+                                   dtype: torch.dtype = torch.bfloat16, *, bias: bool = False,
+                                   arch: int = 90) -> int:
+    """Transient device bytes that ``fused_linear_logprob`` (Triton path) uses in forward +
+    backward beyond its inputs, outputs and gradients: the saved lse / entropy plus the larger of
+    the forward's and the backward's buffers. At the Qwen2.5-VL-7B head (N = 16384, H = 3584,
+    V = 152064, bf16) it is <= BWD_WORKSPACE_FRACTION (2%) of the fp32 logits N * V * 4 bytes.
+    ``arch``: 80 or 90 (tile tables differ); 16-byte alignment of the rows is assumed when
+    ``hidden`` is a multiple of 64 (every real lm_head)."""
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}; got {dtype}")
+    if arch not in (80, 90):
+        raise ValueError(f"arch must be 80 or 90; got {arch}")
+    if n_tokens < 0 or hidden < 1 or vocab < 1:
+        raise ValueError(f"n_tokens must be >= 0 and hidden, vocab >= 1; got {n_tokens}, "
+                         f"{hidden}, {vocab}")
+    if n_tokens == 0:
+        return 0          # an empty batch launches nothing
+    bits = "32" if dtype == torch.float32 else "16"
+    aligned = hidden % _LOGIT_CONFIGS[(arch, bits, True)]["BLOCK_H"] == 0
+    cfg = _gpu_config(arch, bits, aligned)
+    return int(_plan(n_tokens, hidden, vocab, dtype, cfg, has_bias=bias)["total"])
 
 
 def _triton_forward(hidden, weight, bias, targets, inv_temp):
@@ -333,18 +568,14 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp):
     V = weight.shape[0]
     cfg = _config(hidden, weight)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    n_tiles, v_tiles = triton.cdiv(N, bn), triton.cdiv(V, bv)
-    # Enough programs for ~4 waves; every split owns >= 1 vocab tile.
-    splits = max(1, min(v_tiles, triton.cdiv(4 * _num_sms(hidden.device), n_tiles)))
-    tps = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tps)
-    part = torch.empty(4, splits, N, device=hidden.device, dtype=torch.float32)
-    _linear_logprob_fwd_kernel[(n_tiles, splits)](
+    splits, tps = _fwd_splits(N, V, cfg)
+    part = _workspace((4, splits, N), torch.float32, hidden.device, "partials")
+    _linear_logprob_fwd_kernel[(triton.cdiv(N, bn) * splits,)](
         hidden, weight, bias if bias is not None else hidden, targets, part,
-        N, V, H, tps, hidden.stride(0), weight.stride(0), splits * N, inv_temp,
+        N, V, H, tps, splits, hidden.stride(0), weight.stride(0), splits * N, inv_temp,
         HAS_BIAS=bias is not None, DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
         ALIGNED=cfg["ALIGNED"], BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        GROUP_N=cfg["GROUP_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     m, s, t, zt = part.unbind(0)
     # Merge the splits' partials: every m is finite (each split has a valid column).
@@ -359,75 +590,57 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp):
     return logp, ent, lse
 
 
-def _bwd_chunk_rows(N: int, V: int, elem: int, block_n: int) -> int:
-    rows = BWD_CHUNK_BYTES // max(1, V * elem)
-    rows = max(block_n, rows // block_n * block_n)
-    return min(N, rows)
-
-
 def _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, needs):
-    """(dhidden, dweight, dbias) by chunks of tokens: dlogits from the kernel, GEMMs by torch."""
+    """(dhidden, dweight, dbias), one vocabulary slice at a time (see the module docstring)."""
     need_h, need_w, need_b = needs
     N, H = hidden.shape
     V = weight.shape[0]
+    dev, dt = hidden.device, hidden.dtype
     cfg = _config(hidden, weight)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    dt = hidden.dtype
-    elem = hidden.element_size()
-    chunk = _bwd_chunk_rows(N, V, elem, bn)
-    # Row stride padded to 16 bytes so cuBLAS sees aligned rows even for odd V. Under the
-    # interpreter the kernel writes fp32 and torch rounds: the interpreter's fp32 -> bf16 cast
-    # truncates, where the GPU's rounds to nearest even.
-    dz_dt = torch.float32 if _interpreting(hidden) else dt
-    pad = 16 // elem
-    dz_buf = torch.empty(chunk, triton.cdiv(V, pad) * pad, device=hidden.device, dtype=dz_dt)
-    n_chunks = triton.cdiv(N, chunk)
-
-    dh = torch.empty(N, H, device=hidden.device, dtype=dt) if need_h else None
-    dw = dw32 = dw_part = None
-    if need_w and n_chunks > 1:
-        if dt == torch.float32:
-            dw = torch.zeros(V, H, device=hidden.device, dtype=dt)
-        else:
-            # Accumulate the chunks' dW in fp32 (k bf16 partial sums would each round): one
-            # [V, H] fp32 accumulator plus one [V, H] buffer for each chunk's GEMM output.
-            dw32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32)
-            dw_part = torch.empty(V, H, device=hidden.device, dtype=dt)
-    db32 = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
+    plan = _plan(N, H, V, dt, cfg, has_bias=need_b, need_h=need_h)
+    vs = plan["slice_cols"]
+    compensated = dt != torch.float32
 
     g_logp = g_logp.float().contiguous() if g_logp is not None else None
     g_ent = g_ent.float().contiguous() if g_ent is not None else None
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
-        c = n1 - n0
-        h_c = hidden[n0:n1]
-        dz = dz_buf[:c, :V]
-        grid = (triton.cdiv(c, bn) * triton.cdiv(V, bv),)
-        _linear_logprob_bwd_kernel[grid](
-            h_c, weight, bias if bias is not None else hidden, targets[n0:n1],
-            lse[n0:n1], ent[n0:n1],
-            g_logp[n0:n1] if g_logp is not None else lse,      # dummies are never read
-            g_ent[n0:n1] if g_ent is not None else lse,
-            dz, c, V, H, h_c.stride(0), weight.stride(0), dz.stride(0), inv_temp,
+    if _ALLOC_LOG is not None:
+        _ALLOC_LOG.append(("grad_copies", 8 * N))
+    dz_buf = _workspace((N, vs), dt, dev, "dz")     # vs: a multiple of 32 columns, rows 16 B
+    dh = torch.empty(N, H, device=dev, dtype=dt) if need_h else None
+    lo = _workspace((N, H), dt, dev, "dh_lo") if need_h and compensated else None
+    dw = torch.empty(V, H, device=dev, dtype=weight.dtype) if need_w else None
+    db32 = _workspace((V,), torch.float32, dev, "db32") if need_b else None
+    dh_grid = (triton.cdiv(N, cfg["DH_BLOCK_M"]) * triton.cdiv(H, cfg["DH_BLOCK_N"]),)
+
+    for i, v0 in enumerate(range(0, V, vs)):
+        cols = min(vs, V - v0)
+        dz = dz_buf[:, :cols]
+        _linear_logprob_bwd_kernel[(triton.cdiv(N, bn) * triton.cdiv(cols, bv),)](
+            hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
+            g_logp if g_logp is not None else lse,      # dummies are never read
+            g_ent if g_ent is not None else lse,
+            dz, N, V, H, v0, cols, hidden.stride(0), weight.stride(0), dz.stride(0), inv_temp,
             HAS_BIAS=bias is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
             DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"], ALIGNED=cfg["ALIGNED"],
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], GROUP_N=_BWD_GROUP_N,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            RNE_BF16=cfg["RNE_BF16"], BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
+            GROUP_N=cfg["GROUP_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        dz = dz.to(dt)
-        if need_h:
-            torch.mm(dz, weight, out=dh[n0:n1])
         if need_w:
-            if n_chunks == 1:
-                dw = torch.mm(dz.t(), h_c)
-            elif dw32 is None:
-                dw.addmm_(dz.t(), h_c)
-            else:
-                dw32.add_(torch.mm(dz.t(), h_c, out=dw_part))
+            # K = N: each slice of dW is one GEMM, written once, never accumulated.
+            torch.mm(dz.t(), hidden, out=dw[v0:v0 + cols])
+        if need_h:
+            _linear_logprob_dh_kernel[dh_grid](
+                dz, weight, dh, lo if lo is not None else dh, N, H, cols, v0,
+                dz.stride(0), weight.stride(0), dh.stride(0),
+                FIRST=i == 0, COMPENSATED=compensated, RNE_BF16=cfg["RNE_BF16"],
+                DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
+                BLOCK_M=cfg["DH_BLOCK_M"], BLOCK_N=cfg["DH_BLOCK_N"], BLOCK_K=cfg["DH_BLOCK_K"],
+                GROUP_M=cfg["GROUP_N"], num_warps=cfg["DH_num_warps"],
+                num_stages=cfg["DH_num_stages"],
+            )
         if need_b:
-            db32 += dz.sum(0, dtype=torch.float32)
-    if dw32 is not None:
-        dw = dw32.to(weight.dtype)
+            torch.sum(dz, 0, dtype=torch.float32, out=db32[v0:v0 + cols])
     db = db32.to(bias.dtype) if need_b else None
     return dh, dw, db
 
@@ -445,6 +658,9 @@ class _FusedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fused_linear_logprob: double backward (create_graph=True) is not supported: "
+                               "the backward kernels are not themselves differentiable")
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2])
@@ -498,7 +714,8 @@ def _check_inputs(hidden, weight, targets, temperature, bias, backend) -> None:
 def _check_targets(targets: torch.Tensor, V: int) -> None:
     if targets.numel() == 0:
         return
-    if targets.device.type == "cuda":
+    if targets.device.type == "cuda" or torch.compiler.is_compiling():
+        # (under torch.compile a host read-back would break the graph: checked on the device)
         # No host sync: the assert fires asynchronously (at a later launch) if any target is bad.
         torch._assert_async(((targets >= 0) & (targets < V)).all(),
                             f"fused_linear_logprob: a target is outside [0, {V})")
@@ -524,7 +741,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          temperature: float = 1.0, bias: torch.Tensor | None = None,
-                         return_entropy: bool = False, backend: str = "auto"):
+                         return_entropy: bool = False, backend: str = "auto",
+                         logit_dtype: torch.dtype | None = None):
     """Log-probability of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden [..., H] and weight [V, H] share a dtype (bf16, fp16, fp32; fp64 on the torch
@@ -535,7 +753,15 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     backend: ``"auto"`` — Triton on CUDA, the chunked PyTorch path on CPU; ``"triton"`` — the
     Triton kernels (on CPU only under TRITON_INTERPRET=1, as the tests do); ``"torch"`` — the
     chunked PyTorch path (any device; peak extra memory one chunk x V, never N x V).
+
+    ``logit_dtype`` (bf16 / fp16, default None): run the lm_head as it runs under autocast —
+    operands in that dtype, fp32 accumulation — so that the log-probs match ones computed that way
+    (TRL's under ``bf16=True``). The torch path also rounds the logits and the logits' gradient to
+    it, as TRL's does; the Triton path keeps its fp32 logit tile. Gradients come back in the
+    inputs' dtypes.
     """
+    if logit_dtype is not None and logit_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"logit_dtype must be None, torch.bfloat16 or torch.float16; got {logit_dtype}")
     _check_inputs(hidden, weight, targets, temperature, bias, backend)
     kind = _resolve_backend(backend, hidden.device)
     if kind == "triton" and hidden.dtype not in _FLOAT_DTYPES:
@@ -558,12 +784,16 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         logp = zero.expand(0).reshape(lead)
         return (logp, logp.clone()) if return_entropy else logp
     if kind == "triton":
+        if logit_dtype is not None:
+            h2, w2 = h2.to(logit_dtype), w2.to(logit_dtype)
+            b1 = b1.to(logit_dtype) if b1 is not None else None
         logp, ent = _FusedLinearLogprob.apply(h2, w2, b1, t1, 1.0 / float(temperature))
     else:
         logp, ent = chunked_linear_logprob(h2, w2, t1, temperature=float(temperature), bias=b1,
-                                           with_entropy=return_entropy)
+                                           with_entropy=return_entropy,
+                                           logit_dtype=logit_dtype if h2.dtype != torch.float64 else None)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
 
-__all__ = ["fused_linear_logprob", "BWD_CHUNK_BYTES"]
+__all__ = ["fused_linear_logprob", "fused_linear_logprob_workspace", "BWD_WORKSPACE_FRACTION"]

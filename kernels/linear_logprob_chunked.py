@@ -31,26 +31,34 @@ def _chunk_rows(V: int, elem: int) -> int:
     return max(1, CHUNK_BYTES // (V * elem))
 
 
-def _tempered_logits(h_c, w, b, temperature):
-    z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
+def _tempered_logits(h_c, w, b, temperature, logit_dtype=None, cd=torch.float32):
+    if logit_dtype is not None:
+        # TRL's lm_head under autocast: a GEMM in the half dtype whose logits are rounded to it
+        # (bias added in it too), then fp32 from there on (trl.kernels.chunked_logprob)
+        z = h_c.to(logit_dtype) @ w.t()
+        if b is not None:
+            z.add_(b)
+        z = z.to(cd)
+    else:
+        z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
     return z.div_(temperature) if temperature != 1.0 else z
 
 
 class _ChunkedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, logit_dtype=None):
         cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         N, V = hidden.shape[0], weight.shape[0]
-        w = weight.to(cd)
-        b = bias.to(cd) if bias is not None else None
+        w = weight.to(logit_dtype or cd)
+        b = bias.to(logit_dtype or cd) if bias is not None else None
         logp = torch.empty(N, dtype=cd, device=hidden.device)
         lse = torch.empty(N, dtype=cd, device=hidden.device)
         ent = torch.zeros(N, dtype=cd, device=hidden.device)
         rows = _chunk_rows(V, torch.finfo(cd).bits // 8)
         for n0 in range(0, N, rows):
             n1 = min(N, n0 + rows)
-            z = _tempered_logits(hidden[n0:n1].to(cd), w, b, temperature)
+            z = _tempered_logits(hidden[n0:n1].to(logit_dtype or cd), w, b, temperature, logit_dtype, cd)
             lse_c = torch.logsumexp(z, dim=1)
             lse[n0:n1] = lse_c
             logp[n0:n1] = z.gather(1, targets[n0:n1, None]).squeeze(1) - lse_c
@@ -61,21 +69,28 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature = temperature
+        ctx.logit_dtype = logit_dtype
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fused_linear_logprob: double backward (create_graph=True) is not supported: "
+                               "the backward recomputes the logits in place and is not itself differentiable")
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        ld = ctx.logit_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         T = ctx.temperature
         cd = lse.dtype
         N, V = hidden.shape[0], weight.shape[0]
-        w = weight.to(cd)
-        b = bias.to(cd) if bias is not None else None
+        w = weight.to(ld or cd)
+        b = bias.to(ld or cd) if bias is not None else None
+        # with a logit dtype the GEMMs read the operands rounded to it, accumulating in fp32 (TRL)
+        w_mm = w.to(cd) if ld is not None else w
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
         db = torch.zeros(V, dtype=cd, device=hidden.device) if need_b else None
@@ -84,8 +99,8 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         rows = _chunk_rows(V, torch.finfo(cd).bits // 8)
         for n0 in range(0, N, rows):
             n1 = min(N, n0 + rows)
-            h_c = hidden[n0:n1].to(cd)
-            logp_all = _tempered_logits(h_c, w, b, T).sub_(lse[n0:n1, None])
+            h_c = hidden[n0:n1].to(ld or cd)
+            logp_all = _tempered_logits(h_c, w, b, T, ld, cd).sub_(lse[n0:n1, None])
             p = torch.exp(logp_all)
             # dz = g_logp (onehot - p) - g_ent p (log p + ent), built in the two buffers above.
             if g_e is not None:
@@ -100,8 +115,11 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 dz.sub_(ent_term)
             if T != 1.0:
                 dz.div_(T)
+            if ld is not None:
+                dz = dz.to(ld).to(cd)  # TRL writes the logits' gradient into its half tile
+                h_c = h_c.to(cd)
             if need_h:
-                dh[n0:n1] = dz @ w
+                dh[n0:n1] = dz @ w_mm
             if need_w:
                 dw.addmm_(dz.t(), h_c)
             if need_b:
@@ -109,16 +127,18 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             del logp_all, p, dz
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(bias.dtype) if need_b else None
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                            temperature: float = 1.0, bias: torch.Tensor | None = None,
-                           with_entropy: bool = True):
+                           with_entropy: bool = True, logit_dtype: torch.dtype | None = None):
     """(logp [N], entropy [N]) by chunks of tokens; entropy is zeros when not ``with_entropy``.
-    Inputs are 2-D/1-D and already validated (see ``fused_linear_logprob``)."""
+    Inputs are 2-D/1-D and already validated (see ``fused_linear_logprob``). ``logit_dtype``
+    (bf16 / fp16): the GEMM runs in it and the logits are rounded to it, as an lm_head under
+    autocast does; gradients come back in the inputs' dtypes, accumulated in fp32."""
     return _ChunkedLinearLogprob.apply(hidden, weight, bias, targets, float(temperature),
-                                       bool(with_entropy))
+                                       bool(with_entropy), logit_dtype)
 
 
 __all__ = ["chunked_linear_logprob", "CHUNK_BYTES"]

@@ -2,9 +2,10 @@
 driven by the span table built on the host (``staged.packing.spans``), with no host sync.
 
 Every kernel finds the span of each of its rows by a binary search over the span table's
-ROW column (ceil(log2 S) loads per row, S spans; the table is tiny and stays in L1/L2), so no
-per-row metadata is ever built and nothing depends on token values except the embedding
-lookup itself.
+ROW column (ceil(log2 S) loads per row, S spans; the table is tiny and stays in L1/L2), once per
+row block: the embedding kernels loop over the hidden columns inside the program, so the search
+is not repeated per column block. No per-row metadata is ever built and nothing depends on
+token values except the embedding lookup itself.
 
 Shapes and dtypes (T packed rows, H hidden, V vocab, S spans, B samples, Nv vision rows):
     input_ids   [T] int64 (int32 accepted)
@@ -13,12 +14,14 @@ Shapes and dtypes (T packed rows, H hidden, V vocab, S spans, B samples, Nv visi
                 weight's dtype on the host when it differs)
     spans       [S, 9] int64, time_scale [S] fp32, cu_seqlens [B+1] int32, prompt_lens [B] int32
 
-Ops and their byte model (what a benchmark divides by time for GB/s):
-    pack_embed  fwd: reads T*H weight/vision elements + 8T ids, writes T*H (out dtype);
-                bwd: reads T*H grad + 8T ids; fp32 atomics into a [V, H] fp32 buffer for text
-                rows (4 B per element, read-modify-write in L2) and writes Nv*H vision grads.
-                The fp32 buffer is zeroed (4VH bytes) and cast back to the weight dtype when the
-                weight is not fp32: for a large vocabulary this, not the T*H traffic, dominates.
+Ops and their byte model (what a benchmark divides by time for GB/s; e = element bytes):
+    pack_embed  fwd: reads T*H*e weight/vision + 8T ids, writes T*H*e.
+                bwd: reads T*H*e grad + 8T ids, writes Nv*H*e vision grads; the embedding
+                gradient is a sort-by-token segmented reduction: keys [T] int32 (4T), a stable
+                device sort (~16T), then each present token's row summed in fp32 in sorted
+                order and written once in the weight's dtype (U*H*e, U tokens present) into a
+                zeroed [V, H] gradient (V*H*e memset: the gradient itself). No fp32 [V, H]
+                buffer, no atomics.
     packed_position_ids  writes 32T bytes (int64 [4, T]).
     packed_labels        reads 8T ids, writes 8T labels + T mask bytes.
 
@@ -27,8 +30,9 @@ the device knows -- that the rows of every vision span hold the image/video toke
 text token ids lie in the vocabulary -- is counted by the embed kernel and checked with
 ``torch._assert_async`` (no sync; a mismatch fails at the next synchronising op).
 
-Determinism: the embedding-gradient accumulation uses fp32 atomics, so its summation order
-(and last bits) can vary between runs on GPU when a token repeats; everything else is exact.
+Determinism: every output is run-to-run deterministic. The embedding gradient sums each
+token's rows in a fixed order (rows sorted stably by token, then by row); the only atomics left
+are the two error counters of the checks (integer, relaxed: no memory fence per atomic).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from staged.packing.spans import (KIND_IMAGE, KIND_TEXT, KIND_VIDEO, SPAN_FIELDS
                                   SPAN_W)
 
 from .aot import register_aot
+from .linear_logprob import _bf16_rne
 
 IGNORE_INDEX = -100
 
@@ -133,73 +138,115 @@ def _pack_embed_fwd_kernel(
     NF: tl.constexpr, HAS_VIS: tl.constexpr, CHECK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_h = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    cmask = cols < H
-    s = _search(SPANS + 2, NF, rows, S, N_ITER)
+    s = _search(SPANS + 2, NF, rows, S, N_ITER)       # once per row block, not per column block
     kind = tl.load(SPANS + s * NF + 1, mask=rmask, other=0)
     tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
     is_txt = rmask & (kind == 0)
     in_vocab = (tok >= 0) & (tok < V)
-    e = tl.load(W + tok[:, None] * stride_w + cols[None, :],
-                mask=(is_txt & in_vocab)[:, None] & cmask[None, :], other=0.0)
+    use_w = is_txt & in_vocab
+    w_rows = W + tok[:, None] * stride_w
+    o_rows = OUT + rows[:, None] * stride_o
     if HAS_VIS:
         is_vis = rmask & (kind != 0)
         start = tl.load(SPANS + s * NF + 2, mask=rmask, other=0)
         vrow = tl.load(SPANS + s * NF + 8, mask=rmask, other=0) + rows - start
-        v = tl.load(VIS + vrow[:, None] * stride_v + cols[None, :],
-                    mask=is_vis[:, None] & cmask[None, :], other=0.0)
-        e = tl.where(is_vis[:, None], v, e)  # same dtype: the host cast vision to W's
-    tl.store(OUT + rows[:, None] * stride_o + cols[None, :], e,
-             mask=rmask[:, None] & cmask[None, :])
+        v_rows = VIS + vrow[:, None] * stride_v
+    for c0 in range(0, H, BLOCK_H):
+        cols = c0 + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        e = tl.load(w_rows + cols[None, :], mask=use_w[:, None] & cmask[None, :], other=0.0)
+        if HAS_VIS:
+            v = tl.load(v_rows + cols[None, :], mask=is_vis[:, None] & cmask[None, :], other=0.0)
+            e = tl.where(is_vis[:, None], v, e)  # same dtype: the host cast vision to W's
+        tl.store(o_rows + cols[None, :], e, mask=rmask[:, None] & cmask[None, :])
     if CHECK:
-        if pid_h == 0:
-            want = tl.where(kind == 1, IMAGE_ID, VIDEO_ID)
-            bad_vis = rmask & (kind != 0) & (tok != want)
-            bad_tok = is_txt & (in_vocab == 0)
-            tl.atomic_add(ERR, tl.sum(bad_vis.to(tl.int32), axis=0))
-            tl.atomic_add(ERR + 1, tl.sum(bad_tok.to(tl.int32), axis=0))
+        want = tl.where(kind == 1, IMAGE_ID, VIDEO_ID)
+        bad_vis = rmask & (kind != 0) & (tok != want)
+        bad_tok = is_txt & (in_vocab == 0)
+        # Counters only: relaxed (the default acq_rel puts a fence around every atomic).
+        tl.atomic_add(ERR, tl.sum(bad_vis.to(tl.int32), axis=0), sem="relaxed")
+        tl.atomic_add(ERR + 1, tl.sum(bad_tok.to(tl.int32), axis=0), sem="relaxed")
 
 
 @triton.jit
 def _pack_embed_bwd_kernel(
     GOUT, IDS, SPANS,      # grad of out [T, H], ids [T], span table [S, NF] int64
-    GW, GVIS,              # fp32 embedding-grad accumulator [V, H], vision grad [Nv, H]
+    KEYS, GVIS,            # out: sort keys [T] int32 (token id, or V: no gradient), vision grad
     T, H, V, S, N_ITER, PAD_IDX,
-    stride_g, stride_gw, stride_gv,
+    stride_g, stride_gv,
     NF: tl.constexpr, HAS_GW: tl.constexpr, HAS_GV: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cmask = cols < H
     s = _search(SPANS + 2, NF, rows, S, N_ITER)
     kind = tl.load(SPANS + s * NF + 1, mask=rmask, other=0)
-    g = tl.load(GOUT + rows[:, None] * stride_g + cols[None, :],
-                mask=rmask[:, None] & cmask[None, :], other=0.0)
     if HAS_GW:
         tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
-        use = rmask & (kind == 0) & (tok >= 0) & (tok < V) & (tok != PAD_IDX)
-        tl.atomic_add(GW + tok[:, None] * stride_gw + cols[None, :], g.to(tl.float32),
-                      mask=use[:, None] & cmask[None, :])
+        use = (kind == 0) & (tok >= 0) & (tok < V) & (tok != PAD_IDX)
+        tl.store(KEYS + rows, tl.where(use, tok, V).to(tl.int32), mask=rmask)
     if HAS_GV:
         is_vis = rmask & (kind != 0)
         start = tl.load(SPANS + s * NF + 2, mask=rmask, other=0)
         vrow = tl.load(SPANS + s * NF + 8, mask=rmask, other=0) + rows - start
-        tl.store(GVIS + vrow[:, None] * stride_gv + cols[None, :], g,
-                 mask=is_vis[:, None] & cmask[None, :])
+        for c0 in range(0, H, BLOCK_H):
+            cols = c0 + tl.arange(0, BLOCK_H)
+            cmask = cols < H
+            g = tl.load(GOUT + rows[:, None] * stride_g + cols[None, :],
+                        mask=is_vis[:, None] & cmask[None, :], other=0.0)
+            tl.store(GVIS + vrow[:, None] * stride_gv + cols[None, :], g,
+                     mask=is_vis[:, None] & cmask[None, :])
 
 
-# Representative signatures for AOT compilation (staged.kernels.aot).
+@triton.jit
+def _embed_grad_segments_kernel(
+    GOUT, KEYS, PERM,      # grad of out [T, H], sorted keys [T] int32, their rows [T] int64
+    GW,                    # [V, H] embedding gradient (weight dtype), zeroed by the host
+    T, H, V,
+    stride_g, stride_gw,
+    RNE_BF16: tl.constexpr,    # interpreter + bf16: round explicitly (its cast truncates)
+    BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Program (i, c): if sorted position i starts a token's run, sum that run's grad rows over
+    column block c in fp32, in sorted order, and write the token's gradient row once."""
+    i = tl.program_id(0).to(tl.int64)
+    key = tl.load(KEYS + i)
+    prev = tl.load(KEYS + tl.maximum(i - 1, 0))
+    if ((i == 0) | (prev != key)) & (key < V):
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        j0 = i
+        more = 1
+        while more > 0:
+            js = j0 + tl.arange(0, BLOCK_J)
+            same = (js < T) & (tl.load(KEYS + js, mask=js < T, other=-1) == key)
+            rows = tl.load(PERM + js, mask=same, other=0)
+            g = tl.load(GOUT + rows[:, None] * stride_g + cols[None, :],
+                        mask=same[:, None] & cmask[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32), axis=0)
+            more = tl.sum(same.to(tl.int32), axis=0) == BLOCK_J   # the run may go on
+            more = more.to(tl.int32)
+            j0 += BLOCK_J
+        if RNE_BF16:
+            acc = _bf16_rne(acc)
+        tl.store(GW + key.to(tl.int64) * stride_gw + cols, acc.to(GW.dtype.element_ty), mask=cmask)
+
+
+# 8 warps: with the JIT's divisibility attributes, 4 warps x 512 rows spilled 8 bytes on sm_90
+# under triton 3.6 (the GPU image's), though not under 3.9.
+_LABELS_WARPS = 8
+
+# Signatures for AOT compilation (staged.kernels.aot): the launchers' configurations.
 register_aot(_position_ids_kernel,
              {"SPANS": "*i64", "SCALE": "*fp32", "CU": "*i32", "OUT": "*i64", "T": "i64",
               "S": "i32", "N_ITER": "i32"}, {"NF": SPAN_FIELDS, "BLOCK": 512})
 register_aot(_labels_kernel,
              {"IDS": "*i64", "CU": "*i32", "PROMPT": "*i32", "LABELS": "*i64", "MASK": "*u8",
-              "T": "i64", "B": "i32", "N_ITER": "i32", "IGNORE": "i32"}, {"BLOCK": 512})
+              "T": "i64", "B": "i32", "N_ITER": "i32", "IGNORE": "i32"}, {"BLOCK": 512},
+             num_warps=_LABELS_WARPS)
 _EMBED_FWD_SIG = {"IDS": "*i64", "W": "*bf16", "VIS": "*bf16", "SPANS": "*i64", "OUT": "*bf16",
                   "ERR": "*i32", "T": "i64", "H": "i32", "V": "i64", "S": "i32", "N_ITER": "i32",
                   "IMAGE_ID": "i64", "VIDEO_ID": "i64", "stride_w": "i64", "stride_v": "i64",
@@ -211,10 +258,14 @@ register_aot(_pack_embed_fwd_kernel, {**_EMBED_FWD_SIG, "W": "*fp32", "VIS": "*f
              {"NF": SPAN_FIELDS, "HAS_VIS": False, "CHECK": False, "BLOCK_T": 16, "BLOCK_H": 256},
              name="_pack_embed_fwd_kernel[fp32,text-only,nocheck]")
 register_aot(_pack_embed_bwd_kernel,
-             {"GOUT": "*bf16", "IDS": "*i64", "SPANS": "*i64", "GW": "*fp32", "GVIS": "*bf16",
+             {"GOUT": "*bf16", "IDS": "*i64", "SPANS": "*i64", "KEYS": "*i32", "GVIS": "*bf16",
               "T": "i64", "H": "i32", "V": "i64", "S": "i32", "N_ITER": "i32", "PAD_IDX": "i64",
-              "stride_g": "i64", "stride_gw": "i64", "stride_gv": "i64"},
+              "stride_g": "i64", "stride_gv": "i64"},
              {"NF": SPAN_FIELDS, "HAS_GW": True, "HAS_GV": True, "BLOCK_T": 16, "BLOCK_H": 256})
+register_aot(_embed_grad_segments_kernel,
+             {"GOUT": "*bf16", "KEYS": "*i32", "PERM": "*i64", "GW": "*bf16", "T": "i64",
+              "H": "i32", "V": "i64", "stride_g": "i64", "stride_gw": "i64"},
+             {"RNE_BF16": False, "BLOCK_J": 16, "BLOCK_H": 256})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +332,7 @@ def packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, prompt_lens
     if T:
         _labels_kernel[(triton.cdiv(T, block),)](
             input_ids, cu_seqlens, prompt_lens.to(torch.int32), labels, mask.view(torch.uint8),
-            T, B, _n_iter(B), ignore_index, BLOCK=block)
+            T, B, _n_iter(B), ignore_index, BLOCK=block, num_warps=_LABELS_WARPS)
     return labels, mask
 
 
@@ -299,7 +350,7 @@ class PackEmbedFunction(torch.autograd.Function):
         do_check = bool(check and image_token_id is not None and video_token_id is not None)
         block_t, block_h = _embed_blocks(H)
         if T:
-            grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
+            grid = (triton.cdiv(T, block_t),)
             vis = vision if has_vis else weight
             _pack_embed_fwd_kernel[grid](
                 input_ids, weight, vis, spans, out, err, T, H, weight.shape[0], S, _n_iter(S),
@@ -329,7 +380,7 @@ class PackEmbedFunction(torch.autograd.Function):
         T, H = grad_out.shape
         (V, _), w_dtype = ctx.weight_meta
         dev = grad_out.device
-        gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
+        gw = torch.zeros(V, H, dtype=w_dtype, device=dev) if need_w else None
         gv = None
         if ctx.needs_input_grad[2] and ctx.vision_meta is not None:
             shape, dtype = ctx.vision_meta
@@ -338,14 +389,20 @@ class PackEmbedFunction(torch.autograd.Function):
         if T and (need_w or need_v):
             block_t, block_h = ctx.blocks
             S = spans.shape[0]
-            gw_arg = gw if need_w else grad_out
+            keys = torch.empty(T, dtype=torch.int32, device=dev) if need_w else None
             gv_arg = gv if need_v else grad_out
-            _pack_embed_bwd_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-                grad_out, input_ids, spans, gw_arg, gv_arg, T, H, V, S, _n_iter(S), ctx.padding_idx,
-                grad_out.stride(0), gw_arg.stride(0), gv_arg.stride(0),
+            _pack_embed_bwd_kernel[(triton.cdiv(T, block_t),)](
+                grad_out, input_ids, spans, keys if need_w else input_ids, gv_arg, T, H, V, S,
+                _n_iter(S), ctx.padding_idx, grad_out.stride(0), gv_arg.stride(0),
                 NF=SPAN_FIELDS, HAS_GW=need_w, HAS_GV=need_v, BLOCK_T=block_t, BLOCK_H=block_h)
-        if gw is not None and w_dtype != torch.float32:
-            gw = gw.to(w_dtype)
+            if need_w:
+                # Deterministic segmented reduction: rows grouped by token (stable: then by
+                # row), each token's rows summed in that order. No host sync.
+                skeys, perm = torch.sort(keys, stable=True)
+                _embed_grad_segments_kernel[(T, triton.cdiv(H, block_h))](
+                    grad_out, skeys, perm, gw, T, H, V, grad_out.stride(0), gw.stride(0),
+                    RNE_BF16=w_dtype == torch.bfloat16 and dev.type != "cuda",
+                    BLOCK_J=16, BLOCK_H=block_h)
         return None, gw, gv, None, None, None, None, None
 
 
@@ -365,8 +422,9 @@ def pack_embed(input_ids: torch.Tensor, weight: torch.Tensor, vision: torch.Tens
     whose id is not the kind's token, and out-of-vocabulary text ids, and
     ``torch._assert_async`` fails on either (no host sync).
     padding_idx: like nn.Embedding's: that row of the embedding gradient stays zero.
-    Backward: the embedding gradient accumulates in fp32 (atomics), the vision gradient is the
-    rows of grad_out at the vision rows; no ``nonzero``.
+    Backward: the embedding gradient is a deterministic sort-by-token segmented reduction in
+    fp32 that writes only the rows of tokens present; the vision gradient is the rows of
+    grad_out at the vision rows; no ``nonzero``, no host sync.
     """
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be the packed [T] ids, got shape "

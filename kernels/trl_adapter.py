@@ -28,13 +28,23 @@ installed, unchanged.
 
 Every TRL option the loss reads is taken from the trainer at each call (loss_type, epsilon,
 epsilon_high, delta, beta, use_bias_correction_kl, importance_sampling_level, SAPO temperatures,
-max_completion_length, num_processes, gradient accumulation and steps_per_generation — with TRL's
-eval-mode normalisers — temperature, tool_mask, the vLLM importance-sampling ratio). Logged metrics:
-``kl``, ``entropy``, ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio`` for cispo), reduced
-across processes as TRL does.
+VESPO shapes and rates, max_completion_length, num_processes, gradient accumulation and
+steps_per_generation — with TRL's eval-mode normalisers — temperature, tool_mask, the vLLM
+importance-sampling ratio). Options TRL ignores for the loss type (``delta`` with cispo / sapo /
+vespo) are ignored here too. Logged metrics: ``kl``, ``entropy``,
+``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio`` for cispo, ``vespo/phi_seq_mean`` for
+vespo), reduced across processes as TRL does.
+
+Precision: the lm_head runs as TRL runs it. Under ``bf16=True`` / ``fp16=True`` (autocast; the
+usual GPU setting with fp32 weights) and with a half-precision model, TRL's fused head computes the
+logits in the half dtype (fp32 accumulation, logits rounded to it) and its gradient GEMMs from
+half operands: so does ours (``logit_dtype``), so that the current log-probs are those TRL computes
+for its old / reference ones (on-policy ratio 1, KL 0). With ``cast_lm_head_to_fp32=True`` both run
+the lm_head in fp32 with autocast off.
 
 Not supported — ``patch_grpo_trainer`` raises ``ValueError`` naming the setting rather than train
-differently from TRL: ``loss_type="vespo"``, ``top_entropy_quantile < 1``,
+differently from TRL; every configuration is decided there, never at the first loss call:
+``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, the entropy bonus (``entropy_coef`` / adaptive entropy), MoE router
 aux loss, models whose logits are scaled or soft-capped (``final_logit_softcapping``,
 ``logit_scale`` ...), 2-D (per-token) advantages from subclasses, and a LoRA adapter on the
@@ -50,6 +60,7 @@ import types
 import torch
 
 from .fused_linear_grpo import fused_linear_grpo_loss, resolve_lm_head
+from .grpo_options import resolve_options
 
 _INSTALLED = "_staged_fused_grpo_forward"
 # Multimodal keys TRL forwards to the model (whole micro-batch: no per-chunk slicing needed).
@@ -70,8 +81,6 @@ def check_supported(trainer) -> None:
     """Raise ValueError for a trainer setting the fused path does not reproduce."""
     args = trainer.args
     problems = []
-    if trainer.loss_type == "vespo":
-        problems.append("loss_type='vespo' (not implemented by staged's fused GRPO loss)")
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         problems.append(f"top_entropy_quantile={trainer.top_entropy_quantile} (high-entropy token masking)")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
@@ -93,6 +102,19 @@ def check_supported(trainer) -> None:
         raise ValueError("staged.kernels.trl_adapter: the fused loss does not support "
                          + "; ".join(problems) + ". Use TRL's own GRPOTrainer for this configuration.")
     resolve_lm_head(lm_head)  # a LoRA lm_head raises here, naming the fix
+    for mode in ("train", "eval"):
+        # the loss options of every later call, validated now (a ValueError names the field)
+        resolve_options(_loss_options(trainer, mode))
+
+
+def _lm_head_dtype(hidden, lm_head, cast_lm_head_to_fp32: bool):
+    """The dtype TRL's fused head computes the logits in (trl.kernels.ChunkedLogProbFunction:
+    the autocast dtype when autocast is on, else the hidden states'), or None for fp32."""
+    if cast_lm_head_to_fp32:
+        return None  # TRL: hidden.float(), autocast off
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    return dt if dt in (torch.bfloat16, torch.float16) else None
 
 
 def _install_forward(model) -> None:
@@ -111,7 +133,8 @@ def _install_forward(model) -> None:
         hidden = out.last_hidden_state[:, :-1][:, -k:]  # position t predicts token t + 1
         lm_head = self.get_output_embeddings()
         hidden = hidden.to(lm_head.weight.device)
-        loss, metrics = fused_linear_grpo_loss(hidden, lm_head, *req["args"], **req["kwargs"])
+        loss, metrics = fused_linear_grpo_loss(hidden, lm_head, *req["args"], **req["kwargs"],
+                                               logit_dtype=_lm_head_dtype(hidden, lm_head, req["cast_lm_head_to_fp32"]))
         # a plain dict: wrappers that rebuild outputs (accelerate's fp32 conversion) handle it
         return {"loss": loss, "metrics": metrics.as_dict()}
 
@@ -132,11 +155,16 @@ def _loss_options(trainer, mode: str) -> dict:
         use_bias_correction_kl=getattr(args, "use_bias_correction_kl", True),
         sapo_temperature_pos=getattr(args, "sapo_temperature_pos", 1.0),
         sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05),
+        vespo_k_pos=getattr(args, "vespo_k_pos", 2.0),
+        vespo_lambda_pos=getattr(args, "vespo_lambda_pos", 3.0),
+        vespo_k_neg=getattr(args, "vespo_k_neg", 3.0),
+        vespo_lambda_neg=getattr(args, "vespo_lambda_neg", 2.0),
         max_completion_length=trainer.max_completion_length,
         num_processes=trainer.accelerator.num_processes,
         # TRL's normalisers: train mode divides by the accumulation steps (dapo/cispo: scales by
         # GA / steps_per_generation); eval mode does neither
-        gradient_accumulation_steps=trainer.current_gradient_accumulation_steps if train else 1,
+        gradient_accumulation_steps=(getattr(trainer, "current_gradient_accumulation_steps", None)
+                                     or args.gradient_accumulation_steps) if train else 1,
         steps_per_generation=args.steps_per_generation if train else 1,
     )
 
@@ -156,12 +184,15 @@ def fused_compute_loss(self, model, inputs):
         raise ValueError(f"staged.kernels.trl_adapter: advantages must be one per sequence [B]; got shape "
                          f"{tuple(advantages.shape)} (per-token advantages are not supported)")
     vllm_is_ratio = None
-    if self.use_vllm and self.vllm_importance_sampling_correction:
+    if self.loss_type == "vespo":
+        vllm_is_ratio = inputs.get("importance_sampling_ratio")  # TRL folds it into phi whenever present
+    elif self.use_vllm and self.vllm_importance_sampling_correction:
         vllm_is_ratio = inputs["importance_sampling_ratio"]
     beta = self.beta
     opts = _loss_options(self, mode)
     req = dict(
         logits_to_keep=logits_to_keep,
+        cast_lm_head_to_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)),
         args=(completion_ids, mask, advantages),
         kwargs=dict(old_logp=inputs.get("old_per_token_logps"),
                     ref_logp=inputs.get("ref_per_token_logps") if beta != 0.0 else None,
@@ -196,6 +227,8 @@ def fused_compute_loss(self, model, inputs):
             log[name].append(global_mean(metrics[name], seq_count))
     elif self.loss_type == "cispo":
         log["cispo_clip_ratio"].append(global_mean(metrics["clip_ratio/high_mean"], seq_count))
+    elif self.loss_type == "vespo":
+        log["vespo/phi_seq_mean"].append(global_mean(metrics["vespo/phi_seq_mean"], n_seq))
     return loss
 
 

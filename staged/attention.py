@@ -8,8 +8,23 @@ a packed [T, heads, head_dim] batch. Backends, the first available wins (``backe
               host int max_seqlen go straight to the kernel; no host sync.
   xformers    ``memory_efficient_attention`` with a block-diagonal (causal) bias built from the
               host sequence lengths (CUDA).
-  sdpa        an exact loop of ``scaled_dot_product_attention`` over the sequences (CPU, or CUDA
-              without the two above): no [T, T] mask, O(sum L^2) work, one call per sequence.
+  torch_varlen  torch's own ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, the
+              flash-attention kernels built into torch >= 2.10): cu_seqlens and max_seqlen go
+              straight to the kernel, like flash-attn's. Its keywords moved between releases
+              (2.10: ``is_causal``; 2.11: ``window_size=(-1, 0)`` for causal, ``scale``; 2.12+:
+              also ``enable_gqa``), so the call is built from the installed signature; without
+              ``enable_gqa`` the kv heads are expanded (what repeat_kv does).
+  flex        FlexAttention with a document mask (torch >= 2.5): a block mask built once per
+              micro-batch from cu_seqlens on the device (doc id of each row by searchsorted, no
+              sync), cached with the host lengths; compiled on CUDA (dynamic shapes: packed T
+              varies), eager elsewhere (tests). For a torch without varlen_attn.
+  sdpa        an exact loop of ``scaled_dot_product_attention`` over the sequences (CPU, or
+              a last resort on CUDA): no [T, T] mask, O(sum L^2) work, one call per sequence.
+
+A GPU without flash-attn and xformers (the lent machines: torch 2.11) therefore runs torch's
+varlen kernel, not the Python loop. Dropout (never used by the shipped recipes: Qwen-VL's
+attention_dropout is 0) is only implemented by flash_attn, xformers and sdpa; ``auto`` picks
+sdpa for dropout_p > 0 when neither package is installed.
 
 The xformers bias and the sdpa loop need the sequence lengths on the host. The collate knows
 them (``PackedMicroBatch.seqlens``); ``register_seqlens`` attaches them to the cu_seqlens tensor
@@ -31,6 +46,8 @@ the model stays usable unpacked.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import warnings
 import weakref
 from typing import Sequence
 
@@ -41,6 +58,29 @@ ATTN_NAME = "staged_varlen"
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
+def _torch_varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flex_fn():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return flex_attention, create_block_mask
+
+
+HAS_TORCH_VARLEN = _torch_varlen_fn() is not None
+HAS_FLEX = _flex_fn() is not None
+BACKENDS = ("flash_attn", "xformers", "torch_varlen", "flex", "sdpa")
+# Tests (and users who want to compare) can pin the backend the transformers hook uses.
+hook_backend = "auto"
 
 # ---------------------------------------------------------------------------------------------
 # Host sequence lengths, attached to a cu_seqlens tensor
@@ -82,14 +122,87 @@ def host_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
 # varlen attention
 
 
-def attention_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+def attention_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                      dropout_p: float = 0.0) -> str:
     """The backend ``backend="auto"`` picks for tensors on ``device`` with ``dtype``."""
     if torch.device(device).type == "cuda":
-        if HAS_FLASH_ATTN and dtype in (torch.float16, torch.bfloat16):
+        half = dtype in (torch.float16, torch.bfloat16)
+        if HAS_FLASH_ATTN and half:
             return "flash_attn"
         if HAS_XFORMERS:
             return "xformers"
+        if dropout_p == 0.0:
+            if HAS_TORCH_VARLEN and half:
+                return "torch_varlen"
+            if HAS_FLEX:
+                return "flex"
     return "sdpa"
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    """torch.nn.attention.varlen.varlen_attn, called with the keywords this torch has."""
+    fn = _torch_varlen_fn()
+    params = inspect.signature(fn).parameters
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    kw = {}
+    if "window_size" in params:            # torch >= 2.11
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif "is_causal" in params:            # torch 2.10
+        kw["is_causal"] = causal
+    else:
+        raise RuntimeError(f"torch {torch.__version__}: varlen_attn has neither window_size nor "
+                           f"is_causal ({list(params)})")
+    if scale is not None:
+        if "scale" in params:
+            kw["scale"] = scale
+        elif abs(scale - D ** -0.5) > 1e-12 * D ** -0.5:
+            q = q * (scale * D ** 0.5)      # its fixed scale is D ** -0.5
+    if Hq != Hkv:
+        if "enable_gqa" in params:         # torch >= 2.12
+            kw["enable_gqa"] = True
+        else:
+            rep = Hq // Hkv
+            k = k[:, :, None].expand(T, Hkv, rep, D).reshape(T, Hq, D)
+            v = v[:, :, None].expand(T, Hkv, rep, D).reshape(T, Hq, D)
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    return fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen,
+              **kw)
+
+
+_FLEX_COMPILED = None
+
+
+def _flex(q, k, v, cu_seqlens, causal, scale, cache):
+    """FlexAttention over [1, heads, T, D] with a document (and causal) block mask."""
+    flex_attention, create_block_mask = _flex_fn()
+    global _FLEX_COMPILED
+    T, Hq, _ = q.shape
+    key = ("flex_mask", causal, T)
+    block_mask = cache.get(key)
+    if block_mask is None:
+        rows = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
+        doc = torch.searchsorted(cu_seqlens[1:], rows, right=True)   # device-side, no sync
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = doc[q_idx] == doc[kv_idx]
+            return same & (q_idx >= kv_idx) if causal else same
+
+        block_mask = cache[key] = create_block_mask(mask_mod, None, None, T, T,
+                                                    device=q.device)
+    fn = flex_attention
+    if q.device.type == "cuda":
+        if _FLEX_COMPILED is None:
+            # Uncompiled flex_attention materialises [T, T] scores; compiled it is a fused
+            # kernel. dynamic: every packed micro-batch has its own T.
+            _FLEX_COMPILED = torch.compile(flex_attention, dynamic=True)
+        fn = _FLEX_COMPILED
+    with warnings.catch_warnings():
+        # Off CUDA the unfused path is the point (tests, exactness); don't warn about it.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                 block_mask=block_mask, scale=scale, enable_gqa=Hq != k.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -109,7 +222,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v "
                          f"{tuple(v.shape)}: same T, and q heads a multiple of kv heads")
     if backend == "auto":
-        backend = attention_backend(q.device, q.dtype)
+        backend = attention_backend(q.device, q.dtype, dropout_p)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if dropout_p and backend in ("torch_varlen", "flex"):
+        raise ValueError(f"backend {backend!r} has no dropout; got dropout_p={dropout_p}")
+    if backend == "torch_varlen":
+        if not HAS_TORCH_VARLEN:
+            raise ValueError(f"backend 'torch_varlen' needs torch.nn.attention.varlen (torch >= "
+                             f"2.10); this is torch {torch.__version__}")
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
@@ -121,6 +243,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         seqlens, cache = entry[1], entry[2]
     else:
         cache = {}
+    if backend == "flex":
+        if not HAS_FLEX:
+            raise ValueError(f"backend 'flex' needs torch.nn.attention.flex_attention; this is "
+                             f"torch {torch.__version__}")
+        if sum(seqlens) != T:
+            raise ValueError(f"varlen_attention: the sequence lengths sum to {sum(seqlens)} but "
+                             f"q has {T} rows")
+        return _flex(q, k, v, cu_seqlens, causal, scale, cache)
     if backend == "xformers":
         from xformers.ops import fmha
 
@@ -137,9 +267,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
                                               p=dropout_p, scale=scale)
         return out[0]
-    if backend != "sdpa":
-        raise ValueError(f"backend must be 'auto', 'flash_attn', 'xformers' or 'sdpa', got "
-                         f"{backend!r}")
     if sum(seqlens) != T:
         raise ValueError(f"varlen_attention: the sequence lengths sum to {sum(seqlens)} but q has "
                          f"{T} rows")
@@ -185,7 +312,8 @@ def _staged_varlen_forward(module, query, key, value, attention_mask, dropout: f
         max_len = max(host_seqlens(cu))
     out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
                            value[0].transpose(0, 1), cu, int(max_len), causal=causal,
-                           scale=scaling, dropout_p=dropout if module.training else 0.0)
+                           scale=scaling, dropout_p=dropout if module.training else 0.0,
+                           backend=hook_backend)
     return out[None], None
 
 

@@ -380,6 +380,11 @@ class TrainConfig:
     """Attention backend handed to the model loader (sdpa, eager, flash_attention_2)."""
     device: str = "auto"
     """auto (cuda when available), cuda or cpu."""
+    dist_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective before it gives up (ranks > 1): a rank that died,
+    stopped or hangs ends the job after this long instead of torch's 30 minutes. Must exceed the
+    longest time one rank works alone while the others wait: rank 0 reading the checkpoint, an HF
+    export, the slowest rank's rollout."""
     cpu_threads: int = 1
     """CPU runs: torch intra-op threads (0 = torch's default). The embedded model's matrices are
     too small to gain from more threads, and spinning OpenMP threads on shared cores can be 10x
@@ -402,6 +407,9 @@ class TrainConfig:
     delete checkpoints already in checkpoint_dir)."""
     export_hf: bool = True
     """Write an HF safetensors checkpoint (with processor files) at each stage end."""
+    export_dtype: str = "auto"
+    """Floating-point dtype of the HF exports: auto (the source checkpoint's, from its config.json:
+    a bf16 model exports at half the size of the fp32 master weights), bf16, fp16 or fp32."""
     seed: int = 0
     """Seeds data order, synthetic data, sampling (per global sample index) and init RNGs."""
     max_consecutive_bad_steps: int = 3
@@ -422,6 +430,7 @@ class TrainConfig:
                f"expected auto, bf16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cuda", "cpu"), "device",
                f"expected auto, cuda or cpu, got {self.device!r}")
+        _check(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         _check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         _check(self.checkpoint_every >= 0, "checkpoint_every",
                f"must be >= 0, got {self.checkpoint_every}")
@@ -429,6 +438,8 @@ class TrainConfig:
                f"must be >= 0, got {self.keep_checkpoints}")
         _check(self.resume in ("auto", "never"), "resume",
                f"expected auto or never, got {self.resume!r}")
+        _check(self.export_dtype in ("auto", "bf16", "fp16", "fp32"), "export_dtype",
+               f"expected auto, bf16, fp16 or fp32, got {self.export_dtype!r}")
         _check(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
                f"must be >= 1, got {self.max_consecutive_bad_steps}")
         _check(self.finished_check_every >= 1, "finished_check_every",

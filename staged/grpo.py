@@ -17,6 +17,7 @@ With equal row counts per rank this makes 1 process and N ranks compute the same
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -49,10 +50,45 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, std_normalize: b
 # the policy forward: hidden states -> log-prob of given tokens (+ entropy)
 
 
+@dataclass(frozen=True)
+class VocabMask:
+    """The vocabulary the sampler draws from, for the trainer's log-probs: the sampler masks the
+    rows past the tokenizer (a vocabulary padded for speed) and the vision placeholders, so the
+    ratio's numerator must be normalised over the same rows (else it is biased by ln V/V_used,
+    0.078 on the embedded model). No [tokens, V] mask is ever built: the padded tail is cut off
+    the lm_head (a view), the few masked rows inside it get a -1e9 logit bias. Finite, not -inf:
+    p * log p of a masked row must be 0 * (-1e9) = 0 in the entropy, not 0 * inf = nan."""
+
+    keep: int
+    """lm_head rows [keep, V) are never sampled: the weight is sliced to [:keep]."""
+    bias: torch.Tensor | None
+    """[keep] fp32: 0, or -1e9 on the masked rows below ``keep``; None when there are none."""
+
+    @staticmethod
+    def build(suppress_ids, vocab_size: int, device) -> VocabMask | None:
+        ids = sorted({int(i) for i in suppress_ids if 0 <= int(i) < vocab_size})
+        if not ids:
+            return None
+        keep = vocab_size
+        while ids and ids[-1] == keep - 1:  # the contiguous suppressed tail
+            keep = ids.pop()
+        bias = None
+        if ids:
+            bias = torch.zeros(keep, dtype=torch.float32, device=device)
+            bias[torch.tensor(ids, dtype=torch.long, device=device)] = -1e9
+        return VocabMask(keep, bias)
+
+    def apply(self, weight: torch.Tensor, targets: torch.Tensor):
+        """(weight rows the sampler uses, targets inside them, bias). Targets outside are only
+        those of masked-out positions (padding), clamped to stay in range."""
+        return weight[: self.keep], targets.clamp_max(self.keep - 1), self.bias
+
+
 def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, temperature: float = 1.0,
-                   with_entropy: bool = False, vision=None):
+                   with_entropy: bool = False, vocab: VocabMask | None = None, vision=None):
     """Log-probs of ``targets`` [B, T - start] = the tokens at columns start.. of the sequence,
     each predicted from the hidden state one column earlier; never materialises [tokens, V].
+    ``vocab``: normalise over the sampler's vocabulary only (see VocabMask).
 
     ``vision``: a ``staged.vision_reuse.StepVisionFeatures`` and this micro-batch's features
     (None when it has no image) -- the tower does not run here at all (the step's deferred tower
@@ -70,8 +106,11 @@ def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, te
         dummy = dummy_vision_term(model) if "pixel_values" not in inputs else None
         hidden = with_dummy_vision(forward_hidden(model, **inputs), dummy)  # [B, T, H]
     h = hidden[:, start - 1: hidden.shape[1] - 1]
-    w = lm_head_weight(model)
-    out = fused_linear_logprob(h, w.to(h.dtype), targets, temperature=temperature, return_entropy=with_entropy)
+    w, bias = lm_head_weight(model), None
+    if vocab is not None:
+        w, targets, bias = vocab.apply(w, targets)
+    out = fused_linear_logprob(h, w.to(h.dtype), targets, temperature=temperature, bias=bias,
+                               return_entropy=with_entropy)
     # The kernel returns [N] reshaped to [B, T]: views, which FSDP warns about as forward outputs
     # (an in-place op on them would drop its pre-backward hook). [B, T] floats: the copy is free.
     return tuple(x.clone() for x in out) if with_entropy else out.clone()

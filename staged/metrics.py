@@ -65,7 +65,11 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+                # purge_step: TensorBoard drops this run dir's events from that step on, written
+                # by an earlier process after the checkpoint we resume from (or by an old run).
+                self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
+                self._writer = SummaryWriter
+                self._stage_tb: dict[str, Any] = {}
             except ImportError:
                 print("[metrics] tensorboard is not installed: writing JSONL only")
 
@@ -80,7 +84,16 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "stage_step"):
                     self._tb.add_scalar(f"train/{k}", v, step)
                     if k in ("reward", "accuracy", "response_length"):
-                        self._tb.add_scalar(f"{record['stage_name']}/{k}", v, record["stage_step"])
+                        self._stage_writer(record).add_scalar(f"stage/{k}", v, record["stage_step"])
+
+    def _stage_writer(self, record: dict[str, Any]):
+        """Per-stage curves (x = stage step) in a run dir of their own, tb/stages/<name>, so that
+        a resume can purge them on their own axis: the first stage step this process logs."""
+        name = record["stage_name"]
+        if name not in self._stage_tb:
+            self._stage_tb[name] = self._writer(str(self.path.parent / "tb" / "stages" / name),
+                                                purge_step=record["stage_step"])
+        return self._stage_tb[name]
 
     def close(self) -> None:
         if not self.enabled:
@@ -88,6 +101,41 @@ class MetricsLogger:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+            for w in self._stage_tb.values():
+                w.close()
+
+
+class PlainProgress:
+    """tqdm's interface as plain lines, for a stdout that is not a terminal (a log file, a pipe):
+    tqdm's carriage returns would make one line of the whole run. A line per ``every`` steps, at
+    least one per ``interval_s`` seconds while steps complete, and the last step."""
+
+    def __init__(self, total: int, initial: int = 0, every: int = 0, interval_s: float = 60.0, file=None):
+        import time
+
+        self.total, self.n = total, initial
+        self.every = every or max(1, total // 50)
+        self.interval_s, self._time = interval_s, time.monotonic
+        self._last_n, self._last_t, self._t0, self._n0 = initial, self._time(), self._time(), initial
+        self.file = file or sys.stdout
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, post: dict[str, Any]) -> None:
+        now = self._time()
+        if self.n - self._last_n < self.every and now - self._last_t < self.interval_s and self.n < self.total:
+            return
+        rate = (now - self._t0) / max(1, self.n - self._n0)
+        extra = " ".join(f"{k}={v}" for k, v in post.items())
+        print(f"[train] step {self.n}/{self.total} {extra} ({rate:.2f} s/step)", file=self.file, flush=True)
+        self._last_n, self._last_t = self.n, now
+
+    def write(self, s: str) -> None:
+        print(s, file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------------

@@ -211,11 +211,14 @@ def packed_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
 
 
 def packed_token_logprobs(model, batch: PackedMicroBatch, rows: torch.Tensor, targets: torch.Tensor, *,
-                          temperature: float = 1.0, with_entropy: bool = False):
+                          temperature: float = 1.0, with_entropy: bool = False, vocab=None):
     """Log-probs [N] of ``targets``, each predicted by packed row ``rows[n]`` (+ entropy [N]).
-    Bound to the model as an FSDP forward method, like ``staged.grpo.token_logprobs``."""
+    Bound to the model as an FSDP forward method, like ``staged.grpo.token_logprobs`` (and
+    ``vocab``, a staged.grpo.VocabMask, as there)."""
     hidden = packed_hidden(model, batch).index_select(0, rows)
-    w = lm_head_weight(model)
-    out = fused_linear_logprob(hidden, w.to(hidden.dtype), targets, temperature=temperature,
+    w, bias = lm_head_weight(model), None
+    if vocab is not None:
+        w, targets, bias = vocab.apply(w, targets)
+    out = fused_linear_logprob(hidden, w.to(hidden.dtype), targets, temperature=temperature, bias=bias,
                                return_entropy=with_entropy)
     return tuple(x.clone() for x in out) if with_entropy else out.clone()

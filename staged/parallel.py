@@ -54,8 +54,13 @@ class Dist:
 # process group
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
-    """Join torchrun's process group, or make a world of one. Idempotent."""
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
+    """Join torchrun's process group, or make a world of one. Idempotent.
+
+    ``timeout_s`` bounds every collective: a rank that waits longer for its peers (one died
+    without torchrun noticing, is stopped, or hangs outside any collective) raises instead of
+    blocking, and :func:`fail` ends it. It must exceed the longest stretch one rank works alone
+    while the others wait (rank 0 reading the checkpoint, an HF export, the slowest rollout)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device = 'cuda' but torch.cuda.is_available() is False")
@@ -87,6 +92,87 @@ def destroy_distributed() -> bool:
     finally:
         dist.destroy_process_group()
     return several
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    """A collective that failed because of a peer (gone, stopped, timed out), not this rank's own
+    error. Gloo raises plain RuntimeErrors, so their messages are matched too."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "gloo/transport",
+        "NCCL", "ProcessGroup", "Broken pipe"))
+
+
+def _first_failure(rank: int) -> tuple[bool, int | None]:
+    """(this rank is the first of the job to fail, the first one's rank). Counted in the job's
+    c10d store (torchrun's agent hosts it, so it outlives any rank); unreachable = first."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        n = store.add("staged/failures", 1)
+        if n == 1:
+            store.set("staged/first_failure", str(rank))
+            return True, rank
+        return False, int(store.get("staged/first_failure").decode())
+    except Exception:  # noqa: BLE001 (the store went with its host: say everything)
+        return True, rank
+
+
+def abort_process_group(wait_s: float = 10.0) -> None:
+    """Abort the process group instead of a barrier: peers that wait inside a collective get an
+    error (or torchrun's SIGTERM) instead of the ``timeout_s`` hang. In a thread, bounded: a
+    backend whose abort blocks must not keep a failed process alive."""
+    import threading
+
+    def _abort():
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001 (a backend without abort: os._exit below ends us anyway)
+            pass
+
+    t = threading.Thread(target=_abort, daemon=True)
+    t.start()
+    t.join(wait_s)
+
+
+def fail(exc: BaseException) -> None:
+    """End a multi-rank process that is unwinding from ``exc``; with one rank, return (the caller
+    re-raises as usual).
+
+    Whatever the other ranks are doing, this rank must not wait for them (a barrier in teardown is
+    what turned one rank's CUDA OOM into a 30-minute hang). The first failing rank of the job
+    prints its traceback; a rank whose collective broke because of that failure, or that failed
+    later, prints one line; then the process group is aborted and the process exits non-zero
+    (torchrun then stops the rest of the job)."""
+    import sys
+    import traceback
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    rank = dist.get_rank()
+    first, first_rank = _first_failure(rank)
+    if getattr(exc, "one_message", False):  # the user's to fix (staged.resume.RefuseStart): no traceback
+        if first:
+            print(f"staged.train: {exc}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        print(f"[rank {rank}] interrupted", file=sys.stderr)
+    elif _is_comm_error(exc) and not first:
+        print(f"[rank {rank}] stopping: a collective failed after rank {first_rank} failed", file=sys.stderr)
+    elif _is_comm_error(exc):
+        line = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"[rank {rank}] stopping: a collective failed: the other ranks are gone, or did not answer within "
+              f"dist_timeout_s ({type(exc).__name__}: {line})", file=sys.stderr)
+    elif first:
+        print(f"[rank {rank}] failed:\n" + "".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
+    else:
+        line = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"[rank {rank}] also failed ({type(exc).__name__}: {line}); rank {first_rank}'s traceback came "
+              f"first", file=sys.stderr)
+    sys.stderr.flush()
+    abort_process_group()
+    exit_now(2 if getattr(exc, "one_message", False) else 130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 def exit_now(code: int = 0) -> None:
@@ -121,6 +207,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -22,7 +22,9 @@ all-reduce of the step's token count (the dapo normaliser) and one of the step's
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,9 +34,10 @@ import numpy as np
 import torch
 
 from staged import checkpoint, metrics, packed_step, parallel, vision_dummy, vision_reuse
+from staged import resume as resume_guard
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data.prompting import build_generation_batch, build_sft_batch
-from staged.grpo import group_advantages, micro_batch_weight, policy_loss, token_logprobs
+from staged.grpo import VocabMask, group_advantages, micro_batch_weight, policy_loss, token_logprobs
 from staged.models.loading import (decoder_layers, input_embeddings, language_model, load_model_and_processor,
                                    vision_module)
 from staged.rewards import compute_rewards
@@ -173,6 +176,36 @@ def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> S
                           prefill_tokens=r.prefill_tokens, reuse_vision_features=r.reuse_vision_features)
 
 
+def inject_fault(d: parallel.Dist, global_step: int) -> None:
+    """Fault injection for the reliability tests: ``STAGED_INJECT_FAULT=raise:RANK:STEP`` raises on
+    rank RANK before global step STEP (0-based) runs, ``stop:RANK:STEP`` stops it (SIGSTOP), as an
+    exception or a frozen process on one GPU would, while the other ranks enter the step."""
+    spec = os.environ.get("STAGED_INJECT_FAULT")
+    if not spec:
+        return
+    kind, rank, step = spec.split(":")
+    if int(rank) != d.rank or int(step) != global_step:
+        return
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    raise RuntimeError(f"injected fault (STAGED_INJECT_FAULT={spec}) on rank {d.rank} at global step {global_step}")
+
+
+def on_rank0(d: parallel.Dist, fn):
+    """``fn()`` on rank 0 (None elsewhere). Its refusal to start is raised on every rank, so that
+    all of them stop with one message instead of waiting for rank 0 in the next collective."""
+    out, refusal = None, None
+    if d.is_main:
+        try:
+            out = fn()
+        except resume_guard.RefuseStart as e:
+            refusal = str(e)
+    refusal = parallel.broadcast_object(refusal)
+    if refusal:
+        raise resume_guard.RefuseStart(refusal)
+    return out
+
+
 def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
     for i, s in enumerate(cfg.stages):
         if s.batch.prompts_per_step % d.world_size:
@@ -274,6 +307,8 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
                                      any(p.requires_grad for p in vision_module(model).parameters()))
         mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype,
                                    svf)
+    # The sampler's vocabulary: the trainer's log-probs are normalised over the rows it can draw.
+    vocab = VocabMask.build(sp.suppress_token_ids, model.config.get_text_config().vocab_size, d.device)
     sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
     for mb in mbs:
         if plan is not None:
@@ -281,11 +316,12 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
         else:
             method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
         kw = {"vision": mb.vision} if plan is None and mb.vision is not None else {}
-        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, **kw)
+        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, vocab=vocab,
+                                               **kw)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = getattr(ref_model, method)(*args, temperature=g.temperature)
+                ref_logp = getattr(ref_model, method)(*args, temperature=g.temperature, vocab=vocab)
                 parallel.reshard(ref_model)
         sampler_logp = mb.sampler_logp
         loss, m = policy_loss(logp, sampler_logp if g.old_logp == "rollout" else None, ref_logp, mb.advantages,
@@ -410,13 +446,14 @@ def stage_end_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageC
     return rec
 
 
-def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar) -> None:
+def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar, identity=None) -> None:
     """The stage schedule: each stage's setup, then its steps (the body of ``train``)."""
     log = (bar.write if bar is not None else print) if d.is_main else (lambda *a, **k: None)
     tokenizer = processor.tokenizer
     ckpt_dir = cfg.ckpt_dir
     global_step = state["global_step"]
     ref_model = None  # built on the first stage with beta > 0, refreshed at each stage start
+    out_dtype = checkpoint.export_dtype(cfg.export_dtype, path)
 
     for si, stage in enumerate(cfg.stages):
         if si < state["stage"] or (si == state["stage"] and state["stage_step"] >= stage.steps):
@@ -424,7 +461,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             # checkpoint and its export leaves the export to do.
             if si == state["stage"] and cfg.export_hf and not (export_dir(cfg, si, stage) / "config.json").exists():
                 checkpoint.load(resume, model=model, optimizer=None, dist_info=d)
-                checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
+                checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d, out_dtype)
             continue
 
         # ---- stage setup: frozen modules, a fresh optimizer, data, reference model
@@ -446,13 +483,16 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
                 checkpoint.copy_weights(model, use_ref)
         bad = state.get("bad_steps", 0) if resume is not None and si == state["stage"] else 0
         resume = None
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)  # FSDP2 shards
         log(f"\nstage {si} '{stage.name}' ({stage.type}): {stage.steps} steps, {len(samples)} samples, "
-            f"frozen: {stage.freeze or 'nothing'}, {sum(p.numel() for p in params):,} trainable parameters (this rank)")
+            f"frozen: {stage.freeze or 'nothing'}, {local:,} trainable parameters on this rank "
+            f"({sum(p.numel() for p in params):,} in all)")
 
         for step in range(start, stage.steps):
             lr = stage.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            inject_fault(d, global_step)
             prompts = step_prompts(samples, stage, cfg.seed, si, step, d)
             if stage.is_sft_step(step):
                 rec = sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
@@ -487,11 +527,12 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             if stage_end or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
                 checkpoint.save(ckpt_dir, global_step, model=model, optimizer=optimizer, ref_model=use_ref,
                                 trainer_state={"stage": si, "stage_name": stage.name, "stage_step": step + 1,
-                                               "global_step": global_step, "bad_steps": bad},
+                                               "global_step": global_step, "bad_steps": bad,
+                                               "identity": identity},
                                 dist_info=d, keep=cfg.keep_checkpoints)
 
         if cfg.export_hf:
-            export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d)
+            export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d, out_dtype)
             log(f"stage {si} '{stage.name}' done: HF checkpoint at {export}")
 
         # ---- stage-end evaluation on the held-out sets (cfg.eval), logged as a kind="eval" record
@@ -506,7 +547,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run every stage of ``cfg`` (resuming when a checkpoint exists). Returns the per-stage summary."""
-    d = parallel.init_distributed(cfg.device)
+    d = parallel.init_distributed(cfg.device, timeout_s=cfg.dist_timeout_s)
     check_geometry(cfg, d)
     if d.device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -519,37 +560,47 @@ def train(cfg: TrainConfig) -> list[dict]:
     out_dir, ckpt_dir = Path(cfg.output_dir), cfg.ckpt_dir
     log = print if d.is_main else (lambda *a, **k: None)
 
-    # ---- model: fp32 master weights, FSDP2 units, stage 0's frozen modules set before wrapping
-    path = resolve_model_path(cfg, d)
-    model, processor = build_model(path, cfg, d, cfg.stages[0].freeze)
-    _, dtype = parallel.mixed_precision(cfg.precision, d.device)
+    # ---- output dirs: writable, and this run's alone (rank 0 holds the lock), before any model loads
+    resume_guard.check_writable(out_dir, ckpt_dir, rank=d.rank)
+    lock = on_rank0(d, lambda: resume_guard.RunLock(out_dir).acquire())
 
-    # ---- resume: the newest complete checkpoint, or a fresh start
+    # ---- resume: the newest intact checkpoint of this same run, or a fresh start
+    path = resolve_model_path(cfg, d)
     checkpoint.clean_temp(ckpt_dir, d)
     if cfg.resume == "never" and (n := checkpoint.remove_all(ckpt_dir, d)):
         log(f"[resume=never] removed {n} old checkpoints from {ckpt_dir}")
-    resume = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else None
+    resume = checkpoint.latest_intact(ckpt_dir, d, warn=log) if cfg.resume == "auto" else None
+    identity = parallel.broadcast_object(resume_guard.run_identity(cfg, path) if d.is_main else None)
     state = checkpoint.read_trainer_state(resume) if resume else {"stage": 0, "stage_step": 0, "global_step": 0}
     if resume:
+        on_rank0(d, lambda: resume_guard.check_resume(resume, state, identity, ckpt_dir, out_dir, log=log))
         log(f"resuming from {resume} (stage {state['stage']} '{cfg.stages[state['stage']].name}', "
             f"step {state['stage_step']} of it, global step {state['global_step']})")
         if state["stage"] == len(cfg.stages) - 1 and state["stage_step"] >= cfg.stages[-1].steps:
             log("every stage is already complete: nothing to train (resume=never starts over)")
+
+    # ---- model: fp32 master weights, FSDP2 units, stage 0's frozen modules set before wrapping
+    model, processor = build_model(path, cfg, d, cfg.stages[0].freeze)
+    _, dtype = parallel.mixed_precision(cfg.precision, d.device)
     global_step = state["global_step"]
     logger = metrics.MetricsLogger(out_dir, enabled=d.is_main, tensorboard=cfg.tensorboard, resume_step=global_step)
     total_steps = sum(s.steps for s in cfg.stages)
     bar = None
-    if d.is_main and cfg.progress:
+    if d.is_main and cfg.progress and sys.stdout.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    elif d.is_main and cfg.progress:  # a log file or a pipe: lines, not one 28k-character tqdm line
+        bar = metrics.PlainProgress(total_steps, global_step)
 
     try:
-        run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar)
+        run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar, identity=identity)
     finally:
         if bar is not None:
             bar.close()
         logger.close()
+        if lock is not None:
+            lock.release()
 
     # ---- end of run: per-stage summary and curves
     summary = []
@@ -586,9 +637,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
-    finally:
-        several = parallel.destroy_distributed()
-    if several:
+    except (resume_guard.RefuseStart, checkpoint.CheckpointError) as e:
+        parallel.fail(e)  # ranks > 1: one message (from the first rank), exit status 2
+        parallel.destroy_distributed()
+        print(f"staged.train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BaseException as e:
+        # Ranks > 1: say it once, abort the group, exit non-zero now; never a teardown barrier
+        # that the other ranks, stuck in a collective, would never reach.
+        parallel.fail(e)
+        parallel.destroy_distributed()
+        raise
+    if parallel.destroy_distributed():
         parallel.exit_now(0)
 
 

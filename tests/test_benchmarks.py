@@ -73,6 +73,29 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0():
     assert "no CUDA GPU" in p.stdout
 
 
+def test_gpu_check_dry_run_runs_every_step_up_to_cuda(tmp_path):
+    """`make gpu-check GPU_CHECK_ARGS=--dry-run`: the test selection collects, the benchmark
+    modules import, the training overrides parse, and the summary table is appended to the
+    results file (here a temporary one). ~25 s on 2 cores (pytest collection dominates)."""
+    results = tmp_path / "RESULTS.md"
+    p = _run("-m", "benchmarks.gpu_check", "--dry-run", "--results", str(results), timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = p.stdout[p.stdout.index("| step | status |"):]
+    for step in ("cuda tests", "microbenchmarks", "train smoke", "total"):
+        assert f"| {step}" in table, table
+    assert table.count("dry-run ok") == 3, table
+    assert " tests collected" in table or " collected" in table
+    text = results.read_text()
+    assert "## make gpu-check --dry-run" in text and "torch " in text and "| step | status |" in text
+
+
+def test_gpu_check_fits_its_budget():
+    from benchmarks import gpu_check
+
+    assert gpu_check.BUDGET_S < 8 * 60
+    assert sum(limit for _, _, limit, _ in gpu_check.STEPS) <= gpu_check.BUDGET_S + 60
+
+
 def test_gpu_smoke_run_overrides_are_a_valid_short_config():
     from benchmarks.gpu_check import TRAIN_OVERRIDES
     from staged.config import load_config

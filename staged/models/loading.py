@@ -189,7 +189,9 @@ def load_processor(path, *, impl: str = "auto"):
         try:
             from transformers import AutoProcessor
 
-            proc = AutoProcessor.from_pretrained(d)
+            with warnings.catch_warnings():  # its torchvision warnings: the failure is said below, once
+                warnings.simplefilter("ignore")
+                proc = AutoProcessor.from_pretrained(d)
             if not hasattr(proc, "image_processor") or not hasattr(proc, "tokenizer"):
                 raise TypeError(f"AutoProcessor gave {type(proc).__name__}, not a vision-language processor")
             if getattr(proc, "chat_template", None) is None:
@@ -205,10 +207,30 @@ def load_processor(path, *, impl: str = "auto"):
         why = f"; AutoProcessor failed first: {type(hf_error).__name__}: {hf_error}" if hf_error else ""
         raise RuntimeError(f"{d}: cannot load a processor: {type(e).__name__}: {e}{why}") from e
     if hf_error is not None:
-        first = str(hf_error).strip().splitlines()[0] if str(hf_error).strip() else ""
-        warnings.warn(f"{d}: using staged's image-only VLProcessor because AutoProcessor failed "
-                      f"({type(hf_error).__name__}: {first[:200]})", stacklevel=2)
+        _say_fallback(d, hf_error)
     return proc
+
+
+_FALLBACK_SAID: set[str] = set()
+
+
+def _say_fallback(d: pathlib.Path, hf_error: Exception) -> None:
+    """One readable line, once per process and only on rank 0 (every rank and every model load
+    of a run falls back for the same reason)."""
+    import os
+    import re
+    import sys
+
+    if os.environ.get("RANK", "0") != "0" or str(d) in _FALLBACK_SAID:
+        return
+    _FALLBACK_SAID.add(str(d))
+    text = " ".join(str(hf_error).split())
+    if "torchvision" in text.lower():
+        why = "transformers' processor needs torchvision, which is not installed"
+    else:  # the error's first sentence, whole
+        why = f"AutoProcessor failed: {type(hf_error).__name__}: {re.split(r'(?<=[.!?]) ', text, maxsplit=1)[0]}"
+    print(f"[staged] {d.name}: {why}; using staged's image-only VLProcessor (same image tokens, no video)",
+          file=sys.stderr)
 
 
 def load_model_and_processor(path, *, dtype=torch.float32, attn_implementation="sdpa", processor_impl="auto",

@@ -1,8 +1,10 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 with no GPU, without spills.
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 with no GPU, without spills,
+with the JIT's divisibility-16 attributes, for every configuration its launcher can pick; bf16
+dots of the fused log-prob lower to wgmma on sm_90 and mma.sync on sm_80.
 
 Runs ``python -m staged.kernels.aot --json`` in a subprocess without TRITON_INTERPRET (the
 interpreter's jit functions cannot be lowered). The per-kernel register/spill/shared-memory
-table is printed in pytest's terminal summary.
+table is printed in pytest's terminal summary. ~60 s on 2 cores.
 """
 import ast
 import json
@@ -48,8 +50,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(aot_result, request):
     assert not aot_result["failed"], "\n".join(f"{f['kernel']} sm_{f['cc']}: {f['error']}"
                                              for f in aot_result["failed"])
     archs = {}
-    for row in aot_result["compiled"]:
-        archs.setdefault(row["kernel"], set()).add(row["cc"])
+    for row in aot_result["compiled"]:   # per kernel, over its configurations (some per arch)
+        archs.setdefault(row["kernel"].split("[")[0], set()).add(row["cc"])
     missing = {k: sorted({80, 90} - v) for k, v in archs.items() if {80, 90} - v}
     assert not missing, f"kernels not compiled for every arch: {missing}"
 
@@ -67,3 +69,41 @@ def test_every_jit_function_is_registered(aot_result):
     registered |= {f["kernel"].split("[")[0] for f in aot_result["failed"]}
     unregistered = _jit_kernels() - registered
     assert not unregistered, f"@triton.jit functions without register_aot(): {sorted(unregistered)}"
+
+
+def test_bf16_dots_lower_to_tensor_cores(aot_result):
+    """The fused log-prob's bf16 GEMM tiles use wgmma on sm_90 and mma.sync on sm_80."""
+    rows = [r for r in aot_result["compiled"] if r["kernel"].startswith("_linear_logprob")
+            and ",bf16," in r["kernel"]]
+    assert rows
+    want = {90: "wgmma", 80: "mma.sync"}
+    wrong = [f"{r['kernel']} sm_{r['cc']}: {r['dots']}" for r in rows if r["dots"] != want[r["cc"]]]
+    assert not wrong, wrong
+
+
+def test_every_launch_config_is_registered():
+    """Each (arch, dtype, alignment) configuration the log-prob launcher can pick has an AOT
+    entry with the same tiles, warps and stages, for that arch, with divisibility attributes."""
+    import staged.kernels.aot as aot
+    import staged.kernels.linear_logprob as LL
+
+    specs = aot.registered()
+    for (arch, bits, aligned), cfg in LL._LOGIT_CONFIGS.items():
+        full = LL._gpu_config(arch, bits, aligned)
+        mine = [s for s in specs if arch in s.archs and s.name.startswith("_linear_logprob")
+                and f"sm{arch},{'bf16' if bits == '16' else 'fp32'},"
+                    f"{'aligned' if aligned else 'unaligned'}" in s.name]
+        kinds = {s.name.split("[")[0] for s in mine}
+        assert kinds == {"_linear_logprob_fwd_kernel", "_linear_logprob_bwd_kernel",
+                         "_linear_logprob_dh_kernel"}, (arch, bits, aligned, kinds)
+        for s in mine:
+            assert "h_ptr" in s.divisible or "dz_ptr" in s.divisible, s.name
+            if s.name.startswith("_linear_logprob_dh"):
+                assert (s.constexprs["BLOCK_M"], s.num_warps, s.num_stages) == (
+                    full["DH_BLOCK_M"], full["DH_num_warps"], full["DH_num_stages"]), s.name
+            else:
+                assert (s.constexprs["BLOCK_N"], s.constexprs["BLOCK_V"], s.constexprs["BLOCK_H"],
+                        s.num_warps, s.num_stages) == (cfg["BLOCK_N"], cfg["BLOCK_V"],
+                                                       cfg["BLOCK_H"], cfg["num_warps"],
+                                                       cfg["num_stages"]), s.name
+            assert ("stride_wv" in s.divisible) == aligned, s.name

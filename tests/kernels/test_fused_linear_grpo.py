@@ -441,9 +441,10 @@ def test_bad_inputs_raise(kw, needle):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(loss_type="vespo"), "vespo"), (dict(loss_type="dr_grpo"), "max_completion_length"),
+    (dict(loss_type="vespo", vespo_k_neg=float("inf")), "vespo_k_neg"),
+    (dict(loss_type="dr_grpo"), "max_completion_length"),
     (dict(epsilon_low=-1.0), "eps_low"), (dict(temperature=0.0), "temperature"), (dict(chunk_size=0), "chunk_size"),
-    (dict(backend="cuda"), "backend"), (dict(delta=1.5, loss_type="cispo"), "delta"),
+    (dict(backend="cuda"), "backend"), (dict(delta=-1.0, loss_type="grpo"), "delta"),
 ])
 def test_bad_constructor_raises(kw, needle):
     with pytest.raises(ValueError, match=needle):

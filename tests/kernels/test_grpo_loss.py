@@ -195,7 +195,8 @@ LOSS_CONFIGS = (
     # measures after the cap)
     + [dict(loss_type=t, delta=(1.5, 1.1)[i % 2]) for i, t in enumerate(CLIPPED_LOSS_TYPES)]
     + [dict(loss_type="cispo", eps_high=1.1), dict(loss_type="cispo", cispo_variant="verl", eps_low=0.2, eps_high=0.28),
-       dict(loss_type="sapo")]
+       dict(loss_type="sapo"), dict(loss_type="vespo"),
+       dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=0.5, vespo_lambda_neg=0.0)]
 )
 KL_CONFIGS = [dict(beta=0.0), dict(beta=0.05, use_bias_correction_kl=True),
               dict(beta=0.05, use_bias_correction_kl=False)]
@@ -235,6 +236,11 @@ def test_option_grid(case, gen, device):
         ic = dict(ic)
         vllm = ic.pop("vllm")
         opts.update(ic)
+    if opts["loss_type"] == "vespo" and vllm == "logp" and opts["vllm_importance_sampling_mode"].startswith("seq"):
+        inp = make_inputs(gen, 2, 5, opts, vllm=vllm)
+        with pytest.raises(ValueError, match="vespo"):  # as TRL's GRPOTrainer raises
+            grpo_loss(**inp, **opts)
+        return
     # alternate the layout, on/off-policy and mask kind across the grid, so each axis of the grid
     # meets both layouts without multiplying the case count
     packed = case % 2 == 1
@@ -553,11 +559,10 @@ def _base(device):
 
 
 INVALID = [
-    (dict(loss_type="vespo"), "vespo"),
     (dict(loss_type="ppo"), "loss_type"),
     (dict(importance_sampling_level="batch"), "importance_sampling_level"),
-    (dict(loss_type="cispo", delta=2.0), "delta"),
-    (dict(loss_type="sapo", delta=2.0), "delta"),
+    (dict(loss_type="vespo", sampling_logp="same"), "vespo"),  # TRL: token-level vLLM modes only
+    (dict(loss_type="vespo", vespo_k_pos=float("nan")), "vespo_k_pos"),
     (dict(loss_type="grpo", delta=0.0), "delta"),
     (dict(loss_type="grpo", delta=float("inf")), "delta"),
     (dict(loss_type="dr_grpo"), "max_completion_length"),

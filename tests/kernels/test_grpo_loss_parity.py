@@ -134,6 +134,8 @@ def _trl_trainer(opts, logp_leaf, *, vllm_mode=None, ga=1, num_processes=1, spg=
     t.args = SimpleNamespace(delta=opts.get("delta"), use_bias_correction_kl=opts.get("use_bias_correction_kl", True),
                              sapo_temperature_pos=opts.get("sapo_temperature_pos", 1.0),
                              sapo_temperature_neg=opts.get("sapo_temperature_neg", 1.05),
+                             vespo_k_pos=opts.get("vespo_k_pos", 2.0), vespo_lambda_pos=opts.get("vespo_lambda_pos", 3.0),
+                             vespo_k_neg=opts.get("vespo_k_neg", 3.0), vespo_lambda_neg=opts.get("vespo_lambda_neg", 2.0),
                              steps_per_generation=spg or ga)
     t.use_vllm = vllm_mode is not None
     t.vllm_importance_sampling_correction = True
@@ -207,6 +209,8 @@ def check_against_trl(ours_out, trl_out, opts):
         assert m["kl"] == pytest.approx(tm["kl"], rel=1e-5, abs=1e-7)
     if opts["loss_type"] == "cispo":
         assert m["clip_ratio/high_mean"] == pytest.approx(tm["cispo_clip_ratio"], abs=1e-6)
+    elif opts["loss_type"] == "vespo":
+        assert m["vespo/phi_seq_mean"] == pytest.approx(tm["vespo/phi_seq_mean"], rel=1e-5, abs=1e-7)
     elif opts["loss_type"] != "sapo":
         for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
             assert m[k] == pytest.approx(tm[k], abs=1e-6), k
@@ -214,7 +218,11 @@ def check_against_trl(ours_out, trl_out, opts):
 
 TRL_LOSSES = ([dict(loss_type=t) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")]
               + [dict(loss_type="grpo", delta=1.4), dict(loss_type="dapo", delta=1.1, eps_high=0.28),
-                 dict(loss_type="cispo", eps_high=1.3), dict(loss_type="sapo")])
+                 dict(loss_type="cispo", eps_high=1.3), dict(loss_type="sapo"),
+                 # delta set where TRL ignores it; vespo with small weights so that phi is O(1)
+                 dict(loss_type="sapo", delta=1.5), dict(loss_type="cispo", eps_high=1.3, delta=2.0),
+                 dict(loss_type="vespo"), dict(loss_type="vespo", vespo_k_pos=0.5, vespo_lambda_pos=0.2,
+                                               vespo_k_neg=0.3, vespo_lambda_neg=0.1)])
 TRL_KL = [dict(beta=0.0), dict(beta=0.04, use_bias_correction_kl=True), dict(beta=0.04, use_bias_correction_kl=False)]
 TRL_VLLM = [None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 TRL_GRID = [(lc, lvl, kc, vm) for lc in TRL_LOSSES for lvl in ("token", "sequence") for kc in TRL_KL for vm in TRL_VLLM]
@@ -236,6 +244,10 @@ def test_trl_parity(case, gen, device):
         opts.update(vllm_importance_sampling_clip_min=0.8, vllm_importance_sampling_clip_max=1.25)
     B, T = 4, 11 + case % 17
     batch = make_batch(gen, B, T, opts, with_old=case % 4 != 0, vllm_mode=vllm_mode)
+    if opts["loss_type"] == "vespo" and vllm_mode is not None and vllm_mode.startswith("sequence"):
+        with pytest.raises(ValueError, match="vespo"):  # TRL's GRPOTrainer raises at __init__
+            ours(batch, opts, vllm_mode=vllm_mode, device=device)
+        return
     trl_out = trl_loss(batch, opts, vllm_mode=vllm_mode)
     out = ours(batch, opts, vllm_mode=vllm_mode, device=device)
     check_against_trl(out, trl_out, opts)

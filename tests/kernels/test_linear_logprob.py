@@ -149,28 +149,108 @@ def test_triton_grad_branches(device, use_logp, use_ent):
 
 @needs_interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_in_chunks(monkeypatch, device, dtype):
-    """Several backward chunks: dW accumulated across them (in fp32 for bf16), dH per chunk."""
-    V, elem = 190, torch.finfo(dtype).bits // 8
-    bn = LL._config(torch.empty(1, 64, dtype=dtype, device=device),
-                    torch.empty(V, 64, dtype=dtype, device=device))["BLOCK_N"]
-    N = 3 * bn - 5                              # three chunks, the last one short
-    monkeypatch.setattr(LL, "BWD_CHUNK_BYTES", bn * V * elem)
-    assert LL._bwd_chunk_rows(N, V, elem, bn) == bn
+def test_triton_backward_in_vocab_slices(monkeypatch, device, dtype):
+    """Several vocabulary slices, the last one short: dW written per slice, dH carried across
+    slices (fp32; hi + lo planes for bf16), db per slice."""
+    V = 190
+    monkeypatch.setitem(LL._INTERP_CONFIG, "MIN_SLICE", 64)
+    N = 45
+    cfg = LL._config(torch.empty(1, 64, dtype=dtype, device=device),
+                     torch.empty(V, 64, dtype=dtype, device=device))
+    plan = LL._plan(N, 64, V, dtype, cfg)
+    assert (plan["slice_cols"], plan["n_slices"]) == (64, 3)       # 64 + 64 + 62 columns
     check_case("triton", N, V, 64, dtype, 1.3, bias=True, seed=11, device=device)
 
 
 @needs_interp
-@pytest.mark.parametrize("H", [64, 59])
-def test_triton_gpu_tiles(monkeypatch, H):
-    """The GPU tile sizes (aligned and unaligned variants), run by the interpreter."""
+@pytest.mark.parametrize("arch,H", [(80, 64), (90, 64), (90, 59)])
+def test_triton_gpu_tiles(monkeypatch, arch, H):
+    """The GPU tile sizes of each arch (aligned and unaligned variants), run by the interpreter."""
     if not INTERPRET:
         pytest.skip("the GPU tiles are what a CUDA run uses anyway")
     aligned = H % 64 == 0
-    cfg = {k: v for k, v in LL._GPU_CONFIGS[("16", aligned)].items() if k.startswith("BLOCK")}
+    cfg = {k: v for k, v in LL._LOGIT_CONFIGS[(arch, "16", aligned)].items() if k.startswith("BLOCK")}
+    cfg.update({f"DH_{k}": v for k, v in LL._DH_CONFIGS[(arch, "16", aligned)].items()
+                if k.startswith("BLOCK")})
     monkeypatch.setattr(LL, "_CONFIG_OVERRIDE", cfg)
     assert LL._config(torch.empty(2, H), torch.empty(3, H))["ALIGNED"] is aligned
     check_case("triton", 70, 300, H, torch.float32, 0.7, bias=True, seed=3)
+
+
+@needs_interp
+def test_triton_fresh_random_shapes(device):
+    """Fresh random shapes and inputs on every run (the seed is in the failure message)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        N, V, H = (int(torch.randint(lo, hi, (1,), generator=rng)) for lo, hi in
+                   ((1, 60), (1, 400), (1, 80)))
+        dtype = (torch.float32, torch.bfloat16)[int(torch.randint(0, 2, (1,), generator=rng))]
+        T = float(torch.empty(()).uniform_(0.5, 1.5, generator=rng))
+        bias = bool(torch.randint(0, 2, (1,), generator=rng))
+        try:
+            check_case("triton", N, V, H, dtype, T, bias=bias, seed=seed, device=device)
+        except AssertionError as exc:
+            raise AssertionError(f"seed {seed}: N={N} V={V} H={H} {dtype} T={T:.3f} "
+                                 f"bias={bias}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# workspace: the planned buffers, the public function and the 2% budget
+
+
+def test_workspace_at_7b_head_is_within_2pct_of_fp32_logits():
+    N, H, V = 16384, 3584, 152064
+    logits = N * V * 4
+    for arch in (80, 90):
+        ws = LL.fused_linear_logprob_workspace(N, H, V, torch.bfloat16, arch=arch)
+        assert 0 < ws <= 0.02 * logits, (arch, ws, ws / logits)
+        assert LL.fused_linear_logprob_workspace(N, H, V, torch.bfloat16, bias=True,
+                                                 arch=arch) <= 0.02 * logits
+    plan = LL._plan(N, H, V, torch.bfloat16, LL._gpu_config(90, "16", True), has_bias=False)
+    # dz of one slice + the dH residual plane dominate; the slices stay GEMM-sized.
+    assert plan["slice_cols"] >= 2048 and plan["bwd"]["dh_lo"] == N * H * 2
+    from staged.kernels import fused_linear_logprob_workspace
+    assert fused_linear_logprob_workspace is LL.fused_linear_logprob_workspace
+
+
+@pytest.mark.parametrize("bad", [dict(dtype=torch.float64), dict(arch=75), dict(vocab=0),
+                                 dict(n_tokens=-1)])
+def test_workspace_rejects_bad_arguments(bad):
+    kw = dict(n_tokens=16, hidden=64, vocab=100, dtype=torch.bfloat16, arch=90) | bad
+    with pytest.raises(ValueError, match="must be"):
+        LL.fused_linear_logprob_workspace(kw.pop("n_tokens"), kw.pop("hidden"), kw.pop("vocab"),
+                                          kw.pop("dtype"), **kw)
+    assert LL.fused_linear_logprob_workspace(0, 64, 100) == 0
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float32, False)])
+def test_allocated_buffers_are_the_planned_workspace(monkeypatch, device, dtype, bias):
+    """Every buffer forward and backward allocate beyond inputs, outputs and gradients is in the
+    plan, with its planned size, and their peak is within the plan's total (which is what
+    fused_linear_logprob_workspace returns for the GPU tiles)."""
+    if not INTERPRET:
+        pytest.skip("CUDA: test_cuda_workspace_is_the_real_allocation measures the allocator")
+    N, V, H = 40, 700, 24
+    monkeypatch.setattr(LL, "BWD_WORKSPACE_FRACTION", 0.25)   # budget-sized slices at this N
+    log = []
+    monkeypatch.setattr(LL, "_ALLOC_LOG", log)
+    got = check_case("triton", N, V, H, dtype, 0.9, bias=bias, seed=4, device=device)
+    assert got["dh"].dtype == dtype
+    cfg = LL._config(torch.empty(1, H, dtype=dtype), torch.empty(V, H, dtype=dtype))
+    plan = LL._plan(N, H, V, dtype, cfg, has_bias=bias)
+    assert 1 < plan["n_slices"] < triton_cdiv(V, 32), plan       # budget-sized, not minimal
+    fwd = {k: b for k, b in log if k == "partials"}
+    bwd = dict(kv for kv in log if kv[0] != "partials")
+    assert fwd == {"partials": plan["fwd"]["partials"]}
+    assert bwd == plan["bwd"], (bwd, plan["bwd"])
+    assert plan["saved"] + max(sum(plan["fwd"].values()), sum(bwd.values())) == plan["total"]
+    assert plan["total"] <= 0.25 * N * V * 4
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 @needs_interp
@@ -382,3 +462,29 @@ def test_cuda_fp32_matches_reference():
     same = run_with_grads(ref_same_precision(0.7, torch.float32), h, w, b, t, gl, ge)
     for k in truth:
         assert max_err(got[k], truth[k]) <= 2 * max_err(same[k], truth[k]) + 1e-5, k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,H,V", [(4096, 3584, 152064), (2000, 896, 151936)])
+def test_cuda_workspace_is_the_real_allocation(N, H, V):
+    """The allocator's peak during forward + backward, minus inputs, outputs and gradients, is
+    within fused_linear_logprob_workspace (+ cuBLAS's own workspace, which torch allocates
+    through the caching allocator: <= 32 MiB per handle)."""
+    torch.manual_seed(0)
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, H, device="cuda") * H ** -0.5).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    g = torch.randn(N, device="cuda")
+    fused_linear_logprob(h, w, t).mul(g).sum().backward()     # warm-up: kernels, cuBLAS handle
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    logp = fused_linear_logprob(h, w, t)
+    logp.mul(g).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    owned = (N * H + V * H) * 2 + N * 4 * 3            # dH, dW, logp, its grad, the product
+    ws = LL.fused_linear_logprob_workspace(N, H, V, torch.bfloat16,
+                                           arch=90 if torch.cuda.get_device_capability()[0] >= 9 else 80)
+    assert peak - owned <= ws + 32 * 2**20, (peak, owned, ws)

@@ -160,3 +160,34 @@ def test_masked_scatter_equivalence(device):
     out = pack_embed(ids.to(device), weight.to(device), vision.to(device), td.spans,
                      num_vision_rows=t.num_vision_rows)
     assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("H,dtype", [(300, torch.bfloat16), (24, torch.float32)])
+def test_embedding_grad_segments_long_runs_and_determinism(device, H, dtype):
+    """A token repeated over many rows (runs longer than the kernel's 16-row step, in two
+    places), tokens absent from the batch (their rows stay exactly zero), the padding token:
+    the segmented reduction == fp64 index_add rounded once, identical on a second run."""
+    t = build_span_tables([[0, 1]], [60, 27], [5, 3])[0]
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 9, (87,), generator=g)
+    ids[4:45] = 11
+    ids[70:80] = 11
+    ids[50] = 2                                              # padding: no gradient
+    V = 15
+    weight = torch.randn(V, H, generator=g).to(dtype)
+    grad = torch.randn(87, H, generator=g).to(dtype)
+    td = t.to(device)
+    runs = []
+    for _ in range(2):
+        w = weight.to(device).requires_grad_()
+        out = pack_embed(ids.to(device), w, None, td.spans, num_vision_rows=0, padding_idx=2)
+        (gw,) = torch.autograd.grad(out, (w,), grad.to(device))
+        runs.append(gw.cpu())
+    assert torch.equal(runs[0], runs[1])
+    keep = ids != 2
+    want = torch.zeros(V, H, dtype=torch.float64).index_add_(0, ids[keep], grad[keep].double())
+    assert runs[0].dtype == dtype
+    torch.testing.assert_close(runs[0].double(), want.to(dtype).double(), atol=1e-5, rtol=1e-5)
+    absent = torch.ones(V, dtype=torch.bool)
+    absent[ids[keep]] = False
+    assert absent.sum() > 3 and (runs[0][absent] == 0).all()

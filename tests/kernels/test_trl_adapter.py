@@ -109,6 +109,11 @@ CASES = [
     dict(loss_type="luspo", old=True, importance_sampling_level="sequence"),
     dict(loss_type="grpo", old=True, ga=3, eval=True),
     dict(loss_type="dapo", old=True, ga=2, spg=2),
+    # TRL trains these with delta set and ignores it (issue 16: we raised at the first loss call)
+    dict(loss_type="sapo", old=True, delta=1.5),
+    dict(loss_type="cispo", old=True, epsilon_high=1.1, delta=2.0),
+    dict(loss_type="vespo", old=True),
+    dict(loss_type="vespo", old=True, importance_sampling_level="sequence", ga=2, spg=2),
 ]
 # (temperature is covered by test_train_steps_match_trl: TRL bakes it into its fused head at init)
 
@@ -164,15 +169,24 @@ def test_compute_loss_matches_trl(case, prepared):
         assert abs(m1[k] - m2[k]) <= 1e-5 * max(1.0, abs(m1[k])), f"metric {k}: TRL {m1[k]} fused {m2[k]}"
 
 
-def test_train_steps_match_trl(model_dir):
+PRECISIONS = {
+    "fp32": dict(),
+    # bf16 autocast with fp32 weights (the usual GPU setting): TRL's lm_head runs under autocast
+    "bf16": dict(bf16=True),
+    "bf16-fp32_head": dict(bf16=True, cast_lm_head_to_fp32=True),
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_train_steps_match_trl(model_dir, precision):
     """Two optimizer steps of real GRPO training (generation, rewards, loss, SGD; temperature 0.7,
     KL to the reference model) from the same seed: TRL's trainer and FusedGRPOTrainer log the same
-    losses and metrics and end at the same weights."""
+    losses and metrics and end at the same weights, in fp32 and under bf16 autocast."""
     from staged.kernels.trl_adapter import FusedGRPOTrainer
 
     results = []
     for cls in (GRPOTrainer, FusedGRPOTrainer):
-        tr = _trainer(model_dir, cls=cls, temperature=0.7, loss_type="grpo")
+        tr = _trainer(model_dir, cls=cls, temperature=0.7, loss_type="grpo", **PRECISIONS[precision])
         tr.train()
         losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
         params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
@@ -186,26 +200,34 @@ def test_train_steps_match_trl(model_dir):
     assert moved > 1e-4, "the trainer did not update the weights; the comparison would be vacuous"
     for n in p1:
         torch.testing.assert_close(p2[n], p1[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
-    for k in ("kl", "entropy", "clip_ratio/region_mean"):
-        assert abs(h1[0][k] - h2[0][k]) <= 1e-5 * max(1.0, abs(h1[0][k])), k
+    for step in (0, 1):
+        for k in ("kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+            assert abs(h1[step][k] - h2[step][k]) <= 1e-5 * max(1.0, abs(h1[step][k])), (step, k, h1[step][k], h2[step][k])
+    # on-policy first step: TRL's reference log-probs are the current ones up to fp32 rounding
+    # (an lm_head run in another precision than TRL's puts 1e-6 here)
+    assert abs(h1[0]["kl"]) <= 1e-8 and abs(h2[0]["kl"]) <= 1e-8, (h1[0]["kl"], h2[0]["kl"])
 
 
 @pytest.mark.parametrize("attr,value,needle", [
-    ("loss_type", "vespo", "vespo"),
     ("top_entropy_quantile", 0.2, "top_entropy_quantile"),
+    ("epsilon_high", 0.0, "eps_high"),  # with cispo below: rejected at patch time, not at the first loss
+    ("sapo_temperature_neg", 0.0, "sapo_temperature_neg"),
     ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold"),
     ("_entropy_bonus_enabled", True, "entropy bonus"),
     ("aux_loss_enabled", True, "aux loss"),
 ])
 def test_unsupported_configurations_raise(attr, value, needle, prepared):
     tr = prepared[0]
-    old = getattr(tr, attr)
-    setattr(tr, attr, value)
+    obj = tr.args if attr == "sapo_temperature_neg" else tr
+    old, old_lt = getattr(obj, attr), tr.loss_type
+    setattr(obj, attr, value)
+    tr.loss_type = {"epsilon_high": "cispo", "sapo_temperature_neg": "sapo"}.get(attr, old_lt)
     try:
         with pytest.raises(ValueError, match=needle):
             patch_grpo_trainer(tr)
     finally:
-        setattr(tr, attr, old)
+        setattr(obj, attr, old)
+        tr.loss_type = old_lt
     assert "_compute_loss" not in vars(tr)
 
 
@@ -227,3 +249,48 @@ def test_importing_the_adapter_does_not_import_trl():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32_weights", "bf16_weights"])
+def test_lm_head_precision_matches_trl_chunked_logprob(weight_dtype, bias):
+    """The lm_head as TRL's fused head runs it under bf16 autocast (trl.kernels.ChunkedLogProbFunction,
+    its CPU path): log-probs, entropy and the gradients to hidden / weight / bias, on odd sizes."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from staged.kernels import fused_linear_logprob
+
+    g = torch.Generator().manual_seed(3)
+    N, H, V, temp = 37, 24, 301, 0.7
+    h0 = torch.randn(N, H, generator=g)
+    w0 = (torch.randn(V, H, generator=g) * 0.2).to(weight_dtype)
+    b0 = (torch.randn(V, generator=g) * 0.1).to(weight_dtype) if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    gl, ge = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    outs = []
+    for which in ("trl", "ours"):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True) if bias else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if which == "trl":
+                lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, b, t, temp, 64, None, 1.0, ("entropy",))
+            else:
+                lp, ent = fused_linear_logprob(h.to(w.dtype), w, t, temperature=temp, bias=b, return_entropy=True,
+                                               backend="torch", logit_dtype=torch.bfloat16)
+        ((lp * gl).sum() + (ent * ge).sum()).backward()
+        outs.append((lp.detach(), ent.detach(), h.grad, w.grad, b.grad if bias else None))
+    (l1, e1, gh1, gw1, gb1), (l2, e2, gh2, gw2, gb2) = outs
+    # the logits are the same bf16 numbers; what is left is fp32 summation order
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)
+    for a, b_, n in ((gh2, gh1, "hidden"), (gw2, gw1, "weight"), (gb2, gb1, "bias")):
+        if b_ is None:
+            continue
+        assert a.dtype == b_.dtype, n
+        # the logits' gradient is rounded to bf16 on both sides: an fp32-order difference may
+        # round one element to the neighbouring bf16 value (2^-8 relative)
+        torch.testing.assert_close(a.float(), b_.float(), rtol=4e-3, atol=4e-3 * b_.float().abs().max().item(),
+                                   msg=lambda m, n=n: f"grad {n}: {m}")
+    # without the logit dtype the fp32 head is measurably different (this test would notice)
+    lp32 = fused_linear_logprob(h0.to(w0.dtype), w0, t, temperature=temp, bias=b0, backend="torch")
+    assert (lp32 - l1).abs().max().item() > 1e-3

@@ -336,13 +336,137 @@ def test_empty_micro_batch_runs(models):
     model.zero_grad()
 
 
+def _dense(q, k, v, lens, causal, scale=None):
+    """Block-diagonal (causal) attention over all T rows, materialised: the oracle."""
+    T, Hq, D = q.shape
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    allowed = seg[:, None] == seg[None, :]
+    if causal:
+        allowed &= torch.ones(T, T, dtype=torch.bool).tril()
+    rep = Hq // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("qhd,khd->hqk", q, kr) * (D ** -0.5 if scale is None else scale)
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), vr)
+
+
+def _qkv(lens, Hq=4, Hkv=2, D=8, dtype=torch.float32, seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, D, generator=gen, dtype=dtype) for h in (Hq, Hkv, Hkv))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    register_seqlens(cu, lens)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("torch_varlen,flex,dropout,want", [
+    (True, True, 0.0, "torch_varlen"), (False, True, 0.0, "flex"), (False, False, 0.0, "sdpa"),
+    (True, True, 0.1, "sdpa")])
+def test_auto_backend_on_a_gpu_without_flash_attn(monkeypatch, torch_varlen, flex, dropout, want):
+    """The lent GPUs (torch 2.11, no flash-attn / xformers): torch's varlen kernel, then
+    FlexAttention, and the SDPA loop only when torch has neither (or for dropout)."""
+    monkeypatch.setattr(attention, "HAS_FLASH_ATTN", False)
+    monkeypatch.setattr(attention, "HAS_XFORMERS", False)
+    monkeypatch.setattr(attention, "HAS_TORCH_VARLEN", torch_varlen)
+    monkeypatch.setattr(attention, "HAS_FLEX", flex)
+    assert attention.attention_backend("cuda", torch.bfloat16, dropout) == want
+    assert attention.attention_backend("cpu", torch.bfloat16) == "sdpa"
+    if torch_varlen:   # fp32 is not a flash-attention dtype
+        assert attention.attention_backend("cuda", torch.float32) == ("flex" if flex else "sdpa")
+
+
+def test_this_torch_has_the_backends_it_claims():
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert attention.HAS_FLEX == ((major, minor) >= (2, 5))
+    assert attention.HAS_TORCH_VARLEN == ((major, minor) >= (2, 10))
+
+
+@pytest.mark.skipif(not attention.HAS_FLEX, reason="this torch has no FlexAttention")
+@pytest.mark.parametrize("causal,Hkv,scale", [(True, 2, None), (False, 4, None), (True, 1, 0.3)])
+def test_varlen_flex_matches_dense(causal, Hkv, scale):
+    lens = [5, 1, 9, 0, 4, 13]
+    q, k, v, cu = _qkv(lens, Hkv=Hkv)
+    out = varlen_attention(q, k, v, cu, max(lens), causal=causal, scale=scale, backend="flex")
+    want = _dense(q.double(), k.double(), v.double(), lens, causal, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=2e-6)
+
+
+def _fake_varlen(kind):
+    """varlen_attn with the keywords of torch 2.10 / 2.11 / 2.12+, computing dense attention
+    (CPU stand-in for the flash kernel): checks the call we build for each signature."""
+    def core(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=None):
+        assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k
+        assert k.shape[1] == q.shape[1] or kind == "2.12", "kv heads expanded without enable_gqa"
+        lens = (cu_q[1:] - cu_q[:-1]).tolist()
+        return _dense(q, k, v, lens, causal, scale)
+
+    if kind == "2.10":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                        return_aux=None):
+            return core(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal)
+    elif kind == "2.11":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                        scale=None, window_size=(-1, -1)):
+            return core(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                        tuple(window_size) == (-1, 0), scale)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                        scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+                        block_table=None, num_splits=None):
+            assert enable_gqa == (key.shape[1] != query.shape[1])
+            return core(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                        tuple(window_size) == (-1, 0), scale)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("kind", ["2.10", "2.11", "2.12"])
+@pytest.mark.parametrize("causal,scale", [(True, None), (False, 0.3)])
+def test_torch_varlen_call_fits_each_torch_signature(monkeypatch, kind, causal, scale):
+    fake = _fake_varlen(kind)
+    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: fake)
+    monkeypatch.setattr(attention, "HAS_TORCH_VARLEN", True)
+    lens = [5, 1, 9, 0, 4]
+    q, k, v, cu = _qkv(lens, dtype=torch.float64)
+    out = varlen_attention(q, k, v, cu, max(lens), causal=causal, scale=scale,
+                           backend="torch_varlen")
+    torch.testing.assert_close(out, _dense(q, k, v, lens, causal, scale), atol=1e-12, rtol=1e-12)
+
+
+def test_the_installed_varlen_attn_signature_is_one_we_handle():
+    if not attention.HAS_TORCH_VARLEN:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    params = inspect.signature(attention._torch_varlen_fn()).parameters
+    assert "window_size" in params or "is_causal" in params, list(params)
+
+
+@pytest.mark.skipif(not attention.HAS_FLEX, reason="this torch has no FlexAttention")
+def test_packed_logits_match_per_sample_with_flex(models, monkeypatch):
+    """The transformers hook on the flex backend == per-sample forwards (what a GPU without
+    flash-attn and without torch's varlen kernel would run)."""
+    monkeypatch.setattr(attention, "hook_backend", "flex")
+    model = models("qwen2_5_vl")
+    samples = samples_for("qwen2_5_vl", torch.Generator().manual_seed(3))
+    [mb] = collate_packed(samples, [[3, 0, 1, 4, 2]], PackingConfig.from_model(model))
+    with torch.no_grad():
+        want = per_sample_logits(model, samples, "qwen2_5_vl")
+        logits = packed_forward(model, mb, return_logits=True)
+    got = torch.split(logits, mb.seqlens)
+    for slot, i in enumerate(mb.table.sample_index.tolist()):
+        if i >= 0:
+            torch.testing.assert_close(got[slot], want[i], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers", "torch_varlen", "flex"])
 def test_varlen_gpu_backends_match_sdpa_loop(backend):
     if backend == "flash_attn" and not attention.HAS_FLASH_ATTN:
         pytest.skip("flash-attn is not installed")
     if backend == "xformers" and not attention.HAS_XFORMERS:
         pytest.skip("xformers is not installed")
+    if backend == "torch_varlen" and not attention.HAS_TORCH_VARLEN:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    if backend == "flex" and not attention.HAS_FLEX:
+        pytest.skip(f"torch {torch.__version__} has no FlexAttention")
     gen = torch.Generator().manual_seed(7)
     lens = [37, 1, 129, 64, 5]
     T, Hq, Hkv, D = sum(lens), 8, 2, 64
