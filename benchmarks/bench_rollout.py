@@ -1,6 +1,8 @@
 """Rollout engines side by side in one run: the paged engine (group-shared prefill, paged KV
 cache, continuous batching) vs the plain decode loop (engine "simple") vs transformers'
-``generate()``, on a Qwen2.5-VL-shaped model with the real 151,936-token vocabulary.
+``generate()``, on a Qwen2.5-VL-shaped model with the real 151,936-token vocabulary. The old
+loop now shares the new sampler; "round-1 loop" is the old loop with the round-1 sampler too
+(full-vocabulary log_softmax + fp64 cumsum per token): the loop as it was before this engine.
 
 Shapes (prompts x G = 5 samples, one image each):
   short  8 prompts, 64 vision tokens per image, 64 new tokens, no early end;
@@ -21,6 +23,39 @@ import torch
 
 PATCH = 14
 VOCAB = 151_936
+
+
+def round1_sample_tokens(logits, u, temperature, top_p, suppress=None, **_):
+    """The round-1 sampler, kept here as the baseline of the "round-1 loop" row: a full-vocabulary
+    log_softmax, exp and fp64 cumsum per token (same distribution and uniforms as today's)."""
+    if suppress is not None:
+        logits = logits.masked_fill(suppress, float("-inf"))
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp_all.exp()
+    if top_p < 1.0:
+        sp, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sp, dim=-1) - sp
+        sp = sp.masked_fill(before >= top_p, 0.0)
+        cdf = torch.cumsum(sp.double(), dim=-1)
+        pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=probs.shape[-1] - 1)
+        tokens = order.gather(-1, pos).squeeze(-1)
+    else:
+        cdf = torch.cumsum(probs.double(), dim=-1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    return tokens, logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def round1(fn):
+    """``fn`` with the simple engine's sampler swapped for the round-1 one."""
+    import staged.rollout.simple as simple
+
+    def run():
+        saved, simple.sample_tokens = simple.sample_tokens, round1_sample_tokens
+        try:
+            return fn()
+        finally:
+            simple.sample_tokens = saved
+    return run
 
 
 def build_model(device, dtype, quick: bool):
@@ -104,7 +139,8 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                                      top_p=1.0, top_k=0, eos_token_id=list(eos), pad_token_id=0)
             return out[:, inputs["input_ids"].shape[1]:]
 
-        impls = {"paged": ours("paged"), "simple (old loop)": ours("simple"), "transformers generate()": hf_generate}
+        impls = {"paged": ours("paged"), "simple (old loop)": ours("simple"),
+                 "round-1 loop": round1(ours("simple")), "transformers generate()": hf_generate}
         for impl, fn in impls.items():
             fn()  # warm-up (allocator, kernels)
             if dev.type == "cuda":
@@ -140,4 +176,5 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             if r["case"] == case:
                 r["x_vs_generate"] = r["tokens_per_s"] / base["transformers generate()"]
                 r["x_vs_old_loop"] = r["tokens_per_s"] / base["simple (old loop)"]
+                r["x_vs_round1"] = r["tokens_per_s"] / base["round-1 loop"]
     return rows

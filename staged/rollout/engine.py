@@ -329,7 +329,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     def emit(rows: torch.Tensor, t: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Sample token t of each of ``rows`` and record it (nothing recorded once a row is done)."""
         tok, lp = sample_tokens(logits, uniform_from_seed(seeds_dev[rows], t), params.temperature, params.top_p,
-                                suppress)
+                                suppress, inplace=True)
         live = ~done[rows]
         out_ids[rows, t] = torch.where(live, tok, out_ids[rows, t])
         out_logp[rows, t] = torch.where(live, lp, out_logp[rows, t])
@@ -354,7 +354,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
             new.append(s)
         if new:
             lives = [sched.slots[s] for s in new]
-            logits = torch.stack([sched.prompts[lv.prompt].logits for lv in lives])
+            logits = torch.stack([sched.prompts[lv.prompt].logits for lv in lives])  # a copy: sampled in place
             rows = torch.tensor([lv.row for lv in lives], device=device)
             cur_tok[torch.tensor(new, device=device)] = emit(rows, torch.zeros_like(rows), logits)
             for s, lv in zip(new, lives):
@@ -392,6 +392,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += 1
         stats["decode_row_steps"] += len(live_slots)
+        stats["kv_tokens_read"] += sum(sched.slots[s].length for s in live_slots)
         step_i += 1
     Tc = max(1, int(n_out.max()))
     mask = (torch.arange(T, device=device)[None] < n_out[:, None]).long()

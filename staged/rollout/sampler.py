@@ -64,7 +64,7 @@ def suppress_mask(token_ids, vocab: int, device) -> torch.Tensor | None:
     return m
 
 
-def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _draw(weights: torch.Tensor, u: torch.Tensor, with_log_total: bool = False):
     """Index i of each row with cdf[i-1] < u * total <= cdf[i], the cdf of ``weights`` [B, V] >= 0
     (fp32) taken in two levels: fp32 sums of TILE-token tiles, their fp64 cumsum picks the tile,
     an fp64 cumsum inside the tile picks the token. No [B, V] fp64 copy, no padded copy. u [B] fp64."""
@@ -86,32 +86,38 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # Past the tile's last non-zero weight (rounding between the two levels): step back onto it.
     last = ((in_tile > 0).long() * torch.arange(1, TILE + 1, device=weights.device)).amax(-1, keepdim=True) - 1
     j = torch.minimum(j, last.clamp_(min=0))
-    return (tile * TILE + j).squeeze(-1).clamp_(max=V - 1)
+    tokens = (tile * TILE + j).squeeze(-1).clamp_(max=V - 1)
+    return (tokens, tile_cdf[:, -1].log().float()) if with_log_total else tokens
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float,
-                  suppress: torch.Tensor | None = None):
+                  suppress: torch.Tensor | None = None, *, inplace: bool = False):
     """Draw one token per row. logits [B, V] fp32, u [B] in (0, 1), suppress [V] bool (never drawn).
+    ``inplace``: ``logits`` is scratch (the engine's fresh lm_head output) and is overwritten.
 
     Returns (tokens [B] int64, logp [B] fp32 of the token under the distribution drawn from,
     softmax(logits / T) over the tokens not suppressed -- the full distribution, not its top-p
     truncation: what the trainer recomputes)."""
-    # Two [B, V] passes (the tempered, masked logits; their softmax): the sampler is memory-bound
-    # over B x V floats per token, so copies are what it costs (softmax's fused exp is ~2x exp's).
-    z = logits / temperature if temperature != 1.0 else logits
+    # The sampler is a memory-bound pass over B x V floats per token: one buffer, shifted and
+    # exponentiated in place (exp(z - max): unnormalised probabilities), no softmax output.
+    e = logits if inplace else logits.clone()
+    if temperature != 1.0:
+        e.div_(temperature)
     if suppress is not None:
-        z = z.masked_fill(suppress, float("-inf"))
-    p = torch.softmax(z, dim=-1)
+        e.masked_fill_(suppress, float("-inf"))
+    e.sub_(e.amax(-1, keepdim=True)).exp_()
     if top_p < 1.0:
         # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches
         # top_p (the first token always stays); draw within it (sorting needs the whole row).
-        sp, order = torch.sort(p, dim=-1, descending=True)
+        sp, order = torch.sort(e, dim=-1, descending=True)
+        total = sp.sum(-1, keepdim=True)
         before = torch.cumsum(sp, dim=-1) - sp
-        sp.masked_fill_(before >= top_p, 0.0)
+        sp.masked_fill_(before >= top_p * total, 0.0)
         tokens = order.gather(-1, _draw(sp, u)[:, None]).squeeze(-1)
+        log_total = total.squeeze(-1).log()
     else:
-        tokens = _draw(p, u)
-    # log p of the drawn token straight from softmax's p (relative error ~1e-7): a drawn token has
-    # p > 0, and one rare enough for p to be denormal (log p < -87) is drawn about never.
-    logp = p.gather(-1, tokens[:, None]).squeeze(-1).log()
+        tokens, log_total = _draw(e, u, with_log_total=True)
+    # log p of the drawn token from its unnormalised weight exp(z_t - max) (relative error ~1e-7):
+    # a drawn token has weight > 0; one rare enough to be denormal (log p < -87) is drawn about never.
+    logp = e.gather(-1, tokens[:, None]).squeeze(-1).log() - log_total
     return tokens, logp
