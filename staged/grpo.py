@@ -85,20 +85,21 @@ class VocabMask:
 
 
 def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, temperature: float = 1.0,
-                   with_entropy: bool = False, vocab: VocabMask | None = None, vision=None):
+                   with_entropy: bool = False, vocab: VocabMask | None = None,
+                   image_features: torch.Tensor | None = None, tower_in_forward: bool = True):
     """Log-probs of ``targets`` [B, T - start] = the tokens at columns start.. of the sequence,
     each predicted from the hidden state one column earlier; never materialises [tokens, V].
     ``vocab``: normalise over the sampler's vocabulary only (see VocabMask).
 
-    ``vision``: a ``staged.vision_reuse.StepVisionFeatures`` and this micro-batch's features
-    (None when it has no image) -- the tower does not run here at all (the step's deferred tower
-    pass does), or None to run it as part of the forward.
+    ``tower_in_forward=False``: the vision tower does not run here at all (the step's deferred
+    tower pass does, staged.vision_reuse); ``image_features`` [Nv, H] stand in for its output
+    (None when this micro-batch has no image).
 
     Bound to the model as an FSDP forward method (``staged.parallel.bind_forward_method``): the
     root's lm_head weight is gathered while this runs and its gradient reduce-scattered after."""
-    if vision is not None:
-        feats = vision[1]
-        with injected_image_features(model, feats) if feats is not None else contextlib.nullcontext():
+    if not tower_in_forward:
+        with (injected_image_features(model, image_features) if image_features is not None
+              else contextlib.nullcontext()):
             hidden = forward_hidden(model, **inputs)
     else:
         # No image on this micro-batch: the vision tower still runs (ranks > 1) so FSDP's collectives

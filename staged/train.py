@@ -229,7 +229,7 @@ class PaddedMicroBatch:
     sampler_logp: torch.Tensor
     advantages: torch.Tensor
     num_rows: int
-    vision: tuple | None = None  # (StepVisionFeatures, this micro-batch's features) when reused
+    image_features: torch.Tensor | None = None  # the rollout's, when reused (staged.vision_reuse)
 
 
 def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_size, d, dtype, svf=None):
@@ -247,7 +247,7 @@ def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_
         inputs = model_inputs(mb, d.device, dtype)
         yield PaddedMicroBatch(inputs, inputs["input_ids"][:, P:], P, ro.completion_mask[rows, :C].to(d.device),
                                ro.logprobs[rows, :C].to(d.device), adv[rows], len(rows),
-                               None if svf is None else (svf, svf.for_rows(rows)))
+                               None if svf is None else svf.for_rows(rows))
 
 
 def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, prompts, global_step, sp, dtype):
@@ -315,7 +315,7 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
             method, args, cu = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets), mb.cu_seqlens
         else:
             method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
-        kw = {"vision": mb.vision} if plan is None and mb.vision is not None else {}
+        kw = {"image_features": mb.image_features, "tower_in_forward": False} if svf is not None else {}
         logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, vocab=vocab,
                                                **kw)
         ref_logp = None

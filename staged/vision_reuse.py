@@ -101,9 +101,9 @@ class StepVisionFeatures:
         per step (a zero dummy image on a rank without images: FSDP's collectives line up)."""
         from staged.vision_dummy import dummy_vision_term
 
-        leaves = [f for f in self.leaves if f is not None]
         if not self.trainable:
             return
+        leaves = [f for f in self.leaves if f is not None]
         if pixel_values is None or not leaves:
             dummy = dummy_vision_term(model)
             if dummy is not None:

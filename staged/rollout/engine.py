@@ -33,7 +33,8 @@ import torch
 
 from staged.models.loading import base_model
 from staged.rollout.cache import PagedKVCache, blocks_for
-from staged.rollout.interface import SamplingParams, cache_kwarg, images_per_row, model_inputs, select_rows
+from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
+                                      select_rows)
 from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled
 from staged.rollout.sampler import sample_tokens, suppress_mask, uniform_from_seed
 from staged.vision_reuse import image_features, injected_image_features, supports_reuse, tokens_per_image
@@ -54,23 +55,13 @@ def prompt_groups(batch: dict) -> list[int]:
         return [remap.setdefault(i, len(remap)) for i in idx]
     ids, attn = batch["input_ids"], batch["attention_mask"]
     per_row = images_per_row(batch)
-    pix_slices: list[tuple[int, int]] = []
-    if sum(per_row):
-        patches = batch["image_grid_thw"].prod(-1).tolist()
-        starts = [0]
-        for p in patches:
-            starts.append(starts[-1] + p)
-        img = 0
-        for k in per_row:
-            pix_slices.append((starts[img], starts[img + k]))
-            img += k
+    patches = image_ranges(batch)[1] if sum(per_row) else None
     keys: dict[bytes, int] = {}
     out = []
     for r in range(ids.shape[0]):
         h = hashlib.blake2b(ids[r][attn[r].bool()].numpy().tobytes(), digest_size=16)
-        if pix_slices and per_row[r]:
-            a, b = pix_slices[r]
-            h.update(batch["pixel_values"][a:b].float().contiguous().numpy().tobytes())
+        if per_row[r]:
+            h.update(batch["pixel_values"][slice(*patches[r])].float().contiguous().numpy().tobytes())
         out.append(keys.setdefault(h.digest(), len(keys)))
     return out
 
@@ -102,9 +93,9 @@ class Live:
 class Scheduler:
     """Host-side state of one generate() call: prompts, pending rows, slots, block accounting."""
 
-    def __init__(self, groups: list[int], prompt_lens: list[int], cache: PagedKVCache, slots: int,
-                 max_new: int):
-        self.cache, self.bs, self.max_new = cache, cache.block_size, max_new
+    def __init__(self, groups: list[int], prompt_lens: list[int], block_size: int, slots: int, max_new: int):
+        self.cache: PagedKVCache | None = None  # bind(): sized from worst_case_blocks() and a budget
+        self.bs, self.max_new = block_size, max_new
         self.prompts: list[Prompt] = []
         for r, g in enumerate(groups):
             if g == len(self.prompts):
@@ -117,6 +108,14 @@ class Scheduler:
 
     def own_worst(self, p: Prompt) -> int:
         return blocks_for(p.length % self.bs + self.max_new, self.bs)
+
+    def worst_case_blocks(self) -> int:
+        """Blocks this call can need at most: every prefix and every row's worst case at once."""
+        return sum(blocks_for(p.length, self.bs) + len(p.rows) * self.own_worst(p) for p in self.prompts)
+
+    def bind(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.check_fits()
 
     def check_fits(self) -> None:
         """A budget that cannot hold the longest single row is an error now, not a hang later."""
@@ -236,7 +235,6 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     """(ids, mask, logps) [B, Tc], engine stats, the distinct prompts' image features (None
     without reuse) and row -> distinct prompt; see the module doc. ``dtype``: what pixel values
     are cast to (the cache takes the decoder weights' dtype)."""
-    pixel_dtype = dtype
     t_start = time.perf_counter()
     B = batch["input_ids"].shape[0]
     groups = prompt_groups(batch)
@@ -244,22 +242,16 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     text_cfg, n_layers, kv_heads, head_dim = _text_geometry(model)
     base = base_model(model)
     text = base.language_model
-    dtype = text.embed_tokens.weight.dtype  # K/V come out of the decoder layers in their weights' dtype
-    bs = params.block_size or (256 if choose_backend(device, dtype, 256) == "flash" else 16)
-    backend = choose_backend(device, dtype, bs)
-    per_token = PagedKVCache.bytes_per_token(n_layers, kv_heads, head_dim, dtype)
-    n_prompts = max(groups) + 1
-    first_row = {}
-    for r, g in enumerate(groups):
-        first_row.setdefault(g, r)
-    worst_tokens = (sum(blocks_for(prompt_lens[first_row[g]], bs) for g in range(n_prompts)) * bs
-                    + sum(blocks_for(prompt_lens[r] % bs + params.max_new_tokens, bs) for r in range(B)) * bs)
-    cache = PagedKVCache(n_layers, _cache_blocks(params, worst_tokens, per_token, bs, device), bs, kv_heads,
-                         head_dim, dtype, device)
-    reuse = params.reuse_vision_features and supports_reuse(model)
+    kv_dtype = text.embed_tokens.weight.dtype  # K/V come out of the decoder layers in their weights' dtype
+    bs = params.block_size or (256 if choose_backend(device, kv_dtype, 256) == "flash" else 16)
+    backend = choose_backend(device, kv_dtype, bs)
+    per_token = PagedKVCache.bytes_per_token(n_layers, kv_heads, head_dim, kv_dtype)
     S = min(params.batch_size or B, B)
-    sched = Scheduler(groups, prompt_lens, cache, S, params.max_new_tokens)
-    sched.check_fits()
+    sched = Scheduler(groups, prompt_lens, bs, S, params.max_new_tokens)
+    cache = PagedKVCache(n_layers, _cache_blocks(params, sched.worst_case_blocks() * bs, per_token, bs, device), bs,
+                         kv_heads, head_dim, kv_dtype, device)
+    sched.bind(cache)
+    reuse = params.reuse_vision_features and supports_reuse(model)
 
     layers = list(text.layers)
     layer_cache_kw = cache_kwarg(type(layers[0]))
@@ -291,7 +283,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
         """Distinct prompts ``gs`` through the full model once (left-padded to the longest), their
         K/V into the pool, their last logits kept for their rows' first tokens."""
         t0 = time.perf_counter()
-        rows = [first_row[g] for g in gs]
+        rows = [sched.prompts[g].rows[0] for g in gs]
         sub = select_rows(batch, rows)
         keep = int(max(prompt_lens[r] for r in rows))
         Tp = sub["input_ids"].shape[1]
@@ -301,7 +293,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
         from transformers import DynamicCache
 
         dc = DynamicCache(config=model.config)
-        inputs = model_inputs(sub, device, pixel_dtype)
+        inputs = model_inputs(sub, device, dtype)
         feats = None
         if reuse and "pixel_values" in inputs:  # the tower once per distinct prompt, kept for training
             feats = image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -319,8 +311,8 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
             blocks = sched.take_prefix(g)
             for layer in range(n_layers):
                 k, v = _layer_kv(dc, layer)
-                cache.write_prompt(layer, blocks, k[i, :, keep - p.length:].transpose(0, 1).to(dtype),
-                                   v[i, :, keep - p.length:].transpose(0, 1).to(dtype))
+                cache.write_prompt(layer, blocks, k[i, :, keep - p.length:].transpose(0, 1).to(kv_dtype),
+                                   v[i, :, keep - p.length:].transpose(0, 1).to(kv_dtype))
             p.logits = logits[i]
         stats["prefill_s"] += time.perf_counter() - t0
         stats["prefill_tokens"] += sum(sched.prompts[g].length for g in gs)
@@ -387,12 +379,12 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
         stats["peak_blocks"] = max(stats["peak_blocks"], cache.pool.num_blocks - cache.pool.num_free)
         t0 = time.perf_counter()
         with paged_attention_enabled(text_cfg):  # prefill (in fill_slots) keeps the model's own
-            _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers, layer_cache_kw,
-                         lm_head, emit, backend, device)
+            kv_read = _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers,
+                                   layer_cache_kw, lm_head, emit, backend, device)
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += 1
         stats["decode_row_steps"] += len(live_slots)
-        stats["kv_tokens_read"] += sum(sched.slots[s].length for s in live_slots)
+        stats["kv_tokens_read"] += kv_read
         step_i += 1
     Tc = max(1, int(n_out.max()))
     mask = (torch.arange(T, device=device)[None] < n_out[:, None]).long()
@@ -405,7 +397,8 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
 
 def _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers, layer_cache_kw, lm_head, emit,
                  backend, device):
-    """One token for every live slot: write the input token's K/V, attend, sample."""
+    """One token for every live slot: write the input token's K/V, attend, sample. Returns the
+    cache tokens the step's attention read."""
     bs = cache.block_size
     slot_idx, rows, pos, writes, lens, tables = [], [], [], [], [], []
     for s in live_slots:
@@ -449,3 +442,4 @@ def _decode_step(live_slots, sched, cache, cur_tok, t_of, next_pos, text, layers
     cur_tok[idx] = emit(rows_t, t, logits)
     for s in slot_idx:
         t_of[s] += 1
+    return sum(lens)

@@ -123,6 +123,21 @@ def images_per_row(batch: dict) -> list[int]:
     return [0] * batch["input_ids"].shape[0]
 
 
+def image_ranges(batch: dict) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Per row, its images [a, b) (indices into image_grid_thw) and its patches [a, b) (rows of
+    pixel_values): images are stored row after row."""
+    per_row = images_per_row(batch)
+    grid = batch.get("image_grid_thw")
+    img_start = [0]
+    for k in per_row:
+        img_start.append(img_start[-1] + k)
+    patch_start = [0]
+    for n in (grid.prod(-1).tolist() if grid is not None else []):
+        patch_start.append(patch_start[-1] + n)
+    imgs = [(img_start[r], img_start[r + 1]) for r in range(len(per_row))]
+    return imgs, [(patch_start[a], patch_start[b]) if b > a else (0, 0) for a, b in imgs]
+
+
 def select_rows(batch: dict, rows: list[int]) -> dict:
     """Rows of a generation batch (pixel_values / image_grid_thw follow their rows)."""
     out = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
@@ -132,19 +147,10 @@ def select_rows(batch: dict, rows: list[int]) -> dict:
         out["position_ids"] = batch["position_ids"][:, rows]
     if "prompt_index" in batch:
         out["prompt_index"] = [batch["prompt_index"][r] for r in rows]
-    grid = batch.get("image_grid_thw")
-    if grid is not None and sum(per_row) > 0:
-        img_start = [0]
-        for k in per_row:
-            img_start.append(img_start[-1] + k)
-        patches = grid.prod(-1).tolist()
-        patch_start = [0]
-        for p in patches:
-            patch_start.append(patch_start[-1] + p)
-        imgs = [i for r in rows for i in range(img_start[r], img_start[r + 1])]
-        if imgs:
-            out["image_grid_thw"] = grid[imgs]
-            out["pixel_values"] = torch.cat([batch["pixel_values"][patch_start[i]:patch_start[i + 1]] for i in imgs])
+    if batch.get("image_grid_thw") is not None and sum(out["images_per_row"]) > 0:
+        imgs, patches = image_ranges(batch)
+        out["image_grid_thw"] = batch["image_grid_thw"][[i for r in rows for i in range(*imgs[r])]]
+        out["pixel_values"] = torch.cat([batch["pixel_values"][slice(*patches[r])] for r in rows if per_row[r]])
     return out
 
 
