@@ -48,6 +48,12 @@ class SamplingParams:
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
     """Prompt tokens prefilled per forward (padded), at least one prompt."""
+    cuda_graphs: bool = True
+    """Engine "paged" on CUDA: decode steps padded to static shapes and replayed as CUDA graphs
+    (staged.rollout.graphs); a capture that fails falls back to eager with a warning."""
+    static_shapes: bool = False
+    """Pad decode steps to the graphs' static shapes even where nothing is captured (a CPU):
+    the graph path's padding, run eagerly; for tests."""
     reuse_vision_features: bool = True
     """Engine "paged", Qwen2-VL / Qwen2.5-VL: keep each distinct prompt's image features for the
     training forward of the same step (staged.vision_reuse)."""
