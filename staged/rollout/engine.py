@@ -257,7 +257,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     layers = list(text.layers)
     layer_cache_kw = cache_kwarg(type(layers[0]))
     model_cache_kw = cache_kwarg(model)
-    lm_head = model.get_output_embeddings()
+    lm_head = _lm_head_projection(model.get_output_embeddings(), device)
     V = text_cfg.vocab_size
     suppress = suppress_index(params.suppress_token_ids, V, device)
     # A lookup table rather than torch.isin (whose sorting path syncs for large end-token sets).
@@ -412,6 +412,18 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     return out_ids[:B, :Tc], mask[:, :Tc], out_logp[:B, :Tc], stats, vision, groups
 
 
+def _lm_head_projection(head, device):
+    """h [n, H] -> logits [n, V]. On a CPU from a [H, V] copy of the weight made once per call:
+    MKL's skinny GEMM (a few to a few dozen rows against 152k vocabulary rows) runs 1.1-1.6x
+    faster with the vocabulary contiguous than on the [V, H] weight (measured on the benchmark's
+    V = 151,936, H = 256). cuBLAS takes either layout at full speed."""
+    w, b = head.weight, head.bias
+    if device.type != "cpu":
+        return lambda h: torch.nn.functional.linear(h, w, b)
+    wt = w.t().contiguous()
+    return (lambda h: h @ wt) if b is None else (lambda h: torch.addmm(b, h, wt))
+
+
 def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device):
     """One token for every live slot: the host's part (block tables, write slots, positions, in
     one int64 buffer and one copy -- pinned and asynchronous on CUDA), then the device's. Returns
@@ -465,5 +477,5 @@ def _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_
         if isinstance(h, tuple):
             h = h[0]
     h = text.norm(h)[:, 0]
-    logits = torch.nn.functional.linear(h, lm_head.weight, lm_head.bias).float()
+    logits = lm_head(h).float()
     cur_tok[idx] = emit(rows_t, t, logits)
