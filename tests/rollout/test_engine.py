@@ -237,3 +237,45 @@ def test_static_step_shapes_and_padding():
     fixed = DecodeGraphs(lambda *a: None, slots=5, max_blocks=6, pad_row=[70, 1, 0, 9, 0, 5], scratch_block=7,
                          device=torch.device("cpu"), capture=False, fixed_width=True)
     assert fixed.shape(2, 1) == (2, 6)
+
+
+def test_a_processor_batch_as_it_is_right_padded_without_images_per_row(models):
+    """What a transformers processor returns (right padding, no images_per_row) samples the same
+    completions as the left-padded batch with images_per_row given."""
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(6)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    B = batch["input_ids"].shape[0]
+    ref = generate(model, batch, params(), seeds=seeds_for(B))
+    attn = batch["attention_mask"]
+    shift = attn.shape[1] - attn.sum(-1)
+    src = (torch.arange(attn.shape[1])[None] + shift[:, None]) % attn.shape[1]
+    raw = {"input_ids": batch["input_ids"].gather(-1, src), "attention_mask": attn.gather(-1, src),
+           "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    assert (raw["attention_mask"][:, 0] == 1).all() and (raw["attention_mask"][:, -1] == 0).any()
+    ro = generate(model, raw, params(), seeds=seeds_for(B))
+    assert torch.equal(ro.completion_ids, ref.completion_ids)
+    assert torch.equal(ro.prompt_ids, batch["input_ids"])  # the rollout's prompts are the left-padded rows
+    bad = dict(raw, image_grid_thw=raw["image_grid_thw"][:-1], pixel_values=raw["pixel_values"][:-16])
+    with pytest.raises(ValueError, match="pass images_per_row"):
+        generate(model, bad, params(), seeds=seeds_for(B))
+    holes = dict(raw, attention_mask=raw["attention_mask"].clone())
+    holes["attention_mask"][0, 1] = 0
+    with pytest.raises(ValueError, match="one contiguous run"):
+        generate(model, holes, params(), seeds=seeds_for(B))
+
+
+def test_end_tokens_default_to_the_models_generation_config(models):
+    model = models("qwen2_vl")
+    gen = torch.Generator().manual_seed(7)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    B = batch["input_ids"].shape[0]
+    model.generation_config.eos_token_id = list(ENDS)
+    try:
+        ro = generate(model, batch, params(eos_token_ids=()), seeds=seeds_for(B))
+        assert torch.equal(ro.completion_ids, generate(model, batch, params(), seeds=seeds_for(B)).completion_ids)
+        model.generation_config.eos_token_id = None
+        with pytest.raises(ValueError, match="never stop early"):
+            generate(model, batch, params(eos_token_ids=()), seeds=seeds_for(B))
+    finally:
+        model.generation_config.eos_token_id = EOS
