@@ -101,13 +101,15 @@ def _dist() -> tuple[int, int]:
 def evaluate(model, processor, datasets: dict[str, list[Sample]], *, greedy: bool = True, temperature: float = 1.0,
              top_p: float = 1.0, samples: int = 1, max_new_tokens: int = 1024, batch_size: int = 8,
              system_prompt: str | None = None, seed: int = 0, reward_fn=None, timeout: float = DEFAULT_TIMEOUT_S,
-             device: torch.device | str | None = None, progress: bool = True, keep_completions: bool = True) -> dict:
+             device: torch.device | str | None = None, progress: bool = True, keep_completions: bool = True,
+             prompt_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
     """Generate for every sample of every benchmark and score the answers.
 
     datasets: benchmark name -> samples. greedy: one argmax completion per sample (temperature,
     top_p and samples ignored); else `samples` completions per sample at `temperature` / `top_p`.
     batch_size: prompts per generate call (each with its k samples). reward_fn: a user reward
     function for the accuracy term instead of the per-task verifiers (see staged.rewards.user).
+    prompt_template, min_pixels, max_pixels: as a stage's (staged.data.prompting).
 
     Returns {"benchmarks": {name: metrics}, "average": .., "all": .., "settings": .., "seconds": ..,
     "completions": [per-completion records] (when keep_completions)}; metrics: n, k, accuracy,
@@ -155,7 +157,8 @@ def evaluate(model, processor, datasets: dict[str, list[Sample]], *, greedy: boo
     for call, (b, r0, r1) in enumerate(padded):
         name = names[b]
         chunk = datasets[name][r0:r1]
-        base = build_generation_batch(processor, chunk, system_prompt=system_prompt)
+        base = build_generation_batch(processor, chunk, system_prompt=system_prompt, prompt_template=prompt_template,
+                                      min_pixels=min_pixels, max_pixels=max_pixels)
         base["images_per_row"] = [len(s.images) for s in chunk]
         rows = [j for j in range(len(chunk)) for _ in range(k)]
         batch = select_rows(base, rows)
@@ -311,7 +314,8 @@ def write_results(results: dict, out_dir) -> Path:
 
 
 def load_benchmarks(paths, *, image_dir=None, format: str = "auto", default_task: str = "math",
-                    on_bad_row: str = "error", limit: int | None = None) -> dict[str, list[Sample]]:
+                    on_bad_row: str = "error", limit: int | None = None, fields: dict | None = None,
+                    verify_images: bool = True) -> dict[str, list[Sample]]:
     """One benchmark per file (its stem; made unique with the parent folder when two files share one),
     split by extra["benchmark"] / extra["data_source"] when rows carry them. limit: first N rows per
     benchmark."""
@@ -323,7 +327,7 @@ def load_benchmarks(paths, *, image_dir=None, format: str = "auto", default_task
     for p, stem in zip(paths, stems):
         name = stem if stems.count(stem) == 1 else f"{p.parent.name}/{stem}"
         ds = load_dataset_files([p], image_dir=image_dir, format=format, on_bad_row=on_bad_row,
-                                default_task=default_task)
+                                default_task=default_task, fields=fields, verify_images=verify_images)
         if ds.skipped:
             print(ds.report(), file=sys.stderr)
         for s in ds.samples:

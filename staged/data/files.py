@@ -125,7 +125,8 @@ class LoadedDataset:
 
 
 def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: dict | None = None,
-                       on_bad_row: str = "error", default_task: str | None = None) -> LoadedDataset:
+                       on_bad_row: str = "error", default_task: str | None = None,
+                       verify_images: bool = True) -> LoadedDataset:
     """Load JSONL/Parquet files into Samples, validating every row up front (see the module docstring).
 
     paths: one path or a list; each file's format is detected on its own (format="auto") or forced
@@ -134,6 +135,8 @@ def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: d
     fields: our field name -> your column ({"prompt": "question", "answer": "gt"}; dotted = nested).
     on_bad_row: "error" raises DataError at the first bad row; "skip" skips and counts it.
     default_task: the task of rows without one (task chooses the verifier: mcq, number, math, ...).
+    verify_images: PIL's verify() after the header read (reads each whole PNG); False: the header only,
+        for files that a preflight has verified already.
     """
     if format not in F.FORMAT_NAMES:
         raise ValueError(f"format must be one of {', '.join(F.FORMAT_NAMES)}, got {format!r}")
@@ -143,7 +146,7 @@ def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: d
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out = LoadedDataset()
-    images = _ImageRefs()
+    images = _ImageRefs(verify_images)
     for path in paths:
         name, p = str(path), Path(path)
         if not p.is_file():
@@ -318,8 +321,9 @@ class _ImageRefs:
     """Image sources -> ImageRefs, checked by their header (staged.data.images), not decoded. A file
     named by many rows gets one ImageRef (they share its decoded pixels in the cache too)."""
 
-    def __init__(self):
+    def __init__(self, verify: bool = True):
         self._by_path: dict[Path, ImageRef] = {}
+        self.verify = verify
         self.where = ""  # "file:row" of the row being read, for errors raised on use
 
     def open(self, src, field: str, index: int, base: Path):
@@ -356,7 +360,7 @@ class _ImageRefs:
             where = "" if Path(rel).is_absolute() else f" (under {base})"
             raise F.FieldError(field, f"file not found: {rel}{where}", index)
         try:
-            size, mode = read_header(path)
+            size, mode = read_header(path, self.verify)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
             raise F.FieldError(field, f"cannot decode image file {rel}: {type(e).__name__}: {e}", index) from None
         ref = ImageRef(path=path, size=size, mode=mode, where=f"{self.where}: field '{field}'[{index}]")
@@ -367,7 +371,7 @@ class _ImageRefs:
         if not data:
             raise F.FieldError(field, "empty image bytes", index)
         try:
-            size, mode = read_header(data)
+            size, mode = read_header(data, self.verify)
         except Exception as e:  # noqa: BLE001
             raise F.FieldError(field, f"corrupt image bytes ({len(data)} bytes): {type(e).__name__}: {e}",
                                index) from None

@@ -64,12 +64,14 @@ class ImageRef:
                              "(the header check at load passed; the file is damaged past its header)") from None
 
 
-def read_header(source: Path | bytes) -> tuple[tuple[int, int], str]:
-    """(size, mode) of an image file or encoded bytes, without decoding its pixels; ``verify()``
-    also checks what PIL can check without decoding (PNG chunk CRCs). Raises what PIL raises."""
+def read_header(source: Path | bytes, verify: bool = True) -> tuple[tuple[int, int], str]:
+    """(size, mode) of an image file or encoded bytes, without decoding its pixels; ``verify``:
+    also check what PIL can check without decoding (PNG chunk CRCs: it reads the whole file).
+    Raises what PIL raises."""
     with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
         size, mode = im.size, im.mode
-        im.verify()
+        if verify:
+            im.verify()
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"empty image ({size[0]}x{size[1]})")
     return size, mode
