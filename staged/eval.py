@@ -203,7 +203,8 @@ def evaluate(model, processor, datasets: dict[str, list[Sample]], *, greedy: boo
     results["settings"] = {"greedy": greedy, "temperature": None if greedy else float(temperature),
                            "top_p": None if greedy else float(top_p), "samples": k,
                            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
-                           "system_prompt": system_prompt, "reward_fn": reward_fn if isinstance(reward_fn, str)
+                           "system_prompt": system_prompt, "prompt_template": prompt_template,
+                           "min_pixels": min_pixels, "max_pixels": max_pixels, "reward_fn": reward_fn if isinstance(reward_fn, str)
                            else None, "verifier_timeout_s": timeout}
     results["seconds"] = time.perf_counter() - t_start
     if keep_completions:
@@ -359,6 +360,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", default="auto", choices=["auto", "easyr1", "verl", "trl"], help="row format")
     p.add_argument("--task", default="math", help="verifier for rows without a task (default math)")
     p.add_argument("--system-prompt", default=None, help="a system message for every prompt")
+    p.add_argument("--prompt-template", default=None, metavar="JINJA",
+                   help="a jinja template for the user turn ({{ content }} = the prompt), a .jinja file, or a "
+                        "shipped one (math, math_release), as a stage's prompt_template")
+    p.add_argument("--min-pixels", type=int, default=None, help="scale smaller images up to this many pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="scale larger images down to this many pixels")
     p.add_argument("--reward-fn", default=None, metavar="MODULE:FUNCTION", help="user accuracy function")
     p.add_argument("--verifier-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per verifier call")
     p.add_argument("--limit", type=int, default=None, help="first N rows of each benchmark")
@@ -376,6 +382,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("samples", "max_new_tokens", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.prompt_template is not None:
+        from staged.data.prompting import load_template
+
+        try:
+            a.prompt_template = load_template(a.prompt_template)
+        except ValueError as e:
+            p.error(str(e))
     return a
 
 
@@ -394,6 +407,7 @@ def main(argv=None) -> dict:
     results = evaluate(model, processor, datasets, greedy=greedy, temperature=a.temperature or 1.0, top_p=a.top_p,
                        samples=a.samples, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                        system_prompt=a.system_prompt, seed=a.seed, reward_fn=a.reward_fn,
+                       prompt_template=a.prompt_template, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
                        timeout=a.verifier_timeout, device=device, progress=not a.no_progress)
     results["settings"].update(model=str(a.model), data=[str(p) for p in a.data], device=str(device),
                                dtype=str(dtype).replace("torch.", ""))
