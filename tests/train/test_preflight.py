@@ -126,3 +126,31 @@ def test_two_ranks_fail_before_the_model_loads_and_say_it_once(tmp_path, embedde
     # (torchrun prints its own ChildFailedError traceback for a child's non-zero exit)
     assert not (tmp_path / "never-built").exists()  # the model was never built or loaded
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_drop_last_epochs_are_whole_steps_of_a_fresh_permutation(world):
+    """drop_last: 5 rows, 2 per step -> 2 steps per epoch, each epoch 4 distinct rows of its own
+    permutation (the 5th left out); without it the rows form one stream over epochs (as before)."""
+    import torch
+
+    from staged.data import Sample
+    from staged.parallel import Dist
+    from staged.train import epoch_order, step_prompts
+
+    rows = [Sample(f"q{i}", "A", "mcq") for i in range(5)]
+    ranks = [Dist(r, world, r, torch.device("cpu"), None) for r in range(world)]
+
+    def prompts(stage, step):
+        return [s.prompt for d in ranks for _, s in step_prompts(rows, stage, 0, 0, step, d)]
+
+    stage = StageConfig(epochs=3, drop_last=True, batch=BatchConfig(prompts_per_step=2))
+    stage.resolve_steps(len(rows))
+    assert stage.steps == 6
+    for e in range(3):
+        order = [f"q{i}" for i in epoch_order(rows, stage, 0, 0, e)]
+        got = prompts(stage, 2 * e) + prompts(stage, 2 * e + 1)
+        assert got == order[:4] and len(set(got)) == 4
+    stream = StageConfig(steps=6, batch=BatchConfig(prompts_per_step=2))
+    flat = [f"q{i}" for e in range(3) for i in epoch_order(rows, stream, 0, 0, e)]
+    assert [p for step in range(6) for p in prompts(stream, step)] == flat[:12]
