@@ -70,6 +70,10 @@ class DataConfig:
     """Images with more pixels are scaled down to about this many (release: 4194304 = 2048 x 2048).
     None = no upper bound of ours. The processor's own bounds (preprocessor_config) apply after these,
     as in EasyR1. Applied on use, the same for rollout, training and the stage-end eval."""
+    max_prompt_tokens: int | None = None
+    """Rows whose prompt (chat and prompt templates, image tokens at these pixel bounds) is longer
+    are dropped when the stage loads, and counted: EasyR1's filter_overlong_prompts (release: 2048).
+    Counted from the images' sizes, before epochs become steps. None = keep every row."""
 
     def __post_init__(self):
         _check((self.synthetic is None) == bool(self.files), "synthetic",
@@ -86,6 +90,10 @@ class DataConfig:
                f"expected auto, easyr1, verl or trl, got {self.format!r}")
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         check_pixel_bounds(self.min_pixels, self.max_pixels, "")
+        _check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
+               f"must be >= 1 when set, got {self.max_prompt_tokens}")
+        _check(self.max_prompt_tokens is None or self.synthetic is None, "max_prompt_tokens",
+               "drops overlong rows of files; synthetic prompts are short")
         if self.fields:
             _check(self.synthetic is None, "fields", "maps columns of files; synthetic data has none")
             from staged.data.formats import check_fields

@@ -18,10 +18,24 @@ class PreflightError(RefuseStart):
     """Data or eval files that would fail a stage: all of them, one per line."""
 
 
-def stage_rows(stage, *, verify_images: bool = True) -> int:
-    """Rows of a stage's data, loaded and validated as the stage will load them."""
+def drop_overlong(samples: list, stage, processor) -> tuple[list, int]:
+    """(the samples whose prompt fits data.max_prompt_tokens, how many were dropped)."""
+    limit = stage.data.max_prompt_tokens
+    if limit is None:
+        return samples, 0
+    from staged.data.prompting import prompt_length
+
+    opts = {"system_prompt": stage.system_prompt, "prompt_template": stage.prompt_template,
+            "min_pixels": stage.data.min_pixels, "max_pixels": stage.data.max_pixels}
+    kept = [s for s in samples if prompt_length(processor, s, **opts) <= limit]
+    return kept, len(samples) - len(kept)
+
+
+def stage_rows(stage, processor=None, *, verify_images: bool = True) -> int:
+    """Rows of a stage's data, loaded and validated as the stage will load them (overlong prompts
+    dropped when data.max_prompt_tokens is set: that needs the processor)."""
     d = stage.data
-    if d.synthetic is not None:
+    if d.synthetic is not None:  # (max_prompt_tokens is for files: DataConfig refuses it here)
         return d.num_samples * (len(d.synthetic) if isinstance(d.synthetic, list) else 1)
     from staged.data.files import load_dataset_files
 
@@ -29,19 +43,29 @@ def stage_rows(stage, *, verify_images: bool = True) -> int:
                             on_bad_row=d.on_bad_row, default_task=d.default_task, verify_images=verify_images)
     if ds.skipped:
         print(f"stage {stage.name!r}: {ds.report()}")
-    if not ds.samples:
-        raise ValueError(f"no samples in {d.files}")
-    return len(ds.samples)
+    samples = ds.samples
+    samples, dropped = drop_overlong(samples, stage, processor)
+    if dropped:
+        print(f"stage {stage.name!r}: {dropped} rows dropped, prompt longer than "
+              f"data.max_prompt_tokens={d.max_prompt_tokens}")
+    if not samples:
+        raise ValueError(f"no samples in {d.files}"
+                         + (f" with a prompt of <= {d.max_prompt_tokens} tokens" if dropped else ""))
+    return len(samples)
 
 
-def check_data(cfg: TrainConfig) -> list[int]:
+def needs_processor(cfg: TrainConfig) -> bool:
+    return any(s.data.max_prompt_tokens is not None for s in cfg.stages)
+
+
+def check_data(cfg: TrainConfig, processor=None) -> list[int]:
     """Rows per stage; raises PreflightError naming every stage (and the eval files) that would fail:
     file not found, unknown format or column, a bad row (file, line, field), a missing or unreadable
     image, an epochs count that leaves no step."""
     rows, problems = [], []
     for i, stage in enumerate(cfg.stages):
         try:
-            n = stage_rows(stage)
+            n = stage_rows(stage, processor)
             if stage.epochs is not None:
                 stage.steps_for(n)  # raises when drop_last leaves no step
             rows.append(n)

@@ -40,7 +40,7 @@ from staged.data import images as image_cache
 from staged.data.prompting import build_generation_batch, build_sft_batch
 from staged.grpo import VocabMask, group_advantages, micro_batch_weight, policy_loss, token_logprobs
 from staged.models.loading import (decoder_layers, input_embeddings, language_model, load_model_and_processor,
-                                   vision_module)
+                                   load_processor, vision_module)
 from staged.rewards import compute_rewards
 from staged.rollout import SamplingParams, generate, model_inputs, position_ids, row_seed, select_rows
 from staged.vision_reuse import StepVisionFeatures
@@ -112,7 +112,17 @@ def build_optimizer(model, stage: StageConfig):
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay, foreach=True), params
 
 
-def load_stage_data(stage: StageConfig, index: int, seed: int):
+def load_stage_data(stage: StageConfig, index: int, seed: int, processor=None):
+    """The stage's samples; rows whose prompt exceeds data.max_prompt_tokens dropped (staged.preflight
+    counted the same rows for epochs -> steps)."""
+    samples = _stage_samples(stage, index, seed)
+    samples, _ = preflight.drop_overlong(samples, stage, processor)
+    if not samples:
+        raise ValueError(f"stage {stage.name!r}: no samples of <= {stage.data.max_prompt_tokens} prompt tokens")
+    return samples
+
+
+def _stage_samples(stage: StageConfig, index: int, seed: int):
     if stage.data.synthetic is not None:
         from staged.data.synthetic import make_synthetic_dataset
 
@@ -486,7 +496,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
         if stage.type == "grpo" and stage.grpo.beta > 0 and ref_model is None:
             ref_model, _ = build_model(path, cfg, d, [], trainable=False)
         use_ref = ref_model if stage.type == "grpo" and stage.grpo.beta > 0 else None
-        samples = load_stage_data(stage, si, cfg.seed)
+        samples = load_stage_data(stage, si, cfg.seed, processor)
         sp = sampling_params(stage, cfg, model, tokenizer)
         start = 0
         if resume is not None and si == state["stage"]:  # mid-stage: weights, optimizer, reference, RNG
@@ -582,13 +592,16 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     # ---- preflight: every stage's data and the eval files, checked on rank 0 (staged.preflight); a
     #      bad file of the last stage fails here, once, not after the first stages have trained
-    rows = parallel.broadcast_object(on_rank0(d, lambda: preflight.check_data(cfg)))
+    #      (data.max_prompt_tokens counts prompt tokens: that needs the processor, not the model)
+    path = resolve_model_path(cfg, d) if preflight.needs_processor(cfg) else None
+    proc = load_processor(path) if path is not None else None
+    rows = parallel.broadcast_object(on_rank0(d, lambda: preflight.check_data(cfg, proc)))
     for line in preflight.resolve_steps(cfg, rows):  # epochs -> steps, on every rank
         log(line)
     image_cache.CACHE.set_limit(cfg.image_cache_mb)
 
     # ---- resume: the newest intact checkpoint of this same run, or a fresh start
-    path = resolve_model_path(cfg, d)
+    path = path or resolve_model_path(cfg, d)
     checkpoint.clean_temp(ckpt_dir, d)
     if cfg.resume == "never" and (n := checkpoint.remove_all(ckpt_dir, d)):
         log(f"[resume=never] removed {n} old checkpoints from {ckpt_dir}")

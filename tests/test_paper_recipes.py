@@ -36,6 +36,7 @@ EVERY_STAGE = [
     ("grpo.max_response_tokens", 2048, f"{CFG} data.max_response_length"),
     ("data.min_pixels", 262144, f"{CFG} data.min_pixels"),
     ("data.max_pixels", 4194304, f"{CFG} data.max_pixels"),
+    ("data.max_prompt_tokens", 2048, f"{CFG} data.max_prompt_length + filter_overlong_prompts; stage scripts 2048"),
     ("curriculum", "shuffle", f"{CFG} data.shuffle true (stage scripts keep it)"),
     ("drop_last", True, "EasyR1 verl/trainer/data_loader.py StatefulDataLoader(drop_last=True)"),
     ("reward.kind", "paper", "training/reward_functions/math.py compute_score"),

@@ -77,6 +77,18 @@ def read_header(source: Path | bytes, verify: bool = True) -> tuple[tuple[int, i
     return size, mode
 
 
+def bounded_size(size: tuple[int, int], min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) that resize_to_bounds gives an image of ``size``, from the size alone."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        f = math.sqrt(max_pixels / (w * h))
+        w, h = max(1, int(w * f)), max(1, int(h * f))
+    if min_pixels is not None and w * h < min_pixels:
+        f = math.sqrt(min_pixels / (w * h))
+        w, h = max(1, int(w * f)), max(1, int(h * f))
+    return w, h
+
+
 def resize_to_bounds(img: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
     """EasyR1's process_image: scale into [min_pixels, max_pixels] (see the module doc), then RGB.
     A side is never truncated below 1 pixel (EasyR1 would fail there)."""

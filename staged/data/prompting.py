@@ -136,6 +136,45 @@ def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+# ------------------------------------------------------------------------------------------
+# prompt length without decoding an image (EasyR1's filter_overlong_prompts)
+
+
+def _smart_resize(image_processor):
+    """The processor's own rounding rule (transformers' smart_resize next to its class)."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(image_processor).__module__), "smart_resize", None)
+    if fn is None:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as fn
+    return fn
+
+
+def vision_tokens(processor, size: tuple[int, int], min_pixels: int | None = None,
+                  max_pixels: int | None = None) -> int:
+    """<|image_pad|> tokens of an image of ``size`` (width, height): our bounds (staged.data.images),
+    then the processor's smart_resize to multiples of patch x merge within its own bounds."""
+    from .images import bounded_size
+
+    ip = processor.image_processor
+    w, h = bounded_size(size, min_pixels, max_pixels)
+    patch, merge = int(ip.patch_size), int(getattr(ip, "merge_size", 2))
+    bounds = getattr(ip, "size", None) or {}
+    lo = bounds.get("shortest_edge") or getattr(ip, "min_pixels", None) or 56 * 56
+    hi = bounds.get("longest_edge") or getattr(ip, "max_pixels", None) or 28 * 28 * 1280
+    hb, wb = _smart_resize(ip)(h, w, factor=patch * merge, min_pixels=lo, max_pixels=hi)
+    return (hb // (patch * merge)) * (wb // (patch * merge))
+
+
+def prompt_length(processor, sample: Sample, *, system_prompt: str | None = None, prompt_template: str | None = None,
+                  min_pixels: int | None = None, max_pixels: int | None = None) -> int:
+    """Tokens of the sample's generation prompt, image tokens included, from the images' sizes
+    (no pixel is decoded): what build_generation_batch would give it."""
+    text = prompt_text(processor, sample, system_prompt=system_prompt, prompt_template=prompt_template)
+    n = len(_tokenizer(processor)(text, add_special_tokens=False)["input_ids"])
+    return n + sum(vision_tokens(processor, im.size, min_pixels, max_pixels) - 1 for im in sample.images or [])
+
+
 def _end_of_turn_id(tok) -> int:
     """<|im_end|> ends an assistant turn in Qwen's template: the SFT target ends with it so the model learns
     to stop (it is the generation eos)."""

@@ -123,3 +123,40 @@ def test_pixel_bounds_set_the_vision_token_count(tmp_path, embedded_dir, size, b
     n_pad = int((b["input_ids"] == proc.image_token_id).sum())
     t, h, w = b["image_grid_thw"][0].tolist()
     assert n_pad == tokens == t * h * w // 4
+
+
+@pytest.mark.parametrize("size, bounds", [((4000, 3000), (262144, 4194304)), ((4000, 3000), (None, None)),
+                                          ((100, 100), (262144, 4194304)), ((30, 900), (None, 50000)),
+                                          ((511, 511), (262144, None))])
+def test_prompt_length_from_the_header_equals_the_built_batch(tmp_path, embedded_dir, size, bounds):
+    """data.max_prompt_tokens counts each row's prompt without decoding an image: the count must be
+    what build_generation_batch produces (template, chat template, image tokens)."""
+    from staged.data.images import bounded_size, read_header
+    from staged.data.prompting import build_generation_batch, load_template, prompt_length
+
+    proc = _qwen25_processor(embedded_dir)
+    p = tmp_path / "x.png"
+    Image.new("RGB", size, (200, 30, 30)).save(p)
+    assert bounded_size(size, *bounds) == resize_to_bounds(Image.new("RGB", size), *bounds).size
+    s = Sample(prompt="<image>How many?", answer="A", task="mcq",
+               images=[ImageRef(path=p, size=read_header(p)[0], mode="RGB")])
+    opts = {"prompt_template": load_template("math"), "min_pixels": bounds[0], "max_pixels": bounds[1]}
+    built = int(build_generation_batch(proc, [s], **opts)["prompt_lengths"][0])
+    assert prompt_length(proc, s, **opts) == built
+
+
+def test_max_prompt_tokens_drops_and_counts_overlong_rows(tmp_path, embedded_dir, capsys):
+    from staged import preflight
+    from staged.config import DataConfig, StageConfig
+    from staged.data.prompting import prompt_length
+
+    proc = _qwen25_processor(embedded_dir)
+    f = _rows(tmp_path, [(100, 100), (2000, 2000), (60, 60)])
+    stage = StageConfig(name="s", epochs=1, data=DataConfig(files=[str(f)], default_task="mcq", max_prompt_tokens=400))
+    ds = load_dataset_files(f, default_task="mcq")
+    lengths = [prompt_length(proc, s) for s in ds.samples]
+    assert lengths[0] <= 400 < lengths[1] and lengths[2] <= 400
+    kept, dropped = preflight.drop_overlong(ds.samples, stage, proc)
+    assert dropped == 1 and [s.prompt for s in kept] == ["<image>q0.0", "<image>q2.0"]
+    assert preflight.stage_rows(stage, proc) == 2
+    assert "1 rows dropped" in capsys.readouterr().out

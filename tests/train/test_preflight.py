@@ -154,3 +154,25 @@ def test_drop_last_epochs_are_whole_steps_of_a_fresh_permutation(world):
     stream = StageConfig(steps=6, batch=BatchConfig(prompts_per_step=2))
     flat = [f"q{i}" for e in range(3) for i in epoch_order(rows, stream, 0, 0, e)]
     assert [p for step in range(6) for p in prompts(stream, step)] == flat[:12]
+
+
+def test_epochs_and_max_prompt_tokens_end_to_end(tmp_path, embedded_dir):
+    """One process, a file stage with epochs and data.max_prompt_tokens: the overlong row is dropped
+    by the preflight's count and by the stage's load alike, so steps = ceil(4 / 2) x 1 = 2 run."""
+    from train_helpers import read_records, run_train
+
+    _data(tmp_path, n=5)
+    f = tmp_path / "last.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    rows[2]["question"] = "<image>" + "why " * 400  # ~400 more prompt tokens than the others
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path, embedded=embedded_dir)
+    text = cfg.read_text().replace('fields = { prompt = "question", answer = "gt" } }',
+                                   'fields = { prompt = "question", answer = "gt" }, max_prompt_tokens = 200 }')
+    text = text.replace("epochs = 2", "epochs = 1")
+    cfg.write_text(text)
+    p = run_train(["--config", str(cfg), "stages.0.data.num_samples=4", "export_hf=false"], cwd=tmp_path)
+    grpo = [r for r in read_records(tmp_path / "out") if r.get("stage") == 1 and r.get("kind") == "grpo"]
+    assert len(grpo) == 2, grpo
+    assert "1 rows dropped" in p.stdout and "4 rows, 2 steps per epoch x 1 epochs = 2 steps" in p.stdout, p.stdout[-3000:]
+    assert "(grpo): 2 steps, 4 samples" in p.stdout, p.stdout[-3000:]  # the stage loaded the same 4 rows
