@@ -594,7 +594,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     #      bad file of the last stage fails here, once, not after the first stages have trained
     #      (data.max_prompt_tokens counts prompt tokens: that needs the processor, not the model)
     path = resolve_model_path(cfg, d) if preflight.needs_processor(cfg) else None
-    proc = load_processor(path) if path is not None else None
+    proc = load_processor(path) if path is not None and d.is_main else None
     rows = parallel.broadcast_object(on_rank0(d, lambda: preflight.check_data(cfg, proc)))
     for line in preflight.resolve_steps(cfg, rows):  # epochs -> steps, on every rank
         log(line)
