@@ -55,7 +55,7 @@ package_dir.update({f"staged.kernels.{p}": f"kernels/{p.replace('.', '/')}" for 
 setup(
     packages=packages + kernel_packages,
     package_dir=package_dir,
-    package_data={"staged": ["configs/*.toml", "models/assets/*", "models/assets/**/*"]},
+    package_data={"staged": ["configs/*.toml", "configs/templates/*.jinja", "models/assets/*", "models/assets/**/*"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -58,6 +58,22 @@ class DataConfig:
     """Synthetic: how many samples to generate, per kind (the stage cycles through them in epochs)."""
     seed: int | None = None
     """Synthetic: generator seed; None = the run seed + 1000 * stage index."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Our field name -> your column, for files whose columns are named otherwise:
+    ``fields = { prompt = "question", answer = "gt", images = "image_path" }``; a dotted column reaches
+    into a nested dict (``"extra_info.pass_rate"``). Fields: prompt, answer, images, task, pass_rate,
+    reference_response."""
+    min_pixels: int | None = None
+    """Images with fewer pixels are scaled up to about this many (aspect kept) before the processor,
+    as EasyR1's ``process_image`` does (release: 262144 = 512 x 512). None = no lower bound of ours."""
+    max_pixels: int | None = None
+    """Images with more pixels are scaled down to about this many (release: 4194304 = 2048 x 2048).
+    None = no upper bound of ours. The processor's own bounds (preprocessor_config) apply after these,
+    as in EasyR1. Applied on use, the same for rollout, training and the stage-end eval."""
+    max_prompt_tokens: int | None = None
+    """Rows whose prompt (chat and prompt templates, image tokens at these pixel bounds) is longer
+    are dropped when the stage loads, and counted: EasyR1's filter_overlong_prompts (release: 2048).
+    Counted from the images' sizes, before epochs become steps. None = keep every row."""
 
     def __post_init__(self):
         _check((self.synthetic is None) == bool(self.files), "synthetic",
@@ -73,6 +89,26 @@ class DataConfig:
         _check(self.format in ("auto", "easyr1", "verl", "trl"), "format",
                f"expected auto, easyr1, verl or trl, got {self.format!r}")
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check_pixel_bounds(self.min_pixels, self.max_pixels, "")
+        _check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
+               f"must be >= 1 when set, got {self.max_prompt_tokens}")
+        _check(self.max_prompt_tokens is None or self.synthetic is None, "max_prompt_tokens",
+               "drops overlong rows of files; synthetic prompts are short")
+        if self.fields:
+            _check(self.synthetic is None, "fields", "maps columns of files; synthetic data has none")
+            from staged.data.formats import check_fields
+
+            try:
+                check_fields(self.fields)
+            except ValueError as e:
+                raise ValueError(str(e)) from None
+
+
+def check_pixel_bounds(lo: int | None, hi: int | None, prefix: str) -> None:
+    for name, v in ((f"{prefix}min_pixels", lo), (f"{prefix}max_pixels", hi)):
+        _check(v is None or v >= 1, name, f"must be >= 1 when set, got {v}")
+    _check(lo is None or hi is None or lo <= hi, f"{prefix}min_pixels",
+           f"must be <= max_pixels, got min_pixels={lo} > max_pixels={hi}")
 
 
 @dataclass
@@ -106,6 +142,10 @@ class BatchConfig:
     """Decode slots of the rollout engine: sequences decoded at once on a rank; when one ends,
     its slot takes the next pending sequence (continuous batching). 0 = all of a rank's
     sequences at once. (engine "simple": sequences per generate chunk.)"""
+    mini_batch_prompts: int = 0
+    """Prompts per optimizer update (EasyR1's worker.actor.global_batch_size; release 128 = 4
+    updates per 512-prompt rollout). 0 = prompts_per_step: one update per rollout. (Wired by the
+    mini-batch change; accepted here so that recipes carry the release's value.)"""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "prompts_per_step",
@@ -115,6 +155,8 @@ class BatchConfig:
                f"must be >= 1, got {self.micro_batch_size}")
         _check(self.rollout_batch_size >= 0, "rollout_batch_size",
                f"must be >= 0, got {self.rollout_batch_size}")
+        _check(self.mini_batch_prompts >= 0, "mini_batch_prompts",
+               f"must be >= 0, got {self.mini_batch_prompts}")
 
 
 @dataclass
@@ -149,6 +191,12 @@ class GRPOConfig:
     rollout_is_correction: bool = False
     """TRL's vLLM importance-sampling correction: weight tokens by exp(trainer - sampler
     log-prob), for engines whose numerics differ from the trainer's."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (EasyR1's worker.actor.ppo_epochs, default 1). (Wired by
+    the mini-batch change.)"""
+    dual_clip: float | None = None
+    """Dual-clip PPO constant C (EasyR1's clip_ratio_dual, 3.0): for negative advantages the
+    ratio term is bounded by C * |A|. None = off. (Wired by the dual-clip change.)"""
 
     def __post_init__(self):
         _check(self.loss_type in LOSS_TYPES, "loss_type",
@@ -168,6 +216,9 @@ class GRPOConfig:
                f"must be >= 1, got {self.max_response_tokens}")
         _check(self.old_logp in ("rollout", "recompute"), "old_logp",
                f"expected rollout or recompute, got {self.old_logp!r}")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _check(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip",
+               f"must be > 1 when set, got {self.dual_clip}")
 
 
 @dataclass
@@ -183,8 +234,15 @@ class StageConfig:
     freeze: list[str] = field(default_factory=list)
     """Modules kept frozen in this stage: any of vision (the whole vision tower), merger (its
     patch merger only), embed, decoder, lm_head."""
-    steps: int = 10
-    """Optimizer steps in this stage (format warm-up steps included)."""
+    steps: int | None = None
+    """Optimizer steps in this stage (format warm-up steps included). None: from ``epochs``, else 10."""
+    epochs: int | None = None
+    """Instead of steps: passes over the stage's data, steps = ceil(rows / prompts_per_step) * epochs
+    (floor with drop_last), counted when the data is checked before the model loads."""
+    drop_last: bool = False
+    """EasyR1's data loader (drop_last=True): every epoch is a fresh permutation cut to whole steps,
+    floor(rows / prompts_per_step) of them, its last rows % prompts_per_step rows left out. False: the
+    data is one stream over epochs (a step may straddle two), nothing left out."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     schedule: str = "constant"
@@ -212,7 +270,13 @@ class StageConfig:
     sft_lr: float | None = None
     """Learning rate of SFT steps (sft stages and the warm-up); None = lr."""
     system_prompt: str | None = None
-    """System message put before every prompt (e.g. the paper's format instruction)."""
+    """System message put before every prompt. None: no system turn of ours (the chat template's
+    default system message, e.g. Qwen2.5-VL's "You are a helpful assistant.", stays)."""
+    prompt_template: str | None = None
+    """Jinja template applied to each prompt's text, the user turn, as EasyR1's ``format_prompt``:
+    ``{{ content }}`` is the row's prompt (``<image>`` markers included, placed after rendering).
+    Inline text (it contains ``{{``), or a .jinja file: a path, or the name of a shipped one in
+    staged/configs/templates (``math``, ``math_release``); read when the config loads."""
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, "name",
@@ -221,7 +285,16 @@ class StageConfig:
                f"expected grpo or sft, got {self.type!r}")
         for m in self.freeze:
             _check(m in FREEZABLE, "freeze", f"unknown module {m!r}; expected any of {FREEZABLE}")
-        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.epochs is None or self.steps is None, "epochs",
+               f"set steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
+        _check(self.epochs is None or self.epochs >= 1, "epochs", f"must be >= 1 when set, got {self.epochs}")
+        if self.epochs is None and self.steps is None:
+            self.steps = 10
+        _check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        if self.prompt_template is not None:
+            from staged.data.prompting import load_template
+
+            self.prompt_template = load_template(self.prompt_template)
         _check(self.lr > 0.0, "lr", f"must be > 0, got {self.lr}")
         _check(self.sft_lr is None or self.sft_lr > 0.0, "sft_lr",
                f"must be > 0 when set, got {self.sft_lr}")
@@ -238,12 +311,33 @@ class StageConfig:
                f"must be >= 0, got {self.max_grad_norm}")
         _check(self.curriculum in ("shuffle", "easy_to_hard"), "curriculum",
                f"expected shuffle or easy_to_hard, got {self.curriculum!r}")
+        self._check_steps()
+
+    def _check_steps(self):
+        if self.steps is None:  # from epochs, once the rows are counted (resolve_steps)
+            _check(self.sft_warmup_steps >= 0, "sft_warmup_steps", f"must be >= 0, got {self.sft_warmup_steps}")
+            return
         _check(0 <= self.sft_warmup_steps <= self.steps, "sft_warmup_steps",
                f"must lie in [0, steps={self.steps}], got {self.sft_warmup_steps}")
         if self.type == "grpo" and self.sft_warmup_steps < self.steps:
             _check(self.batch.group_size >= 2, "batch.group_size",
                    f"must be >= 2 for GRPO (advantages are relative to the group), "
                    f"got {self.batch.group_size}")
+
+    def steps_for(self, rows: int) -> int:
+        """Steps of ``epochs`` passes over ``rows`` rows (see epochs / drop_last)."""
+        P = self.batch.prompts_per_step
+        per_epoch = rows // P if self.drop_last else math.ceil(rows / P)
+        if per_epoch < 1:
+            raise ValueError(f"steps: {rows} rows do not fill one step of prompts_per_step={P} "
+                             f"(drop_last = true drops them all)")
+        return per_epoch * (self.epochs or 1)
+
+    def resolve_steps(self, rows: int) -> None:
+        """Set steps from epochs and the stage's row count (no-op when steps was given)."""
+        if self.epochs is not None:
+            self.steps = self.steps_for(rows)
+            self._check_steps()
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimizer step with 0-based index ``step`` in this stage. Format
@@ -355,6 +449,17 @@ class EvalConfig:
     """Synthetic eval data seed; None = the run seed + 1,000,003 (disjoint from the stages' seeds)."""
     stages: str = "all"
     """Evaluate at the end of every stage (all) or of the last one only (last)."""
+    image_dir: str | None = None
+    """Directory that relative image paths in ``files`` are resolved against (None: each file's own)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Column mapping of ``files`` (as a stage's data.fields)."""
+    every: int = 0
+    """Also evaluate every this many steps inside a stage (0 = stage ends only). (Wired by the
+    in-stage validation change.)"""
+    temperature: float | None = None
+    """Sampling temperature of the evaluation; None = greedy. (Wired by the in-stage validation change.)"""
+    top_p: float = 1.0
+    """Nucleus threshold when sampling. (Wired by the in-stage validation change.)"""
 
     def __post_init__(self):
         for k in self.synthetic:
@@ -364,6 +469,17 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.stages in ("all", "last"), "stages", f"expected all or last, got {self.stages!r}")
+        _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        _check(self.temperature is None or self.temperature > 0, "temperature",
+               f"must be > 0 when set (None = greedy), got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
+        if self.fields:
+            from staged.data.formats import check_fields
+
+            try:
+                check_fields(self.fields)
+            except ValueError as e:
+                raise ValueError(str(e)) from None
 
     @property
     def enabled(self) -> bool:
@@ -420,6 +536,9 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run."""
     finished_check_every: int = 8
     """Rollout on CUDA: look at which sequences finished (a host sync) every this many tokens."""
+    image_cache_mb: int = 1024
+    """Decoded images kept per rank (an LRU over file-backed images, in MB of RGB pixels): images are
+    decoded when a step uses them, not when the data loads."""
     tensorboard: bool = True
     """Also write TensorBoard events when tensorboard is installed."""
     plot: bool = True
@@ -446,6 +565,7 @@ class TrainConfig:
                f"expected auto, bf16, fp16 or fp32, got {self.export_dtype!r}")
         _check(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
                f"must be >= 1, got {self.max_consecutive_bad_steps}")
+        _check(self.image_cache_mb >= 0, "image_cache_mb", f"must be >= 0, got {self.image_cache_mb}")
         _check(self.finished_check_every >= 1, "finished_check_every",
                f"must be >= 1, got {self.finished_check_every}")
         _check(len(self.stages) >= 1, "stages", "a run needs at least one [[stages]] entry")
@@ -498,6 +618,10 @@ def _build(tp, value, where: str):
             name = f" (stage {value['name']!r})" if tp is StageConfig and "name" in value else ""
             raise ValueError(f"{where}.{e}{name}") from None
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -101,13 +101,15 @@ def _dist() -> tuple[int, int]:
 def evaluate(model, processor, datasets: dict[str, list[Sample]], *, greedy: bool = True, temperature: float = 1.0,
              top_p: float = 1.0, samples: int = 1, max_new_tokens: int = 1024, batch_size: int = 8,
              system_prompt: str | None = None, seed: int = 0, reward_fn=None, timeout: float = DEFAULT_TIMEOUT_S,
-             device: torch.device | str | None = None, progress: bool = True, keep_completions: bool = True) -> dict:
+             device: torch.device | str | None = None, progress: bool = True, keep_completions: bool = True,
+             prompt_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
     """Generate for every sample of every benchmark and score the answers.
 
     datasets: benchmark name -> samples. greedy: one argmax completion per sample (temperature,
     top_p and samples ignored); else `samples` completions per sample at `temperature` / `top_p`.
     batch_size: prompts per generate call (each with its k samples). reward_fn: a user reward
     function for the accuracy term instead of the per-task verifiers (see staged.rewards.user).
+    prompt_template, min_pixels, max_pixels: as a stage's (staged.data.prompting).
 
     Returns {"benchmarks": {name: metrics}, "average": .., "all": .., "settings": .., "seconds": ..,
     "completions": [per-completion records] (when keep_completions)}; metrics: n, k, accuracy,
@@ -155,7 +157,8 @@ def evaluate(model, processor, datasets: dict[str, list[Sample]], *, greedy: boo
     for call, (b, r0, r1) in enumerate(padded):
         name = names[b]
         chunk = datasets[name][r0:r1]
-        base = build_generation_batch(processor, chunk, system_prompt=system_prompt)
+        base = build_generation_batch(processor, chunk, system_prompt=system_prompt, prompt_template=prompt_template,
+                                      min_pixels=min_pixels, max_pixels=max_pixels)
         base["images_per_row"] = [len(s.images) for s in chunk]
         rows = [j for j in range(len(chunk)) for _ in range(k)]
         batch = select_rows(base, rows)
@@ -200,7 +203,8 @@ def evaluate(model, processor, datasets: dict[str, list[Sample]], *, greedy: boo
     results["settings"] = {"greedy": greedy, "temperature": None if greedy else float(temperature),
                            "top_p": None if greedy else float(top_p), "samples": k,
                            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
-                           "system_prompt": system_prompt, "reward_fn": reward_fn if isinstance(reward_fn, str)
+                           "system_prompt": system_prompt, "prompt_template": prompt_template,
+                           "min_pixels": min_pixels, "max_pixels": max_pixels, "reward_fn": reward_fn if isinstance(reward_fn, str)
                            else None, "verifier_timeout_s": timeout}
     results["seconds"] = time.perf_counter() - t_start
     if keep_completions:
@@ -311,7 +315,8 @@ def write_results(results: dict, out_dir) -> Path:
 
 
 def load_benchmarks(paths, *, image_dir=None, format: str = "auto", default_task: str = "math",
-                    on_bad_row: str = "error", limit: int | None = None) -> dict[str, list[Sample]]:
+                    on_bad_row: str = "error", limit: int | None = None, fields: dict | None = None,
+                    verify_images: bool = True) -> dict[str, list[Sample]]:
     """One benchmark per file (its stem; made unique with the parent folder when two files share one),
     split by extra["benchmark"] / extra["data_source"] when rows carry them. limit: first N rows per
     benchmark."""
@@ -323,7 +328,7 @@ def load_benchmarks(paths, *, image_dir=None, format: str = "auto", default_task
     for p, stem in zip(paths, stems):
         name = stem if stems.count(stem) == 1 else f"{p.parent.name}/{stem}"
         ds = load_dataset_files([p], image_dir=image_dir, format=format, on_bad_row=on_bad_row,
-                                default_task=default_task)
+                                default_task=default_task, fields=fields, verify_images=verify_images)
         if ds.skipped:
             print(ds.report(), file=sys.stderr)
         for s in ds.samples:
@@ -355,6 +360,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", default="auto", choices=["auto", "easyr1", "verl", "trl"], help="row format")
     p.add_argument("--task", default="math", help="verifier for rows without a task (default math)")
     p.add_argument("--system-prompt", default=None, help="a system message for every prompt")
+    p.add_argument("--prompt-template", default=None, metavar="JINJA",
+                   help="a jinja template for the user turn ({{ content }} = the prompt), a .jinja file, or a "
+                        "shipped one (math, math_release), as a stage's prompt_template")
+    p.add_argument("--min-pixels", type=int, default=None, help="scale smaller images up to this many pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="scale larger images down to this many pixels")
     p.add_argument("--reward-fn", default=None, metavar="MODULE:FUNCTION", help="user accuracy function")
     p.add_argument("--verifier-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per verifier call")
     p.add_argument("--limit", type=int, default=None, help="first N rows of each benchmark")
@@ -372,6 +382,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("samples", "max_new_tokens", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.prompt_template is not None:
+        from staged.data.prompting import load_template
+
+        try:
+            a.prompt_template = load_template(a.prompt_template)
+        except ValueError as e:
+            p.error(str(e))
     return a
 
 
@@ -390,6 +407,7 @@ def main(argv=None) -> dict:
     results = evaluate(model, processor, datasets, greedy=greedy, temperature=a.temperature or 1.0, top_p=a.top_p,
                        samples=a.samples, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                        system_prompt=a.system_prompt, seed=a.seed, reward_fn=a.reward_fn,
+                       prompt_template=a.prompt_template, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
                        timeout=a.verifier_timeout, device=device, progress=not a.no_progress)
     results["settings"].update(model=str(a.model), data=[str(p) for p in a.data], device=str(device),
                                dtype=str(dtype).replace("torch.", ""))

@@ -43,6 +43,7 @@ class RefuseStart(RuntimeError):
 SAFE_RUN_FIELDS = ("embedded_dir", "device", "cpu_threads", "dist_timeout_s", "fsdp", "rollout", "eval", "output_dir",
                    "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "export_hf", "export_dtype",
                    "max_consecutive_bad_steps", "finished_check_every", "tensorboard", "plot", "progress",
+                   "image_cache_mb",
                    "model")  # the model is compared by its weights' fingerprint, not by its path
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
@@ -100,8 +101,9 @@ def run_identity(cfg, model_path: str | Path) -> dict[str, Any]:
 
 
 def _later_stage_steps(key: str, stage: int) -> bool:
-    """``stages[i].steps`` of a stage after the checkpoint's one: not trained yet, free to change."""
-    if not (key.startswith("stages[") and key.endswith("].steps")):
+    """``stages[i].steps`` (or ``.epochs``) of a stage after the checkpoint's one: not trained yet, free
+    to change."""
+    if not (key.startswith("stages[") and key.endswith(("].steps", "].epochs"))):
         return False
     return int(key[len("stages["):key.index("]")]) > stage
 

@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from staged import checkpoint, metrics, packed_step, parallel, vision_dummy, vision_reuse
+from staged import checkpoint, metrics, packed_step, parallel, preflight, vision_dummy, vision_reuse
 from staged import resume as resume_guard
 from staged.config import StageConfig, TrainConfig, from_cli
+from staged.data import images as image_cache
 from staged.data.prompting import build_generation_batch, build_sft_batch
 from staged.grpo import VocabMask, group_advantages, micro_batch_weight, policy_loss, token_logprobs
 from staged.models.loading import (decoder_layers, input_embeddings, language_model, load_model_and_processor,
-                                   vision_module)
+                                   load_processor, vision_module)
 from staged.rewards import compute_rewards
 from staged.rollout import SamplingParams, generate, model_inputs, position_ids, row_seed, select_rows
 from staged.vision_reuse import StepVisionFeatures
@@ -111,7 +112,17 @@ def build_optimizer(model, stage: StageConfig):
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay, foreach=True), params
 
 
-def load_stage_data(stage: StageConfig, index: int, seed: int):
+def load_stage_data(stage: StageConfig, index: int, seed: int, processor=None):
+    """The stage's samples; rows whose prompt exceeds data.max_prompt_tokens dropped (staged.preflight
+    counted the same rows for epochs -> steps)."""
+    samples = _stage_samples(stage, index, seed)
+    samples, _ = preflight.drop_overlong(samples, stage, processor)
+    if not samples:
+        raise ValueError(f"stage {stage.name!r}: no samples of <= {stage.data.max_prompt_tokens} prompt tokens")
+    return samples
+
+
+def _stage_samples(stage: StageConfig, index: int, seed: int):
     if stage.data.synthetic is not None:
         from staged.data.synthetic import make_synthetic_dataset
 
@@ -125,8 +136,10 @@ def load_stage_data(stage: StageConfig, index: int, seed: int):
         return mixed
     from staged.data.files import load_dataset_files
 
+    # verify_images=False: the preflight (staged.preflight) verified every image; headers are still read
     ds = load_dataset_files(stage.data.files, image_dir=stage.data.image_dir, format=stage.data.format,
-                            on_bad_row=stage.data.on_bad_row, default_task=stage.data.default_task)
+                            fields=stage.data.fields or None, on_bad_row=stage.data.on_bad_row,
+                            default_task=stage.data.default_task, verify_images=False)
     if not ds.samples:
         raise ValueError(f"stage {stage.name!r}: no samples in {stage.data.files}")
     return ds.samples
@@ -141,9 +154,17 @@ def epoch_order(samples, stage: StageConfig, seed: int, stage_index: int, epoch:
     return np.random.default_rng([seed, stage_index, epoch]).permutation(n).tolist()
 
 
+def prompt_options(stage: StageConfig) -> dict:
+    """How a stage's rows become prompts: system message, template, image pixel bounds."""
+    return {"system_prompt": stage.system_prompt, "prompt_template": stage.prompt_template,
+            "min_pixels": stage.data.min_pixels, "max_pixels": stage.data.max_pixels}
+
+
 def step_prompts(samples, stage: StageConfig, seed: int, stage_index: int, step: int, d: parallel.Dist):
     """This rank's prompts of ``step`` and their index in the global step batch. Stream position
-    q = step * P + i goes to epoch q // n: the data position is (stage, step), nothing else."""
+    q = step * P + i goes to epoch q // n: the data position is (stage, step), nothing else.
+    drop_last (EasyR1's loader): epoch e is steps [e * k, (e + 1) * k) with k = n // P, each a slice
+    of that epoch's order, its last n % P rows unused."""
     P, n = stage.batch.prompts_per_step, len(samples)
     per_rank = P // d.world_size
     cache: dict[int, list[int]] = {}
@@ -151,6 +172,11 @@ def step_prompts(samples, stage: StageConfig, seed: int, stage_index: int, step:
     for i in range(d.rank * per_rank, (d.rank + 1) * per_rank):
         q = step * P + i
         e = q // n
+        if stage.drop_last:
+            k = n // P
+            if k < 1:
+                raise ValueError(f"stage {stage.name!r}: drop_last with {n} rows < prompts_per_step={P}")
+            e, q = step // k, (step % k) * P + i
         if e not in cache:
             cache[e] = epoch_order(samples, stage, seed, stage_index, e)
         out.append((i, samples[cache[e][q % n]]))
@@ -258,7 +284,7 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
 
     # ---- rollout: G rows per prompt, each seeded by (run seed, step, global row index)
     samples = [s for _, s in prompts for _ in range(G)]
-    base = build_generation_batch(processor, [s for _, s in prompts], system_prompt=stage.system_prompt)
+    base = build_generation_batch(processor, [s for _, s in prompts], **prompt_options(stage))
     base["images_per_row"] = [len(s.images) for _, s in prompts]
     batch = select_rows(base, [j for j in range(len(prompts)) for _ in range(G)])
     batch["prompt_index"] = [j for j in range(len(prompts)) for _ in range(G)]  # G rows share one prefill
@@ -380,8 +406,7 @@ def sft_step(model, optimizer, params, processor, stage, cfg, d, prompts, dtype)
     if missing:
         raise ValueError(f"stage {stage.name!r}: SFT needs reference_response, missing on {len(missing)} of "
                          f"{len(samples)} samples of this step")
-    batch = build_sft_batch(processor, samples, [s.reference_response for s in samples],
-                            system_prompt=stage.system_prompt)
+    batch = build_sft_batch(processor, samples, [s.reference_response for s in samples], **prompt_options(stage))
     batch["images_per_row"] = [len(s.images) for s in samples]
     batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
                                          batch.get("image_grid_thw"))
@@ -434,11 +459,12 @@ def stage_end_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageC
     seed = e.seed if e.seed is not None else cfg.seed + 1_000_003
     sets = {kind: make_synthetic_dataset(kind, e.n, seed=seed) for kind in e.synthetic}
     if e.files:
-        sets.update(load_benchmarks(e.files, limit=e.n or None))
+        sets.update(load_benchmarks(e.files, limit=e.n or None, image_dir=e.image_dir, fields=e.fields or None,
+                                    verify_images=False))
     with torch.no_grad():
         res = evaluate(model, processor, sets, greedy=True, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                       system_prompt=stage.system_prompt, seed=cfg.seed, device=d.device, progress=False,
-                       keep_completions=False)
+                       seed=cfg.seed, device=d.device, progress=False, keep_completions=False,
+                       **prompt_options(stage))
     rec = {"step": global_step, "stage": si, "stage_name": stage.name, "stage_step": stage.steps, "kind": "eval",
            "eval_seconds": res["seconds"]}
     for name, m in [*res["benchmarks"].items(), ("average", res["average"])]:
@@ -471,7 +497,7 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
         if stage.type == "grpo" and stage.grpo.beta > 0 and ref_model is None:
             ref_model, _ = build_model(path, cfg, d, [], trainable=False)
         use_ref = ref_model if stage.type == "grpo" and stage.grpo.beta > 0 else None
-        samples = load_stage_data(stage, si, cfg.seed)
+        samples = load_stage_data(stage, si, cfg.seed, processor)
         sp = sampling_params(stage, cfg, model, tokenizer)
         start = 0
         if resume is not None and si == state["stage"]:  # mid-stage: weights, optimizer, reference, RNG
@@ -565,8 +591,18 @@ def train(cfg: TrainConfig) -> list[dict]:
     resume_guard.check_writable(out_dir, ckpt_dir, rank=d.rank)
     lock = on_rank0(d, lambda: resume_guard.RunLock(out_dir).acquire())
 
+    # ---- preflight: every stage's data and the eval files, checked on rank 0 (staged.preflight); a
+    #      bad file of the last stage fails here, once, not after the first stages have trained
+    #      (data.max_prompt_tokens counts prompt tokens: that needs the processor, not the model)
+    path = resolve_model_path(cfg, d) if preflight.needs_processor(cfg) else None
+    proc = load_processor(path) if path is not None and d.is_main else None
+    rows = parallel.broadcast_object(on_rank0(d, lambda: preflight.check_data(cfg, proc)))
+    for line in preflight.resolve_steps(cfg, rows):  # epochs -> steps, on every rank
+        log(line)
+    image_cache.CACHE.set_limit(cfg.image_cache_mb)
+
     # ---- resume: the newest intact checkpoint of this same run, or a fresh start
-    path = resolve_model_path(cfg, d)
+    path = path or resolve_model_path(cfg, d)
     checkpoint.clean_temp(ckpt_dir, d)
     if cfg.resume == "never" and (n := checkpoint.remove_all(ckpt_dir, d)):
         log(f"[resume=never] removed {n} old checkpoints from {ckpt_dir}")

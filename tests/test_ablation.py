@@ -29,7 +29,8 @@ def rollouts(cfg) -> int:
 # recipes
 
 
-@pytest.mark.parametrize("name", ["merged", "caption_sft", "paper_merged_qwen2_5_vl", "paper_caption_sft_qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["merged", "caption_sft", "paper_merged_qwen2_5_vl", "paper_caption_sft_qwen2_5_vl",
+                                  "paper_merged_freeze_vision_qwen2_5_vl"])
 def test_recipe_loads_and_validates(name):
     cfg = load_config(name)
     assert cfg.stages and all(isinstance(s, StageConfig) for s in cfg.stages)
@@ -60,11 +61,12 @@ def test_paper_variants_mirror_the_paper_recipe():
         for key in ("model", "precision", "seed", "checkpoint_every", "fsdp"):
             assert getattr(cfg, key) == getattr(paper, key), key
     (m,) = merged.stages
-    assert m.steps == sum(s.steps for s in paper.stages)
+    assert m.epochs == 15 and m.drop_last  # merged_baseline.sh: total_epochs 15 over the merged file
     assert m.data.files == [f for s in paper.stages for f in s.data.files]
-    for key in ("lr", "batch", "grpo", "reward", "system_prompt", "curriculum"):
+    for key in ("lr", "batch", "grpo", "reward", "system_prompt", "prompt_template", "curriculum", "drop_last"):
         assert getattr(m, key) == getattr(paper.stages[0], key), key
-    assert cap.stages[0].type == "sft" and cap.stages[0].steps == paper.stages[0].steps
+    assert (m.data.min_pixels, m.data.max_pixels) == (paper.stages[0].data.min_pixels, paper.stages[0].data.max_pixels)
+    assert cap.stages[0].type == "sft" and cap.stages[0].steps == 30
     assert [dataclasses.asdict(s) for s in cap.stages[1:]] == [dataclasses.asdict(s) for s in paper.stages[1:]]
 
 

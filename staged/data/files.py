@@ -11,8 +11,10 @@ What a loaded Sample looks like:
            <|vision_start|><|image_pad|><|vision_end|>, <|image|>, chat image parts) become `<image>`.
            A prompt with no marker but N images gets N markers PREPENDED (images before the text, the
            way staged.data.prompting places them anyway); with markers, their count must equal N.
-  images   PIL images, decoded and converted to RGB at load time, so that a corrupt file fails here
-           and not mid-training. Rows naming the same file share one image object (don't mutate them).
+  images   staged.data.images.ImageRef per image: its header is read and checked at load (a missing,
+           non-image or header-damaged file fails here, not mid-training) but its pixels are decoded only
+           when a step uses it (staged.data.images.materialize, a bounded LRU per process). Rows naming
+           the same file share one ImageRef. Encoded bytes (Parquet, base64) are kept as bytes.
   task     the row's `task`, else default_task, else an error.
   extra    every column not read into a field above, as it is (verl's data_source, extra_info and
            reward_model dicts included); reward functions receive it. A chat prompt's system message
@@ -44,6 +46,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import formats as F
+from .images import ImageRef, read_header
 from .sample import Sample
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -122,7 +125,8 @@ class LoadedDataset:
 
 
 def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: dict | None = None,
-                       on_bad_row: str = "error", default_task: str | None = None) -> LoadedDataset:
+                       on_bad_row: str = "error", default_task: str | None = None,
+                       verify_images: bool = True) -> LoadedDataset:
     """Load JSONL/Parquet files into Samples, validating every row up front (see the module docstring).
 
     paths: one path or a list; each file's format is detected on its own (format="auto") or forced
@@ -131,6 +135,8 @@ def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: d
     fields: our field name -> your column ({"prompt": "question", "answer": "gt"}; dotted = nested).
     on_bad_row: "error" raises DataError at the first bad row; "skip" skips and counts it.
     default_task: the task of rows without one (task chooses the verifier: mcq, number, math, ...).
+    verify_images: PIL's verify() after the header read (reads each whole PNG); False: the header only,
+        for files that a preflight has verified already.
     """
     if format not in F.FORMAT_NAMES:
         raise ValueError(f"format must be one of {', '.join(F.FORMAT_NAMES)}, got {format!r}")
@@ -140,7 +146,7 @@ def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: d
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out = LoadedDataset()
-    images = _ImageCache()
+    images = _ImageRefs(verify_images)
     for path in paths:
         name, p = str(path), Path(path)
         if not p.is_file():
@@ -160,6 +166,7 @@ def load_dataset_files(paths, *, image_dir=None, format: str = "auto", fields: d
         base = Path(image_dir) if image_dir is not None else p.parent
         for row_no, record in rows:
             stats.rows += 1
+            images.where = BadRow(name, row_no, None, "", None, row_kind).location
             try:
                 if isinstance(record, F.FieldError):
                     raise record
@@ -245,13 +252,15 @@ def _columns_for(name: str, columns, fmt: str, fields: dict) -> F.Columns:
         raise DataError(BadRow(name, None, None, (
             f"unknown format: columns {sorted(columns)}; expected EasyR1 (problem, answer, images), "
             "verl (prompt chat list, reward_model.ground_truth, images) or TRL-style (prompt, solution or "
-            "answer, image or images), or map your columns with fields={'prompt': ..., 'answer': ...}")))
+            "answer, image or images), or map your columns: data.fields = {prompt = \"...\", answer = \"...\"} "
+            "in the stage's config (eval.fields for eval files; fields={...} in load_dataset_files)")))
     cols, missing = F.resolve_columns(spec, columns, fields)
     if cols is None:
         wanted = " or ".join(repr(c) for c in getattr(spec, missing))
         raise DataError(BadRow(name, None, missing, (
             f"column {wanted} not in the file ({spec.name} format); columns: {sorted(columns)}; "
-            f"map yours with fields={{'{missing}': ...}}")))
+            f"map yours with data.fields = {{{missing} = \"...\"}} in the stage's config (eval.fields for "
+            f"eval files; fields={{'{missing}': ...}} in load_dataset_files)")))
     return cols
 
 
@@ -259,7 +268,7 @@ def _columns_for(name: str, columns, fmt: str, fields: dict) -> F.Columns:
 # one row -> Sample
 
 
-def _build_sample(record: dict, cols: F.Columns, base: Path, images: _ImageCache,
+def _build_sample(record: dict, cols: F.Columns, base: Path, images: _ImageRefs,
                   default_task: str | None) -> Sample:
     prompt_value = F.get_value(record, cols.prompt)
     if F.is_missing(prompt_value):
@@ -288,7 +297,7 @@ def _build_sample(record: dict, cols: F.Columns, base: Path, images: _ImageCache
         text = F.IMAGE_MARKER * len(pil) + text  # documented: images go before the text
     elif n_markers != len(pil):
         where = (f"'{cols.images}'" if cols.images else
-                 "the row (no images column: map yours with fields={'images': ...})")
+                 "the row (no images column: map yours with data.fields = {images = \"...\"})")
         raise F.FieldError(cols.prompt, f"{n_markers} {F.IMAGE_MARKER} placeholders but {len(pil)} images in {where}")
     if not text.replace(F.IMAGE_MARKER, "").strip() and not pil:
         raise F.FieldError(cols.prompt, "empty prompt")
@@ -308,25 +317,28 @@ def _build_sample(record: dict, cols: F.Columns, base: Path, images: _ImageCache
                   reference_response=reference)
 
 
-class _ImageCache:
-    """Opens image sources as RGB PIL images; a file named by many rows is decoded once and shared."""
+class _ImageRefs:
+    """Image sources -> ImageRefs, checked by their header (staged.data.images), not decoded. A file
+    named by many rows gets one ImageRef (they share its decoded pixels in the cache too)."""
 
-    def __init__(self):
-        self._by_path: dict[Path, Image.Image] = {}
+    def __init__(self, verify: bool = True):
+        self._by_path: dict[Path, ImageRef] = {}
+        self.verify = verify
+        self.where = ""  # "file:row" of the row being read, for errors raised on use
 
-    def open(self, src, field: str, index: int, base: Path) -> Image.Image:
+    def open(self, src, field: str, index: int, base: Path):
         if isinstance(src, Image.Image):
             return src.convert("RGB")
         if isinstance(src, dict):
             data = src.get("bytes")
             if data is not None:
-                return self._decode(_bytes_of(data, field, index), field, index)
+                return self._from_bytes(_bytes_of(data, field, index), field, index)
             ref = next((src[k] for k in ("image", "path", "url") if src.get(k) is not None), None)
             if ref is None:
                 raise F.FieldError(field, f"image dict has no bytes and no path: keys {sorted(src)}", index)
             return self.open(ref, field, index, base)
         if isinstance(src, (bytes, bytearray, memoryview)):
-            return self._decode(bytes(src), field, index)
+            return self._from_bytes(bytes(src), field, index)
         if not isinstance(src, str):
             raise F.FieldError(field, f"expected an image path, bytes or a {{'bytes', 'path'}} dict, got "
                                       f"{type(src).__name__}", index)
@@ -334,7 +346,7 @@ class _ImageCache:
             head, _, payload = src.partition(",")
             if not head.endswith(";base64"):
                 raise F.FieldError(field, f"data URI is not base64: {head!r}", index)
-            return self._decode(_b64(payload, field, index), field, index)
+            return self._from_bytes(_b64(payload, field, index), field, index)
         if src.startswith(("http://", "https://")):
             raise F.FieldError(field, f"URLs are not supported (local files only): {src}", index)
         rel = src[len("file://"):] if src.startswith("file://") else src
@@ -348,23 +360,22 @@ class _ImageCache:
             where = "" if Path(rel).is_absolute() else f" (under {base})"
             raise F.FieldError(field, f"file not found: {rel}{where}", index)
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")  # decodes every pixel: a truncated or corrupt file fails here
+            size, mode = read_header(path, self.verify)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
             raise F.FieldError(field, f"cannot decode image file {rel}: {type(e).__name__}: {e}", index) from None
-        self._by_path[path] = img
-        return img
+        ref = ImageRef(path=path, size=size, mode=mode, where=f"{self.where}: field '{field}'[{index}]")
+        self._by_path[path] = ref
+        return ref
 
-    @staticmethod
-    def _decode(data: bytes, field: str, index: int) -> Image.Image:
+    def _from_bytes(self, data: bytes, field: str, index: int) -> ImageRef:
         if not data:
             raise F.FieldError(field, "empty image bytes", index)
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
+            size, mode = read_header(data, self.verify)
         except Exception as e:  # noqa: BLE001
             raise F.FieldError(field, f"corrupt image bytes ({len(data)} bytes): {type(e).__name__}: {e}",
                                index) from None
+        return ImageRef(data=data, size=size, mode=mode, where=f"{self.where}: field '{field}'[{index}]")
 
 
 def _bytes_of(data, field: str, index: int) -> bytes:

@@ -13,7 +13,8 @@ class Sample:
         convention), one `<image>` per image.
     answer: the ground truth the verifier checks (an MCQ letter, a number, a caption, ...).
     task: chooses the verifier: "mcq" | "number" | "math" | "count" | "caption" | ...
-    images: PIL images, in placeholder order.
+    images: in placeholder order: PIL images (synthetic data) or staged.data.images.ImageRef (rows of
+        files: header-checked at load, decoded on use by staged.data.images.materialize).
     pass_rate: difficulty for the curriculum, in [0, 1] (higher = easier); None when unknown.
     extra: metadata handed to reward functions (the synthetic generator records what it drew).
     reference_response: a gold response in the answer format, for the format warm-up / SFT.

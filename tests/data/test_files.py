@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from staged.data.files import DataError, load_dataset_files
+from staged.data.images import materialize
 
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
@@ -70,7 +71,8 @@ def test_easyr1_jsonl(imgs):
     assert [im.size for im in s0.images] == [(32, 24)] and s0.images[0].mode == "RGB"
     assert s0.extra == {"source": "clevr", "id": 7}
     assert s1.answer == "2" and s1.task == "number" and s1.pass_rate is None
-    assert [(im.size, im.mode) for im in s1.images] == [((32, 24), "RGB"), ((17, 9), "RGB")]  # RGBA -> RGB
+    assert [(im.size, im.mode) for im in s1.images] == [((32, 24), "RGB"), ((17, 9), "RGBA")]  # header: file's mode
+    assert [materialize(im).mode for im in s1.images] == ["RGB", "RGB"]  # RGBA -> RGB on use
     assert s1.images[0] is s0.images[0]  # one file, decoded once
     assert s2.images == [] and s2.reference_response.endswith("\\boxed{5}")
     assert ds.files[0].format == "easyr1" and ds.files[0].with_images == 2
