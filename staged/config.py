@@ -97,7 +97,7 @@ class BatchConfig:
     """Batch geometry of one optimizer step (global, over all data-parallel ranks)."""
 
     prompts_per_step: int = 8
-    """Prompts per optimizer step, over all ranks; must divide by the world size."""
+    """Prompts per rollout step, over all ranks; must divide by the world size."""
     group_size: int = 4
     """G: completions sampled per prompt (the GRPO group)."""
     micro_batch_size: int = 8
@@ -106,6 +106,10 @@ class BatchConfig:
     """Decode slots of the rollout engine: sequences decoded at once on a rank; when one ends,
     its slot takes the next pending sequence (continuous batching). 0 = all of a rank's
     sequences at once. (engine "simple": sequences per generate chunk.)"""
+    mini_batch_prompts: int = 0
+    """Prompts per optimizer update, over all ranks (EasyR1's global_batch_size): the rollout's
+    prompts split into prompts_per_step / mini_batch_prompts mini-batches, each one optimizer
+    update (x grpo.ppo_epochs passes). 0 = prompts_per_step: one update per rollout step."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "prompts_per_step",
@@ -115,6 +119,15 @@ class BatchConfig:
                f"must be >= 1, got {self.micro_batch_size}")
         _check(self.rollout_batch_size >= 0, "rollout_batch_size",
                f"must be >= 0, got {self.rollout_batch_size}")
+        _check(self.mini_batch_prompts >= 0 and (self.mini_batch_prompts == 0
+                                                 or self.prompts_per_step % self.mini_batch_prompts == 0),
+               "mini_batch_prompts", f"must divide prompts_per_step={self.prompts_per_step} (0 = prompts_per_step), "
+               f"got {self.mini_batch_prompts}")
+
+    @property
+    def num_mini_batches(self) -> int:
+        """Mini-batches (optimizer updates per pass) of one rollout step."""
+        return self.prompts_per_step // (self.mini_batch_prompts or self.prompts_per_step)
 
 
 @dataclass
@@ -131,6 +144,13 @@ class GRPOConfig:
     """Upper clip range: ratio <= 1 + eps_high (the paper's clip-higher 0.3)."""
     delta: float | None = None
     """Optional two-sided clip of the ratio for negative advantages (TRL's ``delta``)."""
+    dual_clip: float | None = None
+    """Dual-clip PPO's C (> 1; None = off): for negative advantages the clipped loss is capped at
+    -C * A, so a token whose ratio ran far past 1 + eps cannot dominate (EasyR1: 3.0)."""
+    ppo_epochs: int = 1
+    """Passes over the rollout step's mini-batches (batch.mini_batch_prompts): the step takes
+    num_mini_batches x ppo_epochs optimizer updates. Updates after the first measure the ratio
+    against the log-probs of the policy that sampled (see old_logp)."""
     beta: float = 0.0
     """Weight of the k3 KL to the stage's reference model; 0 = no reference model is built."""
     temperature: float = 1.0
@@ -145,7 +165,9 @@ class GRPOConfig:
     """Multiply the k3 KL by the importance ratio (TRL's default); EasyR1's low_var_kl does not."""
     old_logp: str = "recompute"
     """The importance ratio's denominator: recompute (the trainer's own log-probs, detached: TRL's
-    on-policy shortcut, ratio 1 in value) or rollout (the sampler's log-probs)."""
+    on-policy shortcut, ratio 1 in value, for the step's first update; later updates use the
+    log-probs of the policy that sampled, from one no-grad pass before the first update, as
+    EasyR1 does) or rollout (the sampler's log-probs, every update)."""
     rollout_is_correction: bool = False
     """TRL's vLLM importance-sampling correction: weight tokens by exp(trainer - sampler
     log-prob), for engines whose numerics differ from the trainer's."""
@@ -160,6 +182,9 @@ class GRPOConfig:
         _check(self.eps_high >= 0.0, "eps_high", f"must be >= 0, got {self.eps_high}")
         _check(self.delta is None or self.delta > 1.0, "delta",
                f"must be > 1 when set, got {self.delta}")
+        _check(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip",
+               f"must be > 1 when set (None = off), got {self.dual_clip}")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _check(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
         _check(self.temperature > 0.0, "temperature",
                f"must be > 0, got {self.temperature}")
@@ -184,13 +209,15 @@ class StageConfig:
     """Modules kept frozen in this stage: any of vision (the whole vision tower), merger (its
     patch merger only), embed, decoder, lm_head."""
     steps: int = 10
-    """Optimizer steps in this stage (format warm-up steps included)."""
+    """Rollout steps in this stage (format warm-up steps included); each takes
+    batch.num_mini_batches x grpo.ppo_epochs optimizer updates (one by default)."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     schedule: str = "constant"
     """constant, cosine (to min_lr_ratio * lr at the last step) or warmup (linear warm-up,
     then constant); warmup_steps applies to all three. The schedule covers the GRPO steps (the
-    format warm-up runs at sft_lr before it) or, in an sft stage, all steps."""
+    format warm-up runs at sft_lr before it) or, in an sft stage, all steps. It counts rollout
+    steps, as verl / EasyR1 do: all optimizer updates of one step share its lr."""
     warmup_steps: int = 0
     """Linear warm-up steps from lr / warmup_steps to lr. A fresh AdamW's first steps move every
     weight by ~lr whatever the gradient's size, so RL from a new optimizer wants a few."""
@@ -333,8 +360,9 @@ class PackingTrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Stage-end evaluation (staged.eval.evaluate, greedy) on held-out sets; off while both lists are
-    empty. Results go into the metrics JSONL as one ``kind = "eval"`` record per stage end."""
+    """Evaluation (staged.eval.evaluate) on held-out sets at stage ends and, with ``every``, during
+    a stage; off while both lists are empty. Results go into the metrics JSONL (and TensorBoard,
+    under eval/) as ``kind = "eval"`` records. An eval lost to a crash is redone on resume."""
 
     synthetic: list[str] = field(default_factory=list)
     """Synthetic eval sets (perception / textual / visual / caption), each ``n`` samples generated
@@ -351,6 +379,16 @@ class EvalConfig:
     """Synthetic eval data seed; None = the run seed + 1,000,003 (disjoint from the stages' seeds)."""
     stages: str = "all"
     """Evaluate at the end of every stage (all) or of the last one only (last)."""
+    every: int = 0
+    """Also evaluate after every this many global steps, inside a stage (0 = stage ends only). A
+    step that is both only evaluates once."""
+    temperature: float = 0.0
+    """Sampling temperature of the evaluation; 0 = greedy (one argmax completion per prompt)."""
+    top_p: float = 1.0
+    """Nucleus threshold when sampling (temperature > 0)."""
+    samples: int = 1
+    """Completions per prompt when sampling (accuracy is their mean; pass@k is logged too).
+    (``n`` above is the number of prompts per set.)"""
 
     def __post_init__(self):
         for k in self.synthetic:
@@ -360,6 +398,14 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.stages in ("all", "last"), "stages", f"expected all or last, got {self.stages!r}")
+        _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        _check(self.every == 0 or self.enabled, "every",
+               f"every={self.every} needs eval sets: set eval.synthetic or eval.files")
+        _check(self.temperature >= 0.0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
+        _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        _check(self.samples == 1 or self.temperature > 0, "samples",
+               f"{self.samples} completions per prompt need temperature > 0 (greedy gives one)")
 
     @property
     def enabled(self) -> bool:
