@@ -338,7 +338,8 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
         else:
             method, args = LOGPROBS, (mb.inputs, mb.targets, mb.start)
         # the rollout's image features are the policy's: the reference runs its own tower
-        kw = {"image_features": mb.image_features, "tower_in_forward": False} if svf is not None and m is model else {}
+        reuse = svf is not None and m is model
+        kw = {"image_features": mb.image_features, "tower_in_forward": False} if reuse else {}
         return getattr(m, method)(*args, temperature=g.temperature, with_entropy=with_entropy, vocab=vocab, **kw)
 
     def ref_logprobs(mini, i, mb):  # once per rollout step: at a micro-batch's first use

@@ -95,7 +95,7 @@ def test_mini_batch_rows_keep_groups_and_do_not_depend_on_the_rank_count():
     assert minibatch.mini_batch_rows(4, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
     assert minibatch.update_schedule(2, 3) == [0, 1, 0, 1, 0, 1]
     P, G, K = 8, 3, 4
-    for W in (1, 2):  # (M = P / K = 2 prompts per mini-batch: W divides M) global prompts of each mini-batch, as the ranks hold them
+    for W in (1, 2):  # the global prompts of each mini-batch as the ranks hold them (W divides M = P / K = 2)
         per = P // W
         glob = [sorted({(r * per * G + row) // G for r in range(W)
                         for row in minibatch.mini_batch_rows(per, G, K)[k]}) for k in range(K)]

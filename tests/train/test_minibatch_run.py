@@ -26,7 +26,15 @@ tensorboard = false
 plot = false
 progress = false
 packing = {{ enabled = true }}
-eval = {{ synthetic = ["perception"], n = 4, max_new_tokens = 6, every = 2, temperature = 0.6, top_p = 0.95, samples = 2 }}
+
+[eval]
+synthetic = ["perception"]
+n = 4
+max_new_tokens = 6
+every = 2
+temperature = 0.6
+top_p = 0.95
+samples = 2
 
 [[stages]]
 name = "perception"
