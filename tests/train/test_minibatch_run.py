@@ -4,7 +4,8 @@ at temperature 0.6 / top-p 0.95 / 2 samples: metrics.jsonl says 4 updates per st
 clip fractions and holds the evals at the right steps with their sampling settings; a crash right
 after a step whose eval was due (checkpoint written, eval not logged) redoes that eval on resume,
 a crash in the middle of the stage resumes there, and the whole run then equals an uninterrupted
-one bit for bit (metrics and exported weights). Subprocess runs from the warm checkpoint."""
+one bit for bit (metrics and exported weights); the same run without evals trains the same
+weights. Subprocess runs from the warm checkpoint."""
 from __future__ import annotations
 
 import inspect
@@ -95,6 +96,17 @@ def test_minibatch_run_with_eval_resumes_exactly(tmp_path, warm_model):
     assert "resuming from" in res.stdout
     got = read_records(out_b)
     assert [_same(r) for r in got] == [_same(r) for r in ref]
-    a = load_file(str(tmp_path / "a" / "out" / "hf" / "stage0-perception" / "model.safetensors"))
-    b = load_file(str(out_b / "hf" / "stage0-perception" / "model.safetensors"))
+    assert_same_weights(tmp_path / "a" / "out", out_b)
+
+    # C: the evals change nothing in training (same records but theirs, same weights)
+    (tmp_path / "c").mkdir()
+    run_train(["--config", str(_config(tmp_path / "c", warm_model)), "eval.every=0", "eval.synthetic=[]"],
+              cwd=tmp_path / "c")
+    assert [_same(r) for r in read_records(tmp_path / "c" / "out")] == [_same(r) for r in grpo]
+    assert_same_weights(tmp_path / "a" / "out", tmp_path / "c" / "out")
+
+
+def assert_same_weights(one, two):
+    a = load_file(str(one / "hf" / "stage0-perception" / "model.safetensors"))
+    b = load_file(str(two / "hf" / "stage0-perception" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
