@@ -110,3 +110,21 @@ def assert_same_weights(one, two):
     a = load_file(str(one / "hf" / "stage0-perception" / "model.safetensors"))
     b = load_file(str(two / "hf" / "stage0-perception" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_records_reach_tensorboard_under_eval(tmp_path):
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from staged.metrics import MetricsLogger
+
+    lg = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    lg.log({"step": 2, "stage": 0, "stage_name": "p", "stage_step": 2, "kind": "eval", "eval_temperature": 0.6,
+            "eval/perception/accuracy": 0.25, "eval/average/accuracy": 0.25})
+    lg.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/perception/accuracy")] == [(2, 0.25)]
+    assert "train/eval_temperature" not in acc.Tags()["scalars"]
