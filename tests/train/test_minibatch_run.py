@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -65,6 +66,7 @@ def _same(rec):
     return {k: v for k, v in deterministic(rec).items() if k != "eval_seconds"}
 
 
+@pytest.mark.slow
 def test_minibatch_run_with_eval_resumes_exactly(tmp_path, warm_model):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -113,8 +115,6 @@ def assert_same_weights(one, two):
 
 
 def test_eval_records_reach_tensorboard_under_eval(tmp_path):
-    import pytest
-
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
