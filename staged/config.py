@@ -133,7 +133,7 @@ class BatchConfig:
     """Batch geometry of one optimizer step (global, over all data-parallel ranks)."""
 
     prompts_per_step: int = 8
-    """Prompts per optimizer step, over all ranks; must divide by the world size."""
+    """Prompts per rollout step, over all ranks; must divide by the world size."""
     group_size: int = 4
     """G: completions sampled per prompt (the GRPO group)."""
     micro_batch_size: int = 8
@@ -143,9 +143,9 @@ class BatchConfig:
     its slot takes the next pending sequence (continuous batching). 0 = all of a rank's
     sequences at once. (engine "simple": sequences per generate chunk.)"""
     mini_batch_prompts: int = 0
-    """Prompts per optimizer update (EasyR1's worker.actor.global_batch_size; release 128 = 4
-    updates per 512-prompt rollout). 0 = prompts_per_step: one update per rollout. (Wired by the
-    mini-batch change; accepted here so that recipes carry the release's value.)"""
+    """Prompts per optimizer update, over all ranks (EasyR1's global_batch_size): the rollout's
+    prompts split into prompts_per_step / mini_batch_prompts mini-batches, each one optimizer
+    update (x grpo.ppo_epochs passes). 0 = prompts_per_step: one update per rollout step."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "prompts_per_step",
@@ -155,8 +155,15 @@ class BatchConfig:
                f"must be >= 1, got {self.micro_batch_size}")
         _check(self.rollout_batch_size >= 0, "rollout_batch_size",
                f"must be >= 0, got {self.rollout_batch_size}")
-        _check(self.mini_batch_prompts >= 0, "mini_batch_prompts",
-               f"must be >= 0, got {self.mini_batch_prompts}")
+        _check(self.mini_batch_prompts >= 0 and (self.mini_batch_prompts == 0
+                                                 or self.prompts_per_step % self.mini_batch_prompts == 0),
+               "mini_batch_prompts", f"must divide prompts_per_step={self.prompts_per_step} (0 = prompts_per_step), "
+               f"got {self.mini_batch_prompts}")
+
+    @property
+    def num_mini_batches(self) -> int:
+        """Mini-batches (optimizer updates per pass) of one rollout step."""
+        return self.prompts_per_step // (self.mini_batch_prompts or self.prompts_per_step)
 
 
 @dataclass
@@ -173,6 +180,13 @@ class GRPOConfig:
     """Upper clip range: ratio <= 1 + eps_high (the paper's clip-higher 0.3)."""
     delta: float | None = None
     """Optional two-sided clip of the ratio for negative advantages (TRL's ``delta``)."""
+    dual_clip: float | None = None
+    """Dual-clip PPO's C (> 1; None = off): for negative advantages the clipped loss is capped at
+    -C * A, so a token whose ratio ran far past 1 + eps cannot dominate (EasyR1: 3.0)."""
+    ppo_epochs: int = 1
+    """Passes over the rollout step's mini-batches (batch.mini_batch_prompts): the step takes
+    num_mini_batches x ppo_epochs optimizer updates. Updates after the first measure the ratio
+    against the log-probs of the policy that sampled (see old_logp)."""
     beta: float = 0.0
     """Weight of the k3 KL to the stage's reference model; 0 = no reference model is built."""
     temperature: float = 1.0
@@ -187,16 +201,12 @@ class GRPOConfig:
     """Multiply the k3 KL by the importance ratio (TRL's default); EasyR1's low_var_kl does not."""
     old_logp: str = "recompute"
     """The importance ratio's denominator: recompute (the trainer's own log-probs, detached: TRL's
-    on-policy shortcut, ratio 1 in value) or rollout (the sampler's log-probs)."""
+    on-policy shortcut, ratio 1 in value, for the step's first update; later updates use the
+    log-probs of the policy that sampled, from one no-grad pass before the first update, as
+    EasyR1 does) or rollout (the sampler's log-probs, every update)."""
     rollout_is_correction: bool = False
     """TRL's vLLM importance-sampling correction: weight tokens by exp(trainer - sampler
     log-prob), for engines whose numerics differ from the trainer's."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch (EasyR1's worker.actor.ppo_epochs, default 1). (Wired by
-    the mini-batch change.)"""
-    dual_clip: float | None = None
-    """Dual-clip PPO constant C (EasyR1's clip_ratio_dual, 3.0): for negative advantages the
-    ratio term is bounded by C * |A|. None = off. (Wired by the dual-clip change.)"""
 
     def __post_init__(self):
         _check(self.loss_type in LOSS_TYPES, "loss_type",
@@ -208,6 +218,9 @@ class GRPOConfig:
         _check(self.eps_high >= 0.0, "eps_high", f"must be >= 0, got {self.eps_high}")
         _check(self.delta is None or self.delta > 1.0, "delta",
                f"must be > 1 when set, got {self.delta}")
+        _check(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip",
+               f"must be > 1 when set (None = off), got {self.dual_clip}")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _check(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
         _check(self.temperature > 0.0, "temperature",
                f"must be > 0, got {self.temperature}")
@@ -216,9 +229,6 @@ class GRPOConfig:
                f"must be >= 1, got {self.max_response_tokens}")
         _check(self.old_logp in ("rollout", "recompute"), "old_logp",
                f"expected rollout or recompute, got {self.old_logp!r}")
-        _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
-        _check(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip",
-               f"must be > 1 when set, got {self.dual_clip}")
 
 
 @dataclass
@@ -235,7 +245,9 @@ class StageConfig:
     """Modules kept frozen in this stage: any of vision (the whole vision tower), merger (its
     patch merger only), embed, decoder, lm_head."""
     steps: int | None = None
-    """Optimizer steps in this stage (format warm-up steps included). None: from ``epochs``, else 10."""
+    """Rollout steps in this stage (format warm-up steps included); each takes
+    batch.num_mini_batches x grpo.ppo_epochs optimizer updates (one by default). None: from
+    ``epochs``, else 10."""
     epochs: int | None = None
     """Instead of steps: passes over the stage's data, steps = ceil(rows / prompts_per_step) * epochs
     (floor with drop_last), counted when the data is checked before the model loads."""
@@ -248,7 +260,8 @@ class StageConfig:
     schedule: str = "constant"
     """constant, cosine (to min_lr_ratio * lr at the last step) or warmup (linear warm-up,
     then constant); warmup_steps applies to all three. The schedule covers the GRPO steps (the
-    format warm-up runs at sft_lr before it) or, in an sft stage, all steps."""
+    format warm-up runs at sft_lr before it) or, in an sft stage, all steps. It counts rollout
+    steps, as verl / EasyR1 do: all optimizer updates of one step share its lr."""
     warmup_steps: int = 0
     """Linear warm-up steps from lr / warmup_steps to lr. A fresh AdamW's first steps move every
     weight by ~lr whatever the gradient's size, so RL from a new optimizer wants a few."""
@@ -431,8 +444,9 @@ class PackingTrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Stage-end evaluation (staged.eval.evaluate, greedy) on held-out sets; off while both lists are
-    empty. Results go into the metrics JSONL as one ``kind = "eval"`` record per stage end."""
+    """Evaluation (staged.eval.evaluate) on held-out sets at stage ends and, with ``every``, during
+    a stage; off while both lists are empty. Results go into the metrics JSONL (and TensorBoard,
+    under eval/) as ``kind = "eval"`` records. An eval lost to a crash is redone on resume."""
 
     synthetic: list[str] = field(default_factory=list)
     """Synthetic eval sets (perception / textual / visual / caption), each ``n`` samples generated
@@ -454,12 +468,15 @@ class EvalConfig:
     fields: dict[str, str] = field(default_factory=dict)
     """Column mapping of ``files`` (as a stage's data.fields)."""
     every: int = 0
-    """Also evaluate every this many steps inside a stage (0 = stage ends only). (Wired by the
-    in-stage validation change.)"""
-    temperature: float | None = None
-    """Sampling temperature of the evaluation; None = greedy. (Wired by the in-stage validation change.)"""
+    """Also evaluate after every this many global steps, inside a stage (0 = stage ends only). A
+    step that is both only evaluates once."""
+    temperature: float = 0.0
+    """Sampling temperature of the evaluation; 0 = greedy (one argmax completion per prompt)."""
     top_p: float = 1.0
-    """Nucleus threshold when sampling. (Wired by the in-stage validation change.)"""
+    """Nucleus threshold when sampling (temperature > 0)."""
+    samples: int = 1
+    """Completions per prompt when sampling (accuracy is their mean; pass@k is logged too).
+    (``n`` above is the number of prompts per set.)"""
 
     def __post_init__(self):
         for k in self.synthetic:
@@ -470,9 +487,13 @@ class EvalConfig:
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.stages in ("all", "last"), "stages", f"expected all or last, got {self.stages!r}")
         _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
-        _check(self.temperature is None or self.temperature > 0, "temperature",
-               f"must be > 0 when set (None = greedy), got {self.temperature}")
+        _check(self.every == 0 or self.enabled, "every",
+               f"every={self.every} needs eval sets: set eval.synthetic or eval.files")
+        _check(self.temperature >= 0.0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
+        _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        _check(self.samples == 1 or self.temperature > 0, "samples",
+               f"{self.samples} completions per prompt need temperature > 0 (greedy gives one)")
         if self.fields:
             from staged.data.formats import check_fields
 

@@ -4,11 +4,11 @@ weights and the loss (``staged.kernels.grpo_loss``, TRL semantics).
 Normalisation across micro-batches and ranks. FSDP averages gradients over ranks, and we
 accumulate micro-batches by summing their backward passes, so each micro-batch's loss is
 scaled such that (sum over a rank's micro-batches, then mean over ranks) is the loss of the
-whole global batch as TRL defines it for one process:
+whole global mini-batch (one optimizer update; staged.minibatch) as TRL defines it for one process:
 
-  grpo, bnpo, dr_grpo  per-sequence (or per-micro-batch) means: weight = rows_mb / rows_rank
-                       (ranks hold equal row counts, so the rank mean is the global mean)
-  dapo, cispo          token sums over the global token count: the kernel divides by
+  grpo, bnpo, dr_grpo  per-sequence (or per-micro-batch) means: weight = rows_mb / rows of the
+                       rank's mini-batch (ranks hold equal row counts: the rank mean is the global mean)
+  dapo, cispo          token sums over the mini-batch's global token count: the kernel divides by
                        ``num_items_in_batch / num_processes`` (TRL's normaliser), which undoes
                        the ranks' mean; weight 1
 
@@ -140,12 +140,14 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, cfg, num_items_in
     Returns (loss, metrics: dict of 0-d tensors, no host sync)."""
     # CPU: the kernel's plain-PyTorch path even under TRITON_INTERPRET (which the test suite sets
     # and training subprocesses inherit): interpreted Triton takes ~0.5 s per micro-batch.
+    # dual_clip is passed only when set: the loss takes it as a keyword (None = off).
+    extra = {"dual_clip": cfg.dual_clip} if cfg.dual_clip is not None else {}
     return grpo_loss(
         logp, old_logp, ref_logp, advantages, mask, cu_seqlens=cu_seqlens, sampling_logp=sampling_logp,
         num_items_in_batch=num_items_in_batch, num_processes=world_size,
         loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
         use_bias_correction_kl=cfg.kl_bias_correction, max_completion_length=cfg.max_response_tokens,
-        backend="auto" if logp.is_cuda else "torch",
+        backend="auto" if logp.is_cuda else "torch", **extra,
     )
 

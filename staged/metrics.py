@@ -4,7 +4,11 @@ summary and the end-of-run plot. Only rank 0 writes; values arrive already reduc
 A record holds ``step`` (global, 1-based), ``stage`` (index), ``stage_name``, ``stage_step``
 (1-based), ``kind`` (``grpo`` or ``sft``) and the numbers: reward, accuracy, format,
 response_length, entropy, kl, clip_ratio, truncated, loss, grad_norm, lr, tokens_per_s,
-step_time_s, rollout_time_s, peak_mem_mb, skipped.
+step_time_s, rollout_time_s, peak_mem_mb, skipped; and per optimizer update of the step
+(``updates`` of them: batch.mini_batch_prompts, grpo.ppo_epochs) the lists loss_updates,
+grad_norm_updates, clip_ratio_updates, ratio_mean_updates (loss and grad_norm above are their
+means, clip_ratio and ratio_mean the token-weighted means) and the count skipped_updates.
+Evaluation records (``kind = "eval"``) hold eval/<benchmark>/<metric> and the sampling settings.
 """
 from __future__ import annotations
 
@@ -80,6 +84,11 @@ class MetricsLogger:
         self._f.flush()
         if self._tb is not None:
             step = record["step"]
+            if record.get("kind") == "eval":  # its own section: eval/<benchmark>/<metric>
+                for k, v in record.items():
+                    if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._tb.add_scalar(k, v, step)
+                return
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "stage_step"):
                     self._tb.add_scalar(f"train/{k}", v, step)

@@ -86,6 +86,22 @@ def training_fields(cfg) -> dict[str, Any]:
     return _flatten(json.loads(json.dumps(d)))  # JSON round trip: what the checkpoint will hold
 
 
+_NO_DEFAULT = object()
+
+
+def field_default(key: str) -> Any:
+    """The default of a flattened config field (``stages[1].grpo.ppo_epochs`` -> 1). A field added
+    to the config keeps the old behaviour at its default, so a checkpoint written before it existed
+    may resume when it has that value."""
+    from staged.config import StageConfig, TrainConfig
+
+    if key.startswith("stages["):
+        flat = _flatten(json.loads(json.dumps(dataclasses.asdict(StageConfig()))))
+        return flat.get(key[key.index("]") + 2:], _NO_DEFAULT)
+    run = {k: v for k, v in dataclasses.asdict(TrainConfig(stages=[StageConfig()])).items() if k != "stages"}
+    return _flatten(json.loads(json.dumps(run))).get(key, _NO_DEFAULT)
+
+
 def run_identity(cfg, model_path: str | Path) -> dict[str, Any]:
     fields = training_fields(cfg)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -125,6 +141,8 @@ def compare_identity(saved: dict[str, Any], current: dict[str, Any], stage: int)
     a, b = saved["config"], current["config"]
     for k in sorted(set(a) | set(b)):
         if a.get(k, "<unset>") == b.get(k, "<unset>"):
+            continue
+        if k not in a and b[k] == field_default(k):  # added since the checkpoint, at the default: the old behaviour
             continue
         line = f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
         if _later_stage_steps(k, stage):

@@ -16,8 +16,8 @@ the loss (staged.grpo) and logging (staged.metrics) are called from here, never 
 
 Host syncs per GRPO step, all named where they happen: the "all finished" check of the decode
 loop every few tokens, copying completions to the host to decode them for the reward, one
-all-reduce of the step's token count (the dapo normaliser) and one of the step's metrics
-(which also decides whether the step was finite).
+all-reduce of the step's token counts (the dapo normalisers) and one of each update's metrics
+(which also decides whether the update was finite).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from staged import checkpoint, metrics, packed_step, parallel, preflight, vision_dummy, vision_reuse
+from staged import checkpoint, metrics, minibatch, packed_step, parallel, preflight, vision_dummy, vision_reuse
 from staged import resume as resume_guard
 from staged.config import StageConfig, TrainConfig, from_cli
 from staged.data import images as image_cache
@@ -203,15 +203,17 @@ def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> S
                           cuda_graphs=r.cuda_graphs)
 
 
-def inject_fault(d: parallel.Dist, global_step: int) -> None:
+def inject_fault(d: parallel.Dist, global_step: int, point: str = "step") -> None:
     """Fault injection for the reliability tests: ``STAGED_INJECT_FAULT=raise:RANK:STEP`` raises on
     rank RANK before global step STEP (0-based) runs, ``stop:RANK:STEP`` stops it (SIGSTOP), as an
-    exception or a frozen process on one GPU would, while the other ranks enter the step."""
+    exception or a frozen process on one GPU would, while the other ranks enter the step.
+    ``raise:RANK:STEP:eval``: before the evaluation due after STEP global steps (after their
+    checkpoint, before the eval is logged)."""
     spec = os.environ.get("STAGED_INJECT_FAULT")
     if not spec:
         return
-    kind, rank, step = spec.split(":")
-    if int(rank) != d.rank or int(step) != global_step:
+    kind, rank, step, *where = spec.split(":")
+    if int(rank) != d.rank or int(step) != global_step or (where[0] if where else "step") != point:
         return
     if kind == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -238,6 +240,9 @@ def check_geometry(cfg: TrainConfig, d: parallel.Dist) -> None:
         if s.batch.prompts_per_step % d.world_size:
             raise ValueError(f"stages[{i}].batch.prompts_per_step: {s.batch.prompts_per_step} prompts do not split "
                              f"evenly over {d.world_size} ranks")
+        if s.batch.mini_batch_prompts % d.world_size:
+            raise ValueError(f"stages[{i}].batch.mini_batch_prompts: {s.batch.mini_batch_prompts} prompts do not "
+                             f"split evenly over {d.world_size} ranks")
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,12 +264,13 @@ class PaddedMicroBatch:
     image_features: torch.Tensor | None = None  # the rollout's, when reused (staged.vision_reuse)
 
 
-def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, micro_batch_size, d, dtype, svf=None):
-    """Consecutive rows, each micro-batch trimmed to its own longest prompt and completion;
-    ``svf``: the step's reused vision features (staged.vision_reuse), or None."""
-    Tp, n = ro.prompt_ids.shape[1], len(p_len)
-    for r0 in range(0, n, micro_batch_size):
-        rows = list(range(r0, min(n, r0 + micro_batch_size)))
+def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, rows_in, micro_batch_size, d, dtype, svf=None):
+    """``rows_in`` (rollout rows, one mini-batch) in consecutive chunks, each micro-batch trimmed to
+    its own longest prompt and completion; ``svf``: the step's reused vision features
+    (staged.vision_reuse), or None."""
+    Tp = ro.prompt_ids.shape[1]
+    for r0 in range(0, len(rows_in), micro_batch_size):
+        rows = rows_in[r0:r0 + micro_batch_size]
         P, C = max(p_len[r] for r in rows), max(1, int(comp_len[rows].max()))
         cols = list(range(Tp - P, Tp + C))
         mb = select_rows(batch, rows)
@@ -303,98 +309,152 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     # ---- advantages: relative to the group (all G rows of a prompt live on this rank)
     adv = group_advantages(scores["reward"], G, std_normalize=g.std_normalize).to(d.device)
 
-    # ---- loss over micro-batches: padded (each trimmed to its own longest prompt / completion),
-    #      or packed under a token budget (cfg.packing; staged.packed_step)
-    rows_rank = len(samples)
+    # ---- experience: this rank's rows of each mini-batch (batch.mini_batch_prompts; staged.minibatch),
+    #      each split into micro-batches: padded (each trimmed to its own longest prompt /
+    #      completion) or packed under a token budget (cfg.packing; staged.packed_step)
+    K, W = stage.batch.num_mini_batches, d.world_size
+    updates = minibatch.update_schedule(K, g.ppo_epochs)
+    rows_of = minibatch.mini_batch_rows(len(prompts), G, K)
     p_len = ro.prompt_mask.sum(-1).tolist()
-    c_len, plan, svf = comp_len.tolist(), None, None
-    if cfg.packing.enabled:  # this rank's micro-batches; G rows of a prompt stay together
-        plan = packed_step.plan_rank([p + c for p, c in zip(p_len, c_len)], G, cfg.packing.token_budget,
-                                     stage.batch.micro_batch_size)
-    # Host sync: the global completion-token count, dapo's normaliser, the global image count
-    # (none: the vision tower's dummy-only zero gradients are dropped, staged.vision_dummy) and
-    # (packed) each rank's micro-batch count: every rank runs the largest, FSDP collectives line
-    # up (one all-reduce).
-    red = torch.zeros(2 + d.world_size, device=d.device)
-    red[0] = float(comp_len.sum())
-    red[1] = float(sum(batch["images_per_row"]))
-    red[2 + d.rank] = float(len(plan or []))
+    c_len, plans, svf = comp_len.tolist(), None, None
+    if cfg.packing.enabled:  # this rank's micro-batches of each mini-batch; G rows of a prompt stay together
+        plans = [[[rows[i] for i in mb] for mb in packed_step.plan_rank(
+            [p_len[r] + c_len[r] for r in rows], G, cfg.packing.token_budget, stage.batch.micro_batch_size)]
+            for rows in rows_of]
+    # Host sync: per mini-batch the global completion-token count (dapo's normaliser) and image
+    # count (none: the vision tower's dummy-only zero gradients are dropped, staged.vision_dummy),
+    # (packed) each rank's micro-batch count of each mini-batch: every rank runs the largest, FSDP
+    # collectives line up; and the rollout's metric sums. One all-reduce.
+    red = torch.zeros(2 * K + W * K + 5, device=d.device)
+    red[:K] = torch.tensor([float(comp_len[rows].sum()) for rows in rows_of])
+    red[K:2 * K] = torch.tensor([float(sum(batch["images_per_row"][r] for r in rows)) for rows in rows_of])
+    if plans is not None:
+        red[2 * K + d.rank * K: 2 * K + (d.rank + 1) * K] = torch.tensor([float(len(p)) for p in plans])
+    red[-5:] = torch.cat([torch.stack([scores[k].sum() for k in ("reward", "accuracy", "format")]).float(),
+                          torch.tensor([float((comp_len >= sp.max_new_tokens).sum()), float(ro.prompt_mask.sum())])])
     red = parallel.all_reduce_sum(red).tolist()
-    num_items, images_all = int(red[0]), red[1]
-    if plan is not None:
-        mbs = packed_step.collate_items(
-            packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len), plan,
-            int(max(red[2:])), packed_step.PackingConfig.from_model(model), comp_ids=comp_ids,
-            comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype)
+    num_items, images_all = [int(x) for x in red[:K]], red[K:2 * K]
+    rew, acc, fmt, trunc, prompt_tok = red[-5:]
+    if plans is not None:
+        pack_samples = packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len)
+        pack_cfg = packed_step.PackingConfig.from_model(model)
+        counts = [int(max(red[2 * K + r * K + k] for r in range(W))) for k in range(K)]
+        items = [packed_step.collate_items(pack_samples, plans[k], counts[k], pack_cfg, comp_ids=comp_ids,
+                                           comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device,
+                                           dtype=dtype) for k in range(K)]
+        minis = [minibatch.MiniBatch(rows, lambda it=it: it, num_items[k])
+                 for k, (rows, it) in enumerate(zip(rows_of, items))]
     else:
         # The rollout's image features, once per distinct prompt, stand in for the tower in every
         # micro-batch; the tower's gradient comes from one deferred pass below (staged.vision_reuse).
-        if ro.vision_features is not None and cfg.rollout.reuse_vision_features:
-            svf = StepVisionFeatures(ro.vision_features, ro.prompt_index,
-                                     any(p.requires_grad for p in vision_module(model).parameters()))
-        mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype,
-                                   svf)
+        # Valid while the tower's weights are the rollout's: one update, or a frozen tower.
+        tower_trains = any(p.requires_grad for p in vision_module(model).parameters())
+        if ro.vision_features is not None and cfg.rollout.reuse_vision_features and (len(updates) == 1
+                                                                                     or not tower_trains):
+            svf = StepVisionFeatures(ro.vision_features, ro.prompt_index, tower_trains)
+        # Built on the fly at each use (a whole rollout's inputs may not fit on the device at once).
+        minis = [minibatch.MiniBatch(rows, lambda rows=rows: padded_micro_batches(
+            batch, ro, comp_ids, comp_len, p_len, adv, rows, stage.batch.micro_batch_size, d, dtype, svf),
+            num_items[k]) for k, rows in enumerate(rows_of)]
     # The sampler's vocabulary: the trainer's log-probs are normalised over the rows it can draw.
     vocab = VocabMask.build(sp.suppress_token_ids, model.config.get_text_config().vocab_size, d.device)
-    sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
-    for mb in mbs:
-        if plan is not None:
-            method, args, cu = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets), mb.cu_seqlens
+
+    def forward(m, mb, *, with_entropy):
+        if plans is not None:
+            method, args = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets)
         else:
-            method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
-        kw = {"image_features": mb.image_features, "tower_in_forward": False} if svf is not None else {}
-        logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, vocab=vocab,
-                                               **kw)
-        ref_logp = None
-        if ref_model is not None:
+            method, args = LOGPROBS, (mb.inputs, mb.targets, mb.start)
+        # the rollout's image features are the policy's: the reference runs its own tower
+        reuse = svf is not None and m is model
+        kw = {"image_features": mb.image_features, "tower_in_forward": False} if reuse else {}
+        return getattr(m, method)(*args, temperature=g.temperature, with_entropy=with_entropy, vocab=vocab, **kw)
+
+    def ref_logprobs(mini, i, mb):  # once per rollout step: at a micro-batch's first use
+        if ref_model is not None and i not in mini.ref_logp:
             with torch.no_grad():
-                ref_logp = getattr(ref_model, method)(*args, temperature=g.temperature, vocab=vocab)
+                mini.ref_logp[i] = forward(ref_model, mb, with_entropy=False)
                 parallel.reshard(ref_model)
-        sampler_logp = mb.sampler_logp
-        loss, m = policy_loss(logp, sampler_logp if g.old_logp == "rollout" else None, ref_logp, mb.advantages,
-                              mb.mask, cfg=g, num_items_in_batch=num_items, world_size=d.world_size,
-                              sampling_logp=sampler_logp if g.rollout_is_correction else None, cu_seqlens=cu)
-        # A packed filler micro-batch (num_rows 0) runs forward and backward for FSDP at weight 0.
-        w = micro_batch_weight(g.loss_type, mb.num_rows, rows_rank) if mb.num_rows else 0.0
-        (loss * w).backward()
+        return mini.ref_logp.get(i)
 
+    # Old log-probs for the updates after the first (recompute): the policy that sampled, in one
+    # no-grad pass before the first update. Mini-batch 0's come from the first update's forward.
+    recompute_old = g.old_logp == "recompute" and len(updates) > 1
+    if recompute_old:
         with torch.no_grad():
-            fm = mb.mask.float() * float(mb.num_rows > 0)
-            tok = fm.sum()
-            sums += torch.stack([
-                loss.detach() * w, (entropy.detach() * fm).sum(), m.get("kl", torch.zeros(())).to(tok) * tok,
-                m["clip_ratio/region_mean"].to(tok) * tok, m["ratio_mean"].to(tok) * tok, tok,
-                ((logp.detach() - sampler_logp).abs() * fm).sum(),
-                torch.tensor(float(mb.num_rows), device=d.device)])
+            for mini in minis[1:]:
+                for i, mb in enumerate(mini.micro()):
+                    mini.old_logp[i] = forward(model, mb, with_entropy=False)
+                    ref_logprobs(mini, i, mb)
+            parallel.reshard(model)
 
-    if svf is not None:  # the tower's gradient: one pass over the distinct images (every rank)
-        svf.backward_through_tower(model, *(model_inputs(base, d.device, dtype).get(k)
-                                            for k in ("pixel_values", "image_grid_thw")))
+    # ---- learning: one optimizer update per mini-batch and epoch (gradient accumulation over its
+    #      micro-batches), each skipped when its loss or gradient is not finite
+    per_update = []
+    for u, k in enumerate(updates):
+        mini = minis[k]
+        sums = torch.zeros(8, device=d.device)  # loss, entropy*tok, kl*tok, clip*tok, ratio*tok, tok, logp diff*tok, rows
+        for i, mb in enumerate(mini.micro()):
+            logp, entropy = forward(model, mb, with_entropy=True)
+            ref_logp = ref_logprobs(mini, i, mb)
+            sampler_logp = mb.sampler_logp
+            if g.old_logp == "rollout":
+                old_logp = sampler_logp
+            else:  # the first update on-policy (None: logp detached, ratio 1); later ones the sampling policy's
+                old_logp = None if u == 0 else mini.old_logp[i]
+                if u == 0 and recompute_old:
+                    mini.old_logp[i] = logp.detach()
+            loss, m = policy_loss(logp, old_logp, ref_logp, mb.advantages, mb.mask, cfg=g,
+                                  num_items_in_batch=mini.num_items, world_size=W,
+                                  sampling_logp=sampler_logp if g.rollout_is_correction else None,
+                                  cu_seqlens=mb.cu_seqlens if plans is not None else None)
+            # A packed filler micro-batch (num_rows 0) runs forward and backward for FSDP at weight 0.
+            w = micro_batch_weight(g.loss_type, mb.num_rows, len(mini.rows)) if mb.num_rows else 0.0
+            (loss * w).backward()
 
-    # ---- optimizer step (skipped when the loss or the gradient is not finite)
-    if not images_all:
-        vision_dummy.drop_vision_grads(model)
-    grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
-    host = torch.cat([sums, torch.stack([scores[k].sum() for k in ("reward", "accuracy", "format")]).to(sums),
-                      torch.tensor([float((comp_len >= sp.max_new_tokens).sum()), float(ro.prompt_mask.sum())],
-                                   device=d.device)])
-    # Host sync: the step's metrics, reduced over ranks; they also say whether the step is finite.
-    host = parallel.all_reduce_sum(host).tolist()
-    loss_v, ent, kl, clip, ratio, tok, diff, rows_all, rew, acc, fmt, trunc, prompt_tok = host
-    loss_v /= d.world_size
-    gn = float(grad_norm)
-    finite = math.isfinite(loss_v) and math.isfinite(gn)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                fm = mb.mask.float() * float(mb.num_rows > 0)
+                tok = fm.sum()
+                sums += torch.stack([
+                    loss.detach() * w, (entropy.detach() * fm).sum(), m.get("kl", torch.zeros(())).to(tok) * tok,
+                    m["clip_ratio/region_mean"].to(tok) * tok, m["ratio_mean"].to(tok) * tok, tok,
+                    ((logp.detach() - sampler_logp).abs() * fm).sum(),
+                    torch.tensor(float(mb.num_rows), device=d.device)])
+
+        if svf is not None:  # the tower's gradient: one pass over the distinct images (every rank)
+            svf.backward_through_tower(model, *(model_inputs(base, d.device, dtype).get(k)
+                                                for k in ("pixel_values", "image_grid_thw")))
+
+        # ---- optimizer step (skipped when the loss or the gradient is not finite)
+        if not images_all[k]:
+            vision_dummy.drop_vision_grads(model)
+        grad_norm = parallel.grad_norm_and_clip(params, stage.max_grad_norm)
+        # Host sync: the update's metrics, reduced over ranks; they also say whether it is finite.
+        s = parallel.all_reduce_sum(sums).tolist()
+        s[0] /= W
+        gn = float(grad_norm)
+        finite = math.isfinite(s[0]) and math.isfinite(gn)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        per_update.append((s, gn, finite))
+
+    # ---- metrics of the step: rollout-level ones, and the updates' (token-weighted over all updates)
+    n = len(per_update)
+    loss_v, gn = sum(s[0] for s, _, _ in per_update) / n, sum(x for _, x, _ in per_update) / n
+    _, ent, kl, clip, ratio, tok_all, diff, _ = [sum(col) for col in zip(*(s for s, _, _ in per_update))]
+    rows_all, tok = float(len(samples) * W), float(sum(num_items))
     dt = time.perf_counter() - t0
     return {
         "reward": rew / rows_all, "accuracy": acc / rows_all, "format": fmt / rows_all,
         "response_length": tok / rows_all, "truncated": trunc / rows_all,
-        "entropy": ent / max(tok, 1), "kl": kl / max(tok, 1), "clip_ratio": clip / max(tok, 1),
-        "ratio_mean": ratio / max(tok, 1), "sampler_logp_diff": diff / max(tok, 1),
+        "entropy": ent / max(tok_all, 1), "kl": kl / max(tok_all, 1), "clip_ratio": clip / max(tok_all, 1),
+        "ratio_mean": ratio / max(tok_all, 1), "sampler_logp_diff": diff / max(tok_all, 1),
         "loss": loss_v, "grad_norm": gn, "tokens_per_s": (tok + prompt_tok) / dt, "step_time_s": dt,
-        "rollout_time_s": t_rollout, "skipped": not finite,
+        "rollout_time_s": t_rollout, "skipped": not all(f for _, _, f in per_update),
+        "updates": n, "skipped_updates": sum(not f for _, _, f in per_update),
+        "loss_updates": [s[0] for s, _, _ in per_update], "grad_norm_updates": [x for _, x, _ in per_update],
+        "clip_ratio_updates": [s[3] / max(s[5], 1) for s, _, _ in per_update],
+        "ratio_mean_updates": [s[4] / max(s[5], 1) for s, _, _ in per_update],
     }
 
 
@@ -449,9 +509,23 @@ def export_dir(cfg: TrainConfig, index: int, stage: StageConfig) -> Path:
     return Path(cfg.output_dir) / "hf" / f"stage{index}-{stage.name}"
 
 
-def stage_end_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageConfig, global_step: int) -> dict:
-    """cfg.eval at a stage end: greedy staged.eval.evaluate on the held-out sets (every rank takes a
-    share). Returns the metrics record (kind "eval": eval/<benchmark>/<metric>, eval/average/...)."""
+def eval_due(cfg: TrainConfig, si: int, stage_end: bool, global_step: int) -> bool:
+    """Whether the evaluation runs after global step ``global_step``: every eval.every steps, and at
+    the end of a stage (every stage, or the last one: eval.stages). One eval when both are due."""
+    e = cfg.eval
+    if not e.enabled:
+        return False
+    if stage_end and (e.stages == "all" or si == len(cfg.stages) - 1):
+        return True
+    return bool(e.every) and global_step % e.every == 0
+
+
+def run_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageConfig, global_step: int,
+             stage_step: int) -> dict:
+    """cfg.eval: staged.eval.evaluate on the held-out sets (every rank takes a share), greedy at
+    eval.temperature 0, else eval.samples completions per prompt at eval.temperature / eval.top_p
+    (seeded by the run seed: the same completions for the same weights, also after a resume).
+    Returns the metrics record (kind "eval": eval/<benchmark>/<metric>, eval/average/...)."""
     from staged.data.synthetic import make_synthetic_dataset
     from staged.eval import evaluate, load_benchmarks
 
@@ -461,16 +535,42 @@ def stage_end_eval(cfg: TrainConfig, d, model, processor, si: int, stage: StageC
     if e.files:
         sets.update(load_benchmarks(e.files, limit=e.n or None, image_dir=e.image_dir, fields=e.fields or None,
                                     verify_images=False))
+    greedy = e.temperature == 0
     with torch.no_grad():
-        res = evaluate(model, processor, sets, greedy=True, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+        res = evaluate(model, processor, sets, greedy=greedy, temperature=e.temperature or 1.0, top_p=e.top_p,
+                       samples=e.samples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                        seed=cfg.seed, device=d.device, progress=False, keep_completions=False,
                        **prompt_options(stage))
-    rec = {"step": global_step, "stage": si, "stage_name": stage.name, "stage_step": stage.steps, "kind": "eval",
-           "eval_seconds": res["seconds"]}
+    rec = {"step": global_step, "stage": si, "stage_name": stage.name, "stage_step": stage_step, "kind": "eval",
+           "eval_temperature": e.temperature, "eval_top_p": 1.0 if greedy else e.top_p,
+           "eval_samples": 1 if greedy else e.samples, "eval_seconds": res["seconds"]}
+    keys = ("accuracy", "format", "response_tokens", "truncated") + (() if greedy or e.samples == 1
+                                                                      else (f"pass@{e.samples}",))
     for name, m in [*res["benchmarks"].items(), ("average", res["average"])]:
-        for key in ("accuracy", "format", "response_tokens", "truncated"):
+        for key in keys:
             rec[f"eval/{name}/{key}"] = m[key]
     return rec
+
+
+def evaluate_and_log(cfg, d, model, processor, si, stage, global_step, stage_step, logger, log) -> None:
+    inject_fault(d, global_step, point="eval")
+    rec = run_eval(cfg, d, model, processor, si, stage, global_step, stage_step)
+    logger.log(rec)
+    names = [k.split("/")[1] for k in rec if k.endswith("/accuracy")]
+    how = "greedy" if rec["eval_temperature"] == 0 else (f"T={rec['eval_temperature']}, top-p {rec['eval_top_p']}, "
+                                                          f"{rec['eval_samples']} per prompt")
+    log(f"stage {si} '{stage.name}' step {stage_step} eval: " + ", ".join(
+        f"{n} {100 * rec[f'eval/{n}/accuracy']:.1f}%" for n in names) + f" ({how}, {rec['eval_seconds']:.1f} s)")
+
+
+def eval_missing(cfg: TrainConfig, d, global_step: int) -> bool:
+    """Whether metrics.jsonl lacks the eval record of ``global_step`` (rank 0 reads, all ranks learn):
+    an eval due right after the checkpoint we resume from, lost to the crash, is redone."""
+    path = Path(cfg.output_dir) / metrics.METRICS_FILE
+    missing = None
+    if d.is_main:
+        missing = not any(r.get("kind") == "eval" and r.get("step") == global_step for r in metrics.read_jsonl(path))
+    return bool(parallel.broadcast_object(missing))
 
 
 def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar, identity=None) -> None:
@@ -489,6 +589,10 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             if si == state["stage"] and cfg.export_hf and not (export_dir(cfg, si, stage) / "config.json").exists():
                 checkpoint.load(resume, model=model, optimizer=None, dist_info=d)
                 checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d, out_dtype)
+            # ... and its stage-end eval (cfg.eval), when the kill came before it was logged
+            if si == state["stage"] and eval_due(cfg, si, True, global_step) and eval_missing(cfg, d, global_step):
+                checkpoint.load(resume, model=model, optimizer=None, dist_info=d)
+                evaluate_and_log(cfg, d, model, processor, si, stage, global_step, stage.steps, logger, log)
             continue
 
         # ---- stage setup: frozen modules, a fresh optimizer, data, reference model
@@ -509,6 +613,9 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
             if use_ref is not None:  # the stage's reference = its starting weights
                 checkpoint.copy_weights(model, use_ref)
         bad = state.get("bad_steps", 0) if resume is not None and si == state["stage"] else 0
+        if start and eval_due(cfg, si, False, global_step) and eval_missing(cfg, d, global_step):
+            # the eval due after the step we resume from was lost with the crash: redo it first
+            evaluate_and_log(cfg, d, model, processor, si, stage, global_step, start, logger, log)
         resume = None
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)  # FSDP2 shards
         log(f"\nstage {si} '{stage.name}' ({stage.type}): {stage.steps} steps, {len(samples)} samples, "
@@ -558,18 +665,18 @@ def run_stages(cfg, d, model, processor, path, dtype, state, resume, logger, bar
                                                "identity": identity},
                                 dist_info=d, keep=cfg.keep_checkpoints)
 
+            # ---- evaluation every eval.every steps (after the checkpoint: a crash before it is
+            #      logged redoes it on resume); the stage end's comes after the export, below
+            if not stage_end and eval_due(cfg, si, False, global_step):
+                evaluate_and_log(cfg, d, model, processor, si, stage, global_step, step + 1, logger, log)
+
         if cfg.export_hf:
             export = checkpoint.export_hf(model, processor, export_dir(cfg, si, stage), d, out_dtype)
             log(f"stage {si} '{stage.name}' done: HF checkpoint at {export}")
 
         # ---- stage-end evaluation on the held-out sets (cfg.eval), logged as a kind="eval" record
-        if cfg.eval.enabled and (cfg.eval.stages == "all" or si == len(cfg.stages) - 1):
-            rec = stage_end_eval(cfg, d, model, processor, si, stage, global_step)
-            logger.log(rec)
-            names = [k.split("/")[1] for k in rec if k.endswith("/accuracy")]
-            log(f"stage {si} '{stage.name}' eval: " + ", ".join(
-                f"{n} {100 * rec[f'eval/{n}/accuracy']:.1f}%" for n in names)
-                + f" (greedy, {rec['eval_seconds']:.1f} s)")
+        if eval_due(cfg, si, True, global_step):
+            evaluate_and_log(cfg, d, model, processor, si, stage, global_step, stage.steps, logger, log)
 
 
 def train(cfg: TrainConfig) -> list[dict]:

@@ -28,6 +28,11 @@ def _d(**stage):
     ({"data": {"synthetic": "audio"}}, "stages[0].data.synthetic"),
     ({"data": {"synthetic": "textual", "files": ["a.jsonl"]}}, "stages[0].data.synthetic"),
     ({"lr": "fast"}, "stages[0].lr"),
+    ({"batch": {"prompts_per_step": 8, "mini_batch_prompts": 3}}, "stages[0].batch.mini_batch_prompts"),
+    ({"batch": {"mini_batch_prompts": -2}}, "stages[0].batch.mini_batch_prompts"),
+    ({"grpo": {"ppo_epochs": 0}}, "stages[0].grpo.ppo_epochs"),
+    ({"grpo": {"dual_clip": 1.0}}, "stages[0].grpo.dual_clip"),
+    ({"grpo": {"dual_clip": 0.5}}, "stages[0].grpo.dual_clip"),
 ])
 def test_invalid_stage_field_is_named(stage, field):
     with pytest.raises(ValueError) as e:
@@ -40,6 +45,12 @@ def test_invalid_stage_field_is_named(stage, field):
     ({"resume": "sometimes"}, "resume"),
     ({"max_consecutive_bad_steps": 0}, "max_consecutive_bad_steps"),
     ({"checkpoint_every": -1}, "checkpoint_every"),
+    ({"eval": {"every": 2}}, "eval.every"),  # no eval sets
+    ({"eval": {"synthetic": ["perception"], "every": -1}}, "eval.every"),
+    ({"eval": {"synthetic": ["perception"], "temperature": -0.5}}, "eval.temperature"),
+    ({"eval": {"synthetic": ["perception"], "temperature": 0.6, "top_p": 0.0}}, "eval.top_p"),
+    ({"eval": {"synthetic": ["perception"], "samples": 4}}, "eval.samples"),  # greedy gives one
+    ({"eval": {"synthetic": ["perception"], "temperature": 0.6, "samples": 0}}, "eval.samples"),
 ])
 def test_invalid_run_field_is_named(top, field):
     with pytest.raises(ValueError, match=f"^{field}"):
@@ -105,3 +116,30 @@ def test_lr_schedule():
     assert lrs[3:7] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # linear ramp over the GRPO steps
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)            # cosine to min_lr_ratio * lr
     assert StageConfig(lr=0.5).lr_at(7) == 0.5
+
+
+def test_bad_minibatch_and_dual_clip_values_are_one_clear_error(capsys):
+    """On the command line: exit status 2 and one line naming the field and the value."""
+    from staged.train import main
+
+    for arg, msg in (("stages.0.grpo.dual_clip=1.0", "stages[0].grpo.dual_clip: must be > 1 when set (None = off), "
+                                                     "got 1.0"),
+                     ("stages.0.batch.mini_batch_prompts=3", "stages[0].batch.mini_batch_prompts: must divide "
+                                                             "prompts_per_step=8"),
+                     ("eval.every=5", "eval.every: every=5 needs eval sets")):
+        with pytest.raises(SystemExit) as e:
+            main([arg])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and msg in err, err
+
+
+def test_mini_batches_must_split_over_the_ranks():
+    from staged import train
+    from staged.parallel import Dist
+
+    cfg = from_cli(["stages.0.batch.prompts_per_step=4", "stages.0.batch.mini_batch_prompts=1"])
+    d = Dist(rank=0, world_size=2, local_rank=0, device=None, mesh=None)
+    with pytest.raises(ValueError, match=r"stages\[0\].batch.mini_batch_prompts: 1 prompts do not split evenly over 2"):
+        train.check_geometry(cfg, d)
+    train.check_geometry(from_cli(["stages.0.batch.prompts_per_step=4", "stages.0.batch.mini_batch_prompts=2"]), d)
+    assert cfg.stages[0].batch.num_mini_batches == 4 and from_cli([]).stages[0].batch.num_mini_batches == 1

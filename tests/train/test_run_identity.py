@@ -74,6 +74,19 @@ def test_identity_allows_and_lists_safe_changes(model_dir, tmp_path):
     assert saved["config_hash"] == current["config_hash"] or "stages[2].steps" in " ".join(safe)
 
 
+def test_fields_added_since_the_checkpoint_are_allowed_at_their_default(model_dir):
+    """A checkpoint written before a config field existed resumes when the field has its default
+    (which reproduces what the old code did), and is refused when it does not."""
+    saved = _identity(model_dir)
+    for k in ("stages[0].batch.mini_batch_prompts", "stages[1].grpo.ppo_epochs", "stages[2].grpo.dual_clip",
+              "stages[0].grpo.dual_clip"):
+        del saved["config"][k]
+    unsafe, _ = resume.compare_identity(saved, _identity(model_dir), stage=1)
+    assert unsafe == []
+    unsafe, _ = resume.compare_identity(saved, _identity(model_dir, "stages.1.grpo.ppo_epochs=2"), stage=1)
+    assert any(u.startswith("stages[1].grpo.ppo_epochs: '<unset>' -> 2") for u in unsafe), unsafe
+
+
 def test_check_resume_message_says_how_to_start_over(model_dir, tmp_path):
     state = {"stage": 0, "identity": _identity(model_dir)}
     with pytest.raises(resume.RefuseStart) as e:
