@@ -189,25 +189,18 @@ def _position_ids(batch: PackedMicroBatch) -> torch.Tensor:
 
 def packed_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
     """Final hidden states [T, H] of a packed micro-batch (``staged.attention.packed_forward``
-    with torch fallbacks for the packing kernels off CUDA)."""
+    with torch fallbacks for the packing kernels off CUDA; Qwen3-VL's deepstack included)."""
     inner, _ = attention._vl_parts(model)
     attention.use_packed_attention(model)  # idempotent; unpacked calls (the rollout) stay on sdpa
     vision = dummy = None
+    deepstack = ()
     if batch.pixel_values is not None:
-        vision = attention.vision_features(model, batch.pixel_values, batch.vision_grid_thw)
+        vision, deepstack = attention.vision_outputs(model, batch.pixel_values, batch.vision_grid_thw)
     else:  # ranks > 1: the tower runs anyway, so FSDP's collectives line up (staged.vision_dummy)
         dummy = dummy_vision_term(model)
     embeds = _embed(batch, inner.get_input_embeddings(), vision)
-    t = batch.table
-    cu = t.cu_seqlens
-    attention.register_seqlens(cu, batch.seqlens)  # host lengths for the sdpa loop: no readback
-    text = inner.language_model
-    layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
-    masks = {k: None for k in set(layer_types) | {"full_attention"}}
-    out = text(inputs_embeds=embeds[None], position_ids=_position_ids(batch)[:, None, :], attention_mask=masks,
-               use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=t.max_seqlen,
-               max_length_k=t.max_seqlen)
-    return with_dummy_vision(out.last_hidden_state[0], dummy)
+    hidden = attention.packed_text_forward(model, batch, embeds, _position_ids(batch), deepstack=deepstack)
+    return with_dummy_vision(hidden, dummy)
 
 
 def packed_token_logprobs(model, batch: PackedMicroBatch, rows: torch.Tensor, targets: torch.Tensor, *,
