@@ -110,6 +110,13 @@ def test_packed_step_matches_padded(case, run_cfg, embedded_dir, monkeypatch):
         torch.testing.assert_close(g_pack[n], g_pad[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("case", ["grpo-kl", "dapo-frozen-budget"])
+def test_packed_step_matches_padded_qwen3_vl(case, run_cfg, qwen3_dir, monkeypatch):
+    """The same on a tiny Qwen3-VL: the packed forward's deepstack and interleaved mrope against
+    transformers' padded forward, through the whole step (loss, metrics, every gradient)."""
+    test_packed_step_matches_padded(case, run_cfg, qwen3_dir, monkeypatch)
+
+
 def test_plan_rank_keeps_groups_and_budget():
     lengths = [30, 10, 25, 5, 40, 12, 8, 20]  # 4 groups of 2
     mbs = packed_step.plan_rank(lengths, 2, 50, 4)
