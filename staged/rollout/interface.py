@@ -49,8 +49,8 @@ class SamplingParams:
     prefill_tokens: int = 8192
     """Prompt tokens prefilled per forward (padded), at least one prompt."""
     reuse_vision_features: bool = True
-    """Engine "paged", Qwen2-VL / Qwen2.5-VL: keep each distinct prompt's image features for the
-    training forward of the same step (staged.vision_reuse)."""
+    """Engine "paged", Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack included): keep each distinct
+    prompt's image features for the training forward of the same step (staged.vision_reuse)."""
 
 
 @dataclass

@@ -166,3 +166,30 @@ def test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, embedded_dir,
     prompts, G = 4, 4  # the tiny config's stage 0: one image per prompt
     assert sum(seen) == (2 * prompts if reuse else prompts + G * prompts), seen
     assert any(".visual." in f".{n}" and g.abs().max() > 0 for n, g in grads.items()), "the tower must get a gradient"
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_vision_tower_runs_once_per_distinct_image_qwen3_vl(reuse, run_cfg, qwen3_dir, monkeypatch):
+    """The same on a tiny Qwen3-VL: its deepstack features are reused with the merged ones."""
+    test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, qwen3_dir, monkeypatch)
+
+
+@pytest.mark.parametrize("model", ["embedded", "qwen3_vl"])
+def test_reused_vision_features_give_the_same_step(model, run_cfg, embedded_dir, qwen3_dir, monkeypatch):
+    """Reusing the rollout's vision features (merged, and Qwen3-VL's deepstack) changes neither
+    the step's numbers nor any gradient -- the tower's and the deepstack mergers' included --
+    against running the tower in every micro-batch."""
+    ckpt = embedded_dir if model == "embedded" else qwen3_dir
+    steps = {}
+    for reuse in (True, False):
+        steps[reuse] = one_step(run_cfg, ckpt, monkeypatch, packing=False,
+                                overrides=["stages.0.batch.micro_batch_size=3",
+                                           f"rollout.reuse_vision_features={str(reuse).lower()}"])
+    (rec, grads), (rec0, grads0) = steps[True], steps[False]
+    for k in ("loss", "grad_norm", "entropy", "kl", "sampler_logp_diff"):
+        assert rec[k] == pytest.approx(rec0[k], abs=1e-5, rel=1e-5), (k, rec[k], rec0[k])
+    assert grads.keys() == grads0.keys()
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    if model == "qwen3_vl":
+        assert any("deepstack_merger_list" in n and g.abs().max() > 0 for n, g in grads0.items())
