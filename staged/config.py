@@ -299,7 +299,8 @@ class RolloutConfig:
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack features included), engine paged, padded
     micro-batches: the rollout's image features (one tower pass per distinct prompt) stand in for
     the tower in every training forward of the step, and the tower's gradient comes from one
-    deferred pass per step instead of G (staged.vision_reuse). Keeps every distinct prompt's features on the device until the step ends."""
+    deferred pass per step instead of G (staged.vision_reuse). Keeps every distinct prompt's
+    features on the device until the step ends."""
 
     def __post_init__(self):
         _check(self.engine in ("paged", "simple"), "rollout.engine", f"expected paged or simple, got {self.engine!r}")
