@@ -372,7 +372,8 @@ class TrainConfig:
     """A whole run: model, precision, parallelism, outputs and the ordered stages."""
 
     model: str = "embedded"
-    """A local HF checkpoint directory, or ``embedded`` for the tiny built-in Qwen2.5-VL."""
+    """A local HF checkpoint directory, a Hugging Face model id whose snapshot is in the local HF
+    cache (``Qwen/Qwen3-VL-8B-Instruct``), or ``embedded`` for the tiny built-in Qwen2.5-VL."""
     embedded_dir: str = "outputs/embedded-model"
     """Where the embedded checkpoint is built (once) and loaded from."""
     precision: str = "auto"

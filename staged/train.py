@@ -52,15 +52,35 @@ LOGPROBS = "staged_logprobs"  # the FSDP forward method bound onto the policy an
 
 
 def resolve_model_path(cfg: TrainConfig, d: parallel.Dist) -> Path:
-    """``embedded``: build the tiny checkpoint once (rank 0 first; the builder is race-safe)."""
+    """``embedded``: build the tiny checkpoint once (rank 0 first; the builder is race-safe).
+    A Hugging Face model id (``Qwen/Qwen3-VL-8B-Instruct``) that is not a local directory: its
+    snapshot in the local Hugging Face cache (never a download at train time)."""
     if cfg.model != "embedded":
-        return Path(cfg.model)
+        return local_checkpoint(cfg.model)
     from staged.models.embedded import build_embedded_checkpoint
 
     if d.is_main:
         build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
     parallel.barrier()
     return build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
+
+
+def local_checkpoint(model: str) -> Path:
+    """``model`` as a local directory: itself when it exists (or is not shaped like a model id),
+    else the id's snapshot in the Hugging Face cache; an error naming both when neither exists."""
+    p = Path(model).expanduser()
+    parts = model.split("/")
+    if p.exists() or len(parts) != 2 or not all(parts) or model.startswith((".", "~")):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any miss: say what to do
+        raise FileNotFoundError(
+            f"model {model!r}: no such local directory, and no snapshot of the Hugging Face model {model!r} in the "
+            f"local cache ({type(e).__name__}); download it first (`hf download {model}`) or pass "
+            f"model=/path/to/checkpoint") from e
 
 
 def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str], *, trainable: bool = True):

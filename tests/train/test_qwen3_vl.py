@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import pytest
 import torch
 from train_helpers import read_records, run_train
 
@@ -81,3 +83,29 @@ def test_qwen3_vl_staged_run_with_packing_and_export(tmp_path, qwen3_dir):
                     assert torch.equal(params[k], prev[k]), k
         prev = params
     assert any(not torch.equal(prev[k], initial[k]) for k in prev), "the run should move the weights"
+
+
+def test_a_model_id_resolves_to_its_local_hf_cache_snapshot(tmp_path, monkeypatch):
+    """paper_qwen3_vl names the model by its id: a local directory of that name first, else the
+    id's snapshot in the local HF cache (never a download), else an error saying what to do."""
+    import huggingface_hub
+
+    from staged.train import local_checkpoint
+
+    calls = []
+
+    def fake_snapshot(repo_id, local_files_only=False, **kw):
+        calls.append((repo_id, local_files_only))
+        if repo_id != "Qwen/Qwen3-VL-8B-Instruct":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in cache")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.chdir(tmp_path)
+    assert local_checkpoint("Qwen/Qwen3-VL-8B-Instruct") == tmp_path / "snap"
+    assert calls == [("Qwen/Qwen3-VL-8B-Instruct", True)]
+    (tmp_path / "Qwen" / "Qwen3-VL-8B-Instruct").mkdir(parents=True)  # a local directory wins
+    assert local_checkpoint("Qwen/Qwen3-VL-8B-Instruct").resolve() == tmp_path / "Qwen" / "Qwen3-VL-8B-Instruct"
+    assert local_checkpoint("/ckpt/x") == Path("/ckpt/x") and local_checkpoint("ckpt") == Path("ckpt")
+    with pytest.raises(FileNotFoundError, match=r"'Org/Missing'.*hf download Org/Missing"):
+        local_checkpoint("Org/Missing")
