@@ -109,3 +109,37 @@ def test_a_model_id_resolves_to_its_local_hf_cache_snapshot(tmp_path, monkeypatc
     assert local_checkpoint("/ckpt/x") == Path("/ckpt/x") and local_checkpoint("ckpt") == Path("ckpt")
     with pytest.raises(FileNotFoundError, match=r"'Org/Missing'.*hf download Org/Missing"):
         local_checkpoint("Org/Missing")
+
+
+MIXED_TOML = """
+model = "{model}"
+output_dir = "{out}"
+seed = 1
+checkpoint_every = 0
+keep_checkpoints = 0
+tensorboard = false
+plot = false
+progress = false
+
+[[stages]]
+name = "mixed-grpo"
+data = {{ synthetic = ["perception", "textual"], num_samples = 32 }}
+steps = 3
+lr = 1e-5
+batch = {{ prompts_per_step = 4, group_size = 2, micro_batch_size = 2 }}
+grpo = {{ max_response_tokens = 6, beta = 0.02 }}
+"""
+
+
+@pytest.mark.slow
+def test_qwen3_vl_mixed_stage_on_two_ranks(tmp_path, qwen3_dir):
+    """Image and text-only samples on 2 ranks, packed: a rank without an image runs the tower on
+    a dummy image whose deepstack features reach the loss too (staged.vision_dummy), so both
+    ranks reduce-scatter the deepstack mergers' gradients. (Without them in the dummy term the
+    ranks' collectives differ and the run dies.)"""
+    out = tmp_path / "out"
+    cfg = tmp_path / "mixed.toml"
+    cfg.write_text(MIXED_TOML.format(model=qwen3_dir, out=out))
+    run_train(["--config", str(cfg), "packing.enabled=true"], nproc=2, cwd=tmp_path)
+    recs = read_records(out)
+    assert len(recs) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
