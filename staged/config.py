@@ -604,7 +604,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 
 def builtin_config_path(name: str) -> Path:
-    """Path of a shipped recipe in ``staged/configs`` (``default``, ``paper_qwen2_5_vl``)."""
+    """Path of a shipped recipe in ``staged/configs`` (``default``, ``paper_qwen2_5_vl``, ``paper_qwen3_vl``)."""
     return Path(str(resources.files("staged") / "configs" / f"{name}.toml"))
 
 

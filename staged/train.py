@@ -639,7 +639,7 @@ def train(cfg: TrainConfig) -> list[dict]:
 USAGE = """usage: python -m staged.train [--config RECIPE.toml] [key.sub=value | --key.sub value]...
 
   no arguments      the embedded default (staged/configs/default.toml): a tiny model, CPU, minutes
-  --config NAME     a TOML recipe: a path, or a shipped one (default, paper_qwen2_5_vl)
+  --config NAME     a TOML recipe: a path, or a shipped one (default, paper_qwen2_5_vl, paper_qwen3_vl)
   key.sub=value     override any field; list entries by index: stages.0.lr=1e-6,
                     --stages.1.freeze '["vision"]'. Values are TOML literals, else strings.
 Fields and their meaning: staged/config.py (TrainConfig, StageConfig, ...)."""
