@@ -66,12 +66,14 @@ def tower_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) ->
 
 
 def split_features(model, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``tower_features``' layout back to (merged [Nv, H], deepstack [[Nv, H]] * L)."""
-    n = 1 + num_deepstack(model)
-    if features.shape[-1] % n:
-        raise ValueError(f"image features of width {features.shape[-1]}: not {n} feature sets (merged + "
-                         f"{n - 1} deepstack) of one width")
-    parts = features.split(features.shape[-1] // n, dim=-1)
+    """``tower_features``' layout back to (merged [Nv, H], deepstack [[Nv, H]] * L). L is read
+    from the width (a config may list deepstack blocks the tower does not have: none then run)."""
+    cfg = vision_module(model).config
+    width = getattr(cfg, "out_hidden_size", None) or model.config.get_text_config().hidden_size
+    if features.shape[-1] % width:
+        raise ValueError(f"image features of width {features.shape[-1]}: not a whole number of feature sets "
+                         f"of width {width} (merged + deepstack)")
+    parts = features.split(width, dim=-1)
     return parts[0], list(parts[1:])
 
 
@@ -106,8 +108,7 @@ def injected_image_features(model, features: torch.Tensor):
             raise ValueError(f"precomputed image features: {merged.shape[0]} rows for images of "
                              f"{sum(sizes)} tokens ({len(sizes)} images)")
         out = BaseModelOutputWithPooling(pooler_output=tuple(merged.split(sizes)))
-        if deep:
-            out.deepstack_features = []  # the model's merge of them is a no-op; text_forward adds ours
+        out.deepstack_features = []  # Qwen3-VL: the model's merge of them is a no-op; ours go in below
         return out
 
     patched = [(inner, "get_image_features", precomputed)]

@@ -143,3 +143,54 @@ def test_qwen3_vl_mixed_stage_on_two_ranks(tmp_path, qwen3_dir):
     run_train(["--config", str(cfg), "packing.enabled=true"], nproc=2, cwd=tmp_path)
     recs = read_records(out)
     assert len(recs) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
+
+
+@pytest.mark.parametrize("deepstack,tied", [((0, 1), False), ((1,), True), ((8, 16, 24), True)],
+                         ids=["two-layers", "one-layer-tied", "indexes-past-the-tower"])
+def test_injected_features_equal_the_tower_in_the_forward(deepstack, tied):
+    """``injected_image_features`` with ``tower_features``' output (merged + deepstack) gives
+    transformers' own forward's logits and gradients, the tower's included, for deepstack from
+    two, one or no tower blocks (a config may list blocks past the tower's depth: none run)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from staged.models import embedded
+    from staged.vision_reuse import injected_image_features, split_features, tower_features
+
+    tok = embedded.build_tokenizer()
+    cfg = embedded.build_qwen3_vl_config(tok, deepstack=deepstack)
+    cfg.tie_word_embeddings = cfg.text_config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    img = tok.convert_tokens_to_ids("<|image_pad|>")
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4]])
+    pix = torch.randn(24, 3 * 2 * 16 * 16, generator=gen)
+    ids = torch.randint(10, 200, (2, 16), generator=gen)
+    ids[0, 2:6] = img  # image 0: 4 x 4 patches = 4 tokens, in row 0
+    ids[1, 1:3] = img  # image 1: 2 x 4 patches = 2 tokens, in row 1
+    inputs = dict(input_ids=ids, mm_token_type_ids=(ids == img).int(), pixel_values=pix, image_grid_thw=grid)
+    n_deep = len([i for i in deepstack if i < cfg.vision_config.depth])
+
+    weights = torch.randn(2, 16, cfg.text_config.vocab_size, generator=gen)
+    model.zero_grad()
+    want = model(**inputs).logits
+    (want * weights).sum().backward()
+    want_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    feats = tower_features(model, pix, grid)
+    assert feats.shape == (6, 64 * (1 + n_deep))
+    assert len(split_features(model, feats)[1]) == n_deep
+    leaf = feats.detach().requires_grad_(True)
+    with injected_image_features(model, leaf):
+        got = model(**inputs).logits
+    (got * weights).sum().backward()
+    feats.backward(leaf.grad)  # the deferred tower pass
+    got_g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_g.keys() == want_g.keys()
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    merger_grads = [n for n in want_g if "deepstack_merger_list" in n]
+    assert bool(merger_grads) == bool(n_deep)
+    assert "get_image_features" not in vars(model.model) and "forward" not in vars(model.model.language_model)
