@@ -301,6 +301,28 @@ def test_qwen3_deepstack_is_what_makes_packed_match(models):
     assert (without - want)[vis].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_packed_qwen3_matches_per_sample_on_device(device):
+    """Qwen3-VL packed on ``device`` (CUDA: the Triton packing kernels, the GPU attention backend,
+    deepstack's boolean row mask on the device) == per-sample forwards there, fp32; and the
+    trainer's packed_hidden (plain-torch fallbacks off CUDA) gives the same hidden states."""
+    from staged.packed_step import packed_hidden
+
+    model = build("qwen3_vl").to(device)
+    samples = samples_for("qwen3_vl", torch.Generator().manual_seed(9))
+    [mb] = collate_packed(samples, [[2, 4, 0, 3, 1]], PackingConfig.from_model(model))
+    mb = mb.to(device)
+    with torch.no_grad():
+        want = [model(**{k: v.to(device) for k, v in hf_inputs(s, "qwen3_vl").items()}).logits[0]
+                for s in samples]
+        logits = packed_forward(model, mb, return_logits=True)
+        hidden = packed_hidden(model, mb)
+    torch.testing.assert_close(model.lm_head(hidden), logits, atol=1e-5, rtol=1e-5)
+    got = torch.split(logits, mb.seqlens)
+    for slot, i in enumerate(mb.table.sample_index.tolist()):
+        torch.testing.assert_close(got[slot], want[i], atol=2e-5, rtol=1e-5)
+
+
 def test_unpacked_forward_still_uses_sdpa(models):
     model = models("qwen2_5_vl")
     use_packed_attention(model)
