@@ -12,7 +12,8 @@ transformers' continuous batching (``generate_batch``) takes text-only requests:
 apply to these image rows. Rows report wall time (one timed run after a warm-up; CPU), tokens/s
 over the completion tokens, the paged engine's prefill / decode split, and its decode time as a
 % of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
-bandwidth measured in the same run). ``make gpu-check`` runs the same in bf16 on CUDA.
+bandwidth measured in the same run). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
+engine with its decode steps as CUDA graphs and without.
 """
 from __future__ import annotations
 
@@ -126,9 +127,9 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
         case = f"{name}: {P}x{G} rows, {vt} vis tok, {new} new, V={V}"
         sup = tuple(range(V - 10, V))
 
-        def ours(engine, slots=0):
+        def ours(engine, slots=0, graphs=True):
             sp = SamplingParams(max_new_tokens=new, eos_token_ids=eos, pad_token_id=0, engine=engine, batch_size=slots,
-                                suppress_token_ids=sup)
+                                suppress_token_ids=sup, cuda_graphs=graphs)
             return lambda: generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)
 
         def hf_generate():
@@ -140,6 +141,7 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             return out[:, inputs["input_ids"].shape[1]:]
 
         impls = {"paged": ours("paged"), "simple (old loop)": ours("simple"),
+                 **({"paged, no CUDA graphs": ours("paged", graphs=False)} if dev.type == "cuda" else {}),
                  "round-1 loop": round1(ours("simple")), "transformers generate()": hf_generate}
         for impl, fn in impls.items():
             fn()  # warm-up (allocator, kernels)
@@ -163,6 +165,10 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             if stats:
                 row.update(prefill_ms=stats["prefill_s"] * 1e3, decode_ms=stats["decode_s"] * 1e3,
                            cache_mb=stats["cache_mb"])
+                if "graph_replays" in stats:
+                    row["graphs"] = f'{stats["graph_captures"]} captured, {stats["graph_replays"]} replays'
+                    if not stats["cuda_graphs"]:
+                        row["graphs"] += " (capture failed: eager)"
                 if limits and limits.get("copy_gbps"):
                     # decode's floor: every step reads the decoder + lm_head weights and the live KV
                     read = (weight_bytes * stats["decode_steps"]

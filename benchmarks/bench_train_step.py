@@ -1,15 +1,20 @@
-"""One GRPO step on the embedded model: staged's trainer vs TRL's GRPOTrainer, same model and data.
+"""One GRPO step: staged's trainer vs TRL's GRPOTrainer, same model and data, at two shapes.
 
 What is compared (every knob that changes the work is the same on both sides):
 
-  model     the embedded tiny Qwen2.5-VL (``staged.models.embedded.build_embedded_checkpoint``,
-            seed 0, fp32 weights; untied lm_head), loaded by each side from the same directory
+  model     ``staged.models.embedded.build_embedded_checkpoint`` (seed 0, fp32 weights, untied
+            lm_head), loaded by each side from the same directory:
+              embedded   the tiny default (V = 300, 0.9M parameters); 8 prompts x G = 8, <= 16
+                         new tokens
+              realistic  the rollout benchmark's Qwen2.5-VL shape (hidden 256, 4 layers, 82M
+                         parameters) with the tokenizer padded to the real 151,936-token
+                         vocabulary (every id decodes); 8 prompts x G = 5, <= 64 new tokens
   data      the synthetic *textual* stage ("What is 3 + 4?"), text-only: TRL gets each prompt as
             the same chat-templated string our trainer tokenizes (identical prompt tokens); the
             vision tower is in both models but sees no image (TRL's VLM path needs a full
             transformers processor with torchvision, which the embedded checkpoint does not need);
             the same 256 prompts, each side drawing its batches with its own shuffle
-  step      8 prompts x G = 8 completions, <= 16 new tokens (temperature 1, top-p 1; the vision
+  step      the shape's prompts x G completions and token cap (temperature 1, top-p 1; the vision
             placeholder tokens are suppressed on both sides), reward = the paper's reward through
             ``staged.rewards.compute_rewards`` (TRL calls it as its reward function), group
             advantages with std normalisation, loss ``grpo`` (eps 0.2 / 0.3, beta 0: no reference
@@ -66,17 +71,38 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import hwm_mb, peak_rss_mb, quantiles_ms, reset_peak_rss, rss_mb
 
-PROMPTS = 8
-GROUP = 8
-MAX_NEW = 16
 LR = 5e-4
 NUM_SAMPLES = 256
 DATA_SEED = 1000   # the textual stage's synthetic seed when it is stage 1 of a seed-0 run
 IMPLS = ("staged", "staged packed", "trl", "trl+staged loss")
 
 
-def _setup_text(device: str) -> str:
-    return (f"embedded Qwen2.5-VL, textual, {PROMPTS} prompts x G={GROUP}, <= {MAX_NEW} new tokens, "
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    size: str                   # staged.models.embedded SIZES preset
+    vocab_size: int | None      # None: the embedded tokenizer's own 300 tokens
+    prompts: int
+    group: int
+    max_new: int
+
+
+SHAPES = {
+    # the embedded default as `make demo` trains it: the step is decode + tiny transformer layers
+    "embedded": Shape("embedded", "tiny", None, prompts=8, group=8, max_new=16),
+    # the rollout benchmark's model (hidden 256, 4 layers, 82M parameters) at the real vocabulary
+    # (the tokenizer padded to 151,936 decodable tokens): the lm_head, the sampler and the
+    # log-prob over V dominate, as they do at scale
+    "realistic": Shape("realistic", "bench", 151_936, prompts=8, group=5, max_new=64),
+}
+# the embedded shape's numbers, read by tests and older callers
+PROMPTS, GROUP, MAX_NEW = SHAPES["embedded"].prompts, SHAPES["embedded"].group, SHAPES["embedded"].max_new
+
+
+def _setup_text(device: str, shape: Shape) -> str:
+    model = ("embedded Qwen2.5-VL" if shape.vocab_size is None else
+             f"Qwen2.5-VL-shaped 82M, V={shape.vocab_size}")
+    return (f"{model}, textual, {shape.prompts} prompts x G={shape.group}, <= {shape.max_new} new tokens, "
             f"{'fp32 1 thread' if device == 'cpu' else 'bf16'}")
 
 
@@ -142,14 +168,16 @@ def _samples():
 # workers (each runs in its own process)
 
 
-def staged_config(model_dir: str, out_dir: str, device: str, steps: int, *, packed: bool = False):
+def staged_config(model_dir: str, out_dir: str, device: str, steps: int, *, packed: bool = False,
+                  shape: Shape = SHAPES["embedded"]):
     """The one-stage run our side trains (a validated ``staged.config.TrainConfig``); ``packed``:
     the policy forward on packed micro-batches (``packing.enabled``) instead of padded ones."""
     from staged.config import from_dict
 
     extra = {"packing": {"enabled": True}} if packed else {}
+    PROMPTS, GROUP, MAX_NEW = shape.prompts, shape.group, shape.max_new
     return from_dict({**extra,
-        "model": "embedded", "embedded_dir": model_dir, "output_dir": out_dir, "seed": 0,
+        "model": model_dir, "output_dir": out_dir, "seed": 0,
         "device": device, "precision": "fp32" if device == "cpu" else "bf16", "cpu_threads": 1,
         "export_hf": False, "tensorboard": False, "plot": False, "progress": False, "resume": "never",
         "stages": [{
@@ -163,10 +191,11 @@ def staged_config(model_dir: str, out_dir: str, device: str, steps: int, *, pack
     })
 
 
-def _staged_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps: int, packed: bool) -> dict:
+def _staged_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps: int, packed: bool,
+                   shape: Shape) -> dict:
     import staged.train as T
 
-    cfg = staged_config(model_dir, out_dir, device, warmup + steps, packed=packed)
+    cfg = staged_config(model_dir, out_dir, device, warmup + steps, packed=packed, shape=shape)
     clock = _Clock(warmup, device)
     inner = T.grpo_step
     lengths, rewards = [], []
@@ -191,7 +220,8 @@ def _staged_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps
     return clock.result(completion_tokens=statistics.mean(lengths), reward=statistics.mean(rewards))
 
 
-def _trl_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps: int, fused: bool) -> dict:
+def _trl_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps: int, fused: bool,
+                shape: Shape) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, TrainerCallback
@@ -229,8 +259,8 @@ def _trl_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps: i
             clock.end()
 
     args = dict(
-        output_dir=out_dir, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-        gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=MAX_NEW,
+        output_dir=out_dir, per_device_train_batch_size=shape.prompts * shape.group, num_generations=shape.group,
+        gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=shape.max_new,
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="grpo", epsilon=0.2, epsilon_high=0.3,
         scale_rewards="group", learning_rate=LR, lr_scheduler_type="constant", optim="adamw_torch",
         weight_decay=0.0, max_grad_norm=1.0, max_steps=warmup + steps, logging_steps=warmup + steps,
@@ -259,22 +289,24 @@ def _trl_worker(model_dir: str, out_dir: str, device: str, warmup: int, steps: i
                         note=f"GRPOConfig without {dropped} (older TRL)" if dropped else None)
 
 
-def worker(impl: str, model_dir: str, device: str, warmup: int, steps: int) -> dict:
+def worker(impl: str, model_dir: str, device: str, warmup: int, steps: int, shape: str = "embedded") -> dict:
+    sh = SHAPES[shape]
     with tempfile.TemporaryDirectory(prefix="staged-bench-") as out:
         if impl in ("staged", "staged packed"):
-            return _staged_worker(model_dir, out, device, warmup, steps, packed=impl == "staged packed")
+            return _staged_worker(model_dir, out, device, warmup, steps, packed=impl == "staged packed", shape=sh)
         if impl in ("trl", "trl+staged loss"):
-            return _trl_worker(model_dir, out, device, warmup, steps, fused=impl != "trl")
+            return _trl_worker(model_dir, out, device, warmup, steps, fused=impl != "trl", shape=sh)
     raise ValueError(f"unknown implementation {impl!r}; known: {IMPLS}")
 
 
-def run_worker(impl: str, model_dir: str, device: str, warmup: int, steps: int, timeout: float = 600) -> dict:
+def run_worker(impl: str, model_dir: str, device: str, warmup: int, steps: int, shape: str = "embedded",
+               timeout: float = 1200) -> dict:
     """``worker`` in a fresh interpreter: its own imports, its own peak RSS."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "benchmarks.bench_train_step", "--worker", impl, "--model-dir", model_dir,
-           "--device", device, "--warmup", str(warmup), "--steps", str(steps)]
+           "--device", device, "--warmup", str(warmup), "--steps", str(steps), "--shape", shape]
     p = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{") and '"step_ms"' in ln]
     if p.returncode != 0 or not lines:
@@ -302,38 +334,50 @@ def _missing_trl() -> str | None:
     return None
 
 
-def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
-    """Rows for benchmarks/__main__.py. The implementations run in alternating rounds (staged, trl,
-    trl+staged loss, staged, trl, ...), each round a fresh process with its own warm-up, so that
-    load from other processes on a shared machine falls on all of them alike; the timed steps of
-    all rounds are pooled. ``cpu_ms`` (process CPU time per step) is the steadier number there."""
+def run(device: str = "cpu", limits: dict | None = None, quick: bool = False, shapes: tuple[str, ...] | None = None
+        ) -> list[dict]:
+    """Rows for benchmarks/__main__.py, per shape (quick: the embedded shape only). The
+    implementations run in alternating rounds (staged, trl, trl+staged loss, staged, trl, ...),
+    each round a fresh process with its own warm-up, so that load from other processes on a shared
+    machine falls on all of them alike; the timed steps of all rounds are pooled. ``cpu_ms``
+    (process CPU time per step) is the steadier number there."""
     from staged.models.embedded import build_embedded_checkpoint
 
-    rounds, warmup, steps = (1, 1, 3) if quick else (2, 1, 5)
-    if device.startswith("cuda") and not quick:
-        rounds, steps = 1, 8   # a GPU of one's own: no neighbours to spread over rounds
-    impls = ("staged", "trl") if quick else IMPLS
     dev = "cuda" if device.startswith("cuda") else "cpu"
-    case = _setup_text(dev)
+    shapes = shapes or (("embedded",) if quick else tuple(SHAPES))
     missing = _missing_trl()
-    got: dict[str, list[dict]] = {i: [] for i in impls}
-    notes: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="staged-bench-model-") as tmp:
-        model_dir = str(build_embedded_checkpoint(Path(tmp) / "embedded", seed=0))
-        for _ in range(rounds):
-            for impl in impls:
-                if impl in notes:
-                    continue
-                if impl.startswith("trl") and missing:
-                    notes[impl] = f"skipped: trl/datasets not importable ({missing})"
-                    continue
-                if impl == "staged packed" and not _has_packing():
-                    notes[impl] = "skipped: this trainer has no packing option"
-                    continue
-                try:
-                    got[impl].append(run_worker(impl, model_dir, dev, warmup, steps))
-                except Exception as exc:  # noqa: BLE001 - one failing side is reported, the others run
-                    notes[impl] = f"failed: {str(exc)[:160]}"
+    rows = []
+    for name in shapes:
+        shape = SHAPES[name]
+        rounds, warmup, steps = (1, 1, 3) if quick else (2, 1, 5) if name == "embedded" else (2, 1, 2)
+        if dev == "cuda" and not quick:
+            rounds, steps = 1, 8   # a GPU of one's own: no neighbours to spread over rounds
+        impls = ("staged", "trl") if quick else IMPLS
+        case = _setup_text(dev, shape)
+        got: dict[str, list[dict]] = {i: [] for i in impls}
+        notes: dict[str, str] = {}
+        with tempfile.TemporaryDirectory(prefix="staged-bench-model-") as tmp:
+            model_dir = str(build_embedded_checkpoint(Path(tmp) / name, seed=0, size=shape.size,
+                                                      vocab_size=shape.vocab_size))
+            for _ in range(rounds):
+                for impl in impls:
+                    if impl in notes:
+                        continue
+                    if impl.startswith("trl") and missing:
+                        notes[impl] = f"skipped: trl/datasets not importable ({missing})"
+                        continue
+                    if impl == "staged packed" and not _has_packing():
+                        notes[impl] = "skipped: this trainer has no packing option"
+                        continue
+                    try:
+                        got[impl].append(run_worker(impl, model_dir, dev, warmup, steps, shape=name))
+                    except Exception as exc:  # noqa: BLE001 - one failing side is reported, the others run
+                        notes[impl] = f"failed: {str(exc)[:160]}"
+        rows += _rows(case, impls, got, notes, dev)
+    return rows
+
+
+def _rows(case: str, impls, got: dict, notes: dict, dev: str) -> list[dict]:
     rows = []
     for impl in impls:
         ms = [t for m in got[impl] for t in m["step_ms"]]
@@ -369,17 +413,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="one round of 3 timed steps, staged and trl only")
     p.add_argument("--worker", choices=IMPLS, help="(internal) run one implementation, print JSON")
+    p.add_argument("--shape", choices=tuple(SHAPES), action="append",
+                   help="shape(s) to run (default: all; --quick: embedded)")
     p.add_argument("--model-dir")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
     if args.worker:
-        res = worker(args.worker, args.model_dir, args.device, args.warmup, args.steps)
+        res = worker(args.worker, args.model_dir, args.device, args.warmup, args.steps, (args.shape or ["embedded"])[0])
         print(json.dumps(res), flush=True)
         return 0
     from benchmarks.common import markdown_table
 
-    print(markdown_table(run(args.device, quick=args.quick)))
+    print(markdown_table(run(args.device, quick=args.quick, shapes=tuple(args.shape) if args.shape else None)))
     return 0
 
 

@@ -295,6 +295,10 @@ class RolloutConfig:
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
     """Prompt tokens per prefill forward (at least one prompt)."""
+    cuda_graphs: bool = True
+    """Engine paged on CUDA: decode steps at static shapes (rows padded to power-of-two buckets),
+    each shape captured once per rollout as a CUDA graph and replayed (staged.rollout.graphs);
+    a capture that fails falls back to eager decoding with a warning."""
     reuse_vision_features: bool = True
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack features included), engine paged, padded
     micro-batches: the rollout's image features (one tower pass per distinct prompt) stand in for

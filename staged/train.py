@@ -193,7 +193,8 @@ def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> S
                           check_every=cfg.finished_check_every, batch_size=stage.batch.rollout_batch_size,
                           suppress_token_ids=tuple(sorted(suppress)), engine=r.engine, block_size=r.block_size,
                           kv_cache_tokens=r.kv_cache_tokens, kv_cache_memory_fraction=r.kv_cache_memory_fraction,
-                          prefill_tokens=r.prefill_tokens, reuse_vision_features=r.reuse_vision_features)
+                          prefill_tokens=r.prefill_tokens, reuse_vision_features=r.reuse_vision_features,
+                          cuda_graphs=r.cuda_graphs)
 
 
 def inject_fault(d: parallel.Dist, global_step: int) -> None:

@@ -109,13 +109,16 @@ def test_gpu_smoke_run_overrides_are_a_valid_short_config():
 def test_train_step_config_matches_the_trl_side():
     from benchmarks import bench_train_step as B
 
-    cfg = B.staged_config("/nonexistent/model", "/nonexistent/out", "cpu", 7)
-    (st,) = cfg.stages
-    assert st.steps == 7 and st.type == "grpo" and st.sft_warmup_steps == 0
-    assert st.batch.prompts_per_step == B.PROMPTS and st.batch.group_size == B.GROUP
-    assert st.batch.micro_batch_size == B.PROMPTS * B.GROUP          # one micro-batch, like TRL's
-    assert st.grpo.max_response_tokens == B.MAX_NEW and st.grpo.beta == 0.0 and st.grpo.loss_type == "grpo"
-    assert st.lr == B.LR and cfg.cpu_threads == 1 and st.data.seed == B.DATA_SEED
+    for shape in B.SHAPES.values():
+        cfg = B.staged_config("/nonexistent/model", "/nonexistent/out", "cpu", 7, shape=shape)
+        (st,) = cfg.stages
+        assert cfg.model == "/nonexistent/model"
+        assert st.steps == 7 and st.type == "grpo" and st.sft_warmup_steps == 0
+        assert st.batch.prompts_per_step == shape.prompts and st.batch.group_size == shape.group
+        assert st.batch.micro_batch_size == shape.prompts * shape.group          # one micro-batch, like TRL's
+        assert st.grpo.max_response_tokens == shape.max_new and st.grpo.beta == 0.0 and st.grpo.loss_type == "grpo"
+        assert st.lr == B.LR and cfg.cpu_threads == 1 and st.data.seed == B.DATA_SEED
+    assert B.SHAPES["realistic"].vocab_size == 151_936
     if B._has_packing():
         assert B.staged_config("/m", "/o", "cpu", 3, packed=True).packing.enabled
 

@@ -110,13 +110,24 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def build_tokenizer():
-    """A PreTrainedTokenizerFast with the Qwen-VL specials and chat template (see module doc)."""
+def build_tokenizer(vocab_size: int | None = None):
+    """A PreTrainedTokenizerFast with the Qwen-VL specials and chat template (see module doc).
+
+    ``vocab_size``: pad the vocabulary with filler tokens up to that many (benchmarks at the real
+    151,936-token vocabulary): each is a NUL byte and a number, so no text ever encodes to one,
+    and every id a model samples decodes to a string."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = _bpe_vocab()
     vocab["<unk>"] = len(vocab)
+    if vocab_size is not None:
+        fill = vocab_size - len(vocab) - len(SPECIAL_TOKENS) - len(PLAIN_ADDED_TOKENS)
+        if fill < 0:
+            raise ValueError(f"embedded tokenizer: vocab_size {vocab_size} is below its own {vocab_size - fill}")
+        nul = _bytes_to_unicode()[0]
+        for i in range(fill):
+            vocab[f"{nul}{i}"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True, ignore_merges=True))
     # GPT-2 split regex (words, digit runs, punctuation runs, whitespace) then bytes -> unicode.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -179,6 +190,8 @@ SIZES = {
     "tiny": dict(hidden=128, inter=256, layers=4, heads=4, kv=2, v_hidden=64, v_inter=128, v_depth=2, v_heads=4),
     # for GPU smoke runs: still seconds per step, big enough that kernels see real tiles
     "small": dict(hidden=256, inter=768, layers=6, heads=8, kv=4, v_hidden=128, v_inter=256, v_depth=2, v_heads=4),
+    # the rollout / train-step benchmarks' realistic shape (with vocab_size=151_936: 82M parameters)
+    "bench": dict(hidden=256, inter=1024, layers=4, heads=4, kv=2, v_hidden=256, v_inter=512, v_depth=2, v_heads=4),
 }
 
 
@@ -227,11 +240,14 @@ _REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "toke
              "preprocessor_config.json", "chat_template.jinja", STAMP_FILE)
 
 
-def _stamp(seed: int, size: str) -> dict:
+def _stamp(seed: int, size: str, vocab_size: int | None = None) -> dict:
     import transformers
     # transformers' version is part of it: a checkpoint written by one version's config classes is
     # rebuilt (identically) rather than parsed by another's.
-    return {"version": EMBEDDED_VERSION, "seed": int(seed), "size": size, "transformers": transformers.__version__}
+    out = {"version": EMBEDDED_VERSION, "seed": int(seed), "size": size, "transformers": transformers.__version__}
+    if vocab_size is not None:
+        out["vocab_size"] = int(vocab_size)
+    return out
 
 
 def _is_complete(d: pathlib.Path, stamp: dict) -> bool:
@@ -243,11 +259,13 @@ def _is_complete(d: pathlib.Path, stamp: dict) -> bool:
         return False
 
 
-def build_embedded_checkpoint(out_dir, *, seed: int = 0, size: str = "tiny") -> pathlib.Path:
+def build_embedded_checkpoint(out_dir, *, seed: int = 0, size: str = "tiny",
+                              vocab_size: int | None = None) -> pathlib.Path:
     """Build the embedded model, tokenizer and processor offline into `out_dir` (an ordinary HF
     checkpoint directory) and return its path.
 
-    Deterministic for (seed, size); idempotent: a directory that already holds a complete build of
+    Deterministic for (seed, size, vocab_size: None = the tokenizer's own, else padded, see
+    build_tokenizer); idempotent: a directory that already holds a complete build of
     the same version is reused untouched. Safe against concurrent callers (e.g. every torchrun rank):
     each builds into a private temporary directory and renames it into place; the loser of the race
     discards its copy.
@@ -256,7 +274,7 @@ def build_embedded_checkpoint(out_dir, *, seed: int = 0, size: str = "tiny") -> 
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     out = pathlib.Path(out_dir).expanduser().resolve()
-    stamp = _stamp(seed, size)
+    stamp = _stamp(seed, size, vocab_size)
     if size not in SIZES:
         raise ValueError(f"embedded model size must be one of {sorted(SIZES)}, got {size!r}")
     if _is_complete(out, stamp):
@@ -265,7 +283,7 @@ def build_embedded_checkpoint(out_dir, *, seed: int = 0, size: str = "tiny") -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
-        processor = build_processor()
+        processor = build_processor(build_tokenizer(vocab_size))
         tok = processor.tokenizer
         config = build_config(tok, size)
 

@@ -13,11 +13,13 @@ same completions, and the two engines draw the same tokens up to float rounding.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from staged.parallel import gathered_for_generation
 from staged.rollout.interface import (Rollout, SamplingParams, extend_positions, images_per_row, model_inputs,
-                                      position_ids, select_rows)
+                                      normalize_batch, position_ids, select_rows)
 from staged.rollout.sampler import row_seed, sample_tokens, uniform_from_seed
 from staged.vision_dummy import gather_vision
 
@@ -29,22 +31,28 @@ __all__ = ["ENGINES", "Rollout", "SamplingParams", "extend_positions", "generate
 
 def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
              device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Rollout:
-    """Sample one completion per row of ``batch`` (a host-side generation batch: left-padded
-    ``input_ids`` / ``attention_mask``, optional ``pixel_values`` / ``image_grid_thw`` /
-    ``images_per_row``, ``position_ids``, and ``prompt_index``: row -> its distinct prompt, which
-    lets the paged engine skip comparing rows). ``seeds`` [B] int64: row i's draws are a function
+    """Sample one completion per row of ``batch`` (a host-side generation batch: ``input_ids`` /
+    ``attention_mask`` (left-padded; right-padded rows are shifted), optional ``pixel_values`` /
+    ``image_grid_thw`` (a processor's output as it is), ``images_per_row`` (inferred when
+    missing), ``position_ids``, and ``prompt_index``: row -> its distinct prompt, which lets the
+    paged engine skip comparing rows). ``seeds`` [B] int64: row i's draws are a function
     of seeds[i] alone. ``dtype``: the compute dtype of pixel values."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     B = batch["input_ids"].shape[0]
     if seeds.shape != (B,):
         raise ValueError(f"seeds: expected shape ({B},) (one per row), got {tuple(seeds.shape)}")
-    if not params.eos_token_ids:
-        raise ValueError("SamplingParams.eos_token_ids is empty: generation would never stop early")
+    if not params.eos_token_ids:  # the model's own end tokens, as transformers' generate() takes them
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        if not eos:
+            raise ValueError("SamplingParams.eos_token_ids is empty and the model's generation_config has no "
+                             "eos_token_id: generation would never stop early")
+        params = dataclasses.replace(params, eos_token_ids=tuple(int(e) for e in eos))
     if params.engine not in ENGINES:
         raise ValueError(f"SamplingParams.engine: {params.engine!r} is not one of {ENGINES}")
     if params.max_new_tokens < 1:
         raise ValueError(f"SamplingParams.max_new_tokens: must be >= 1, got {params.max_new_tokens}")
-    batch = dict(batch)
+    batch = normalize_batch(model, batch)
     if "position_ids" not in batch:
         batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
                                              batch.get("image_grid_thw"))

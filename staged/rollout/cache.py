@@ -61,7 +61,10 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # One block past the pool's: the scratch block that static-shape decode steps' padding
+        # rows write into (staged.rollout.graphs); never handed out.
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
+        self.scratch_block = num_blocks
         # Zeros, not empty: the torch path reads whole blocks and masks the scores of unused slots,
         # but a NaN in uninitialised memory would survive as 0 * NaN in the weighted sum of V.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -48,6 +48,12 @@ class SamplingParams:
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
     """Prompt tokens prefilled per forward (padded), at least one prompt."""
+    cuda_graphs: bool = True
+    """Engine "paged" on CUDA: decode steps padded to static shapes and replayed as CUDA graphs
+    (staged.rollout.graphs); a capture that fails falls back to eager with a warning."""
+    static_shapes: bool = False
+    """Pad decode steps to the graphs' static shapes even where nothing is captured (a CPU):
+    the graph path's padding, run eagerly; for tests."""
     reuse_vision_features: bool = True
     """Engine "paged", Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack included): keep each distinct
     prompt's image features for the training forward of the same step (staged.vision_reuse)."""
@@ -121,6 +127,47 @@ def images_per_row(batch: dict) -> list[int]:
     if n is not None:
         return list(n)
     return [0] * batch["input_ids"].shape[0]
+
+
+def normalize_batch(model, batch: dict) -> dict:
+    """A batch as a transformers processor returns it, made into what the engines take: rows
+    left-padded (a right-padded row is shifted; its tokens and images unchanged) and
+    ``images_per_row`` inferred where it is missing (each row's image-placeholder count matched,
+    in order, against the images' token counts)."""
+    batch = dict(batch)
+    ids, attn = batch["input_ids"], batch["attention_mask"].long()
+    T = ids.shape[1]
+    pos = torch.arange(T)
+    count = attn.sum(-1)
+    last = torch.where(attn.bool(), pos, -1).amax(-1)
+    first = torch.where(attn.bool(), pos, T).amin(-1)
+    if bool(((count > 0) & (last - first + 1 != count)).any()):
+        raise ValueError("attention_mask: each row must be one contiguous run of 1s (padding on one side only)")
+    shift = torch.where(count > 0, T - 1 - last, 0)
+    if bool(shift.any()):  # right- (or both-side-) padded rows: rotate their tokens to the right end
+        src = (pos[None] - shift[:, None]) % T
+        batch["input_ids"], batch["attention_mask"] = ids.gather(-1, src), batch["attention_mask"].gather(-1, src)
+        batch.pop("position_ids", None)
+    grid = batch.get("image_grid_thw")
+    if batch.get("images_per_row") is None and grid is not None and len(grid):
+        cfg = model.config
+        merge = getattr(getattr(cfg, "vision_config", cfg), "spatial_merge_size", 2)
+        per_image = (grid.prod(-1) // (merge * merge)).tolist()
+        per_row_tokens = (batch["input_ids"] == cfg.image_token_id).sum(-1).tolist()
+        out, i = [], 0
+        for need in per_row_tokens:
+            k = 0
+            while need > 0 and i < len(per_image):
+                need -= per_image[i]
+                i, k = i + 1, k + 1
+            if need != 0:
+                break
+            out.append(k)
+        if len(out) != len(per_row_tokens) or i != len(per_image):
+            raise ValueError("images_per_row missing and the rows' image tokens do not match image_grid_thw's "
+                             "images in order; pass images_per_row")
+        batch["images_per_row"] = out
+    return batch
 
 
 def image_ranges(batch: dict) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -64,6 +64,13 @@ def suppress_mask(token_ids, vocab: int, device) -> torch.Tensor | None:
     return m
 
 
+def suppress_index(token_ids, vocab: int, device) -> torch.Tensor | None:
+    """[k] int64 of the tokens never drawn (ids past ``vocab`` ignored), or None: with few of
+    them, filling k columns beats a masked pass over the whole [B, V] row block."""
+    ids = sorted({i for i in token_ids if 0 <= i < vocab})
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
 def _draw(weights: torch.Tensor, u: torch.Tensor, with_log_total: bool = False):
     """Index i of each row with cdf[i-1] < u * total <= cdf[i], the cdf of ``weights`` [B, V] >= 0
     (fp32) taken in two levels: fp32 sums of TILE-token tiles, their fp64 cumsum picks the tile,
@@ -92,7 +99,8 @@ def _draw(weights: torch.Tensor, u: torch.Tensor, with_log_total: bool = False):
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float,
                   suppress: torch.Tensor | None = None, *, inplace: bool = False):
-    """Draw one token per row. logits [B, V] fp32, u [B] in (0, 1), suppress [V] bool (never drawn).
+    """Draw one token per row. logits [B, V] fp32, u [B] in (0, 1), suppress (never drawn): [V] bool
+    or the ids [k] int64.
     ``inplace``: ``logits`` is scratch (the engine's fresh lm_head output) and is overwritten.
 
     Returns (tokens [B] int64, logp [B] fp32 of the token under the distribution drawn from,
@@ -104,7 +112,10 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
     if temperature != 1.0:
         e.div_(temperature)
     if suppress is not None:
-        e.masked_fill_(suppress, float("-inf"))
+        if suppress.dtype == torch.bool:
+            e.masked_fill_(suppress, float("-inf"))
+        else:
+            e.index_fill_(1, suppress, float("-inf"))
     e.sub_(e.amax(-1, keepdim=True)).exp_()
     if top_p < 1.0:
         # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches

@@ -203,3 +203,88 @@ def test_eos_on_the_first_token_and_max_new_tokens_one(models):
     # every token an EOS: each row is its first token
     ro = generate(model, batch, params(eos_token_ids=tuple(range(100))), seeds=seeds_for(B))
     assert ro.completion_mask.sum(-1).tolist() == [1] * B
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_static_shape_decode_equals_dynamic(models, kind):
+    """The CUDA-graph path's decode steps (rows padded to a bucket, block tables to a width
+    bucket, padding rows writing into the scratch block / row / slot), run eagerly: the same
+    completions and log-probs as the dynamic steps, for slot counts whose live-row counts fall
+    between buckets."""
+    model = models(kind)
+    gen = torch.Generator().manual_seed(5)
+    batch = make_batch(prompts_for(gen), 3, gen)
+    B = batch["input_ids"].shape[0]
+    seeds = seeds_for(B, 9)
+    ref = generate(model, batch, params(), seeds=seeds)
+    m = ref.completion_mask.bool()
+    for kw in (dict(), dict(batch_size=5), dict(batch_size=3, block_size=2)):
+        ro = generate(model, batch, params(static_shapes=True, **kw), seeds=seeds)
+        assert torch.equal(ro.completion_ids, ref.completion_ids), kw
+        assert torch.equal(ro.completion_mask, ref.completion_mask), kw
+        torch.testing.assert_close(ro.logprobs[m], ref.logprobs[m], atol=1e-5, rtol=0)
+        st = ro.stats
+        assert st["free_blocks_end"] == st["cache_blocks"]
+        assert st["decode_row_steps"] == ref.stats["decode_row_steps"]
+        assert st["graph_captures"] == 0 and st["cuda_graphs"] is False  # nothing captured on a CPU
+
+
+def test_static_step_shapes_and_padding():
+    from staged.rollout.graphs import DecodeGraphs, buckets
+
+    assert buckets(1) == [1] and buckets(5) == [1, 2, 4, 5] and buckets(8) == [1, 2, 4, 8]
+    g = DecodeGraphs(lambda *a: None, slots=5, max_blocks=6, pad_row=[70, 1, 0, 9, 0, 5], scratch_block=7,
+                     device=torch.device("cpu"), capture=True, fixed_width=False)
+    assert not g.capture  # never on a CPU
+    assert g.shape(3, 3) == (4, 4) and g.shape(5, 6) == (5, 6) and g.shape(1, 1) == (1, 1)
+    with pytest.raises(ValueError, match="exceeds 5 slots x 6 blocks"):
+        g.shape(6, 1)
+    host = g.pack([[1, 2], [3, 4], [5, 6], [7, 8], [0, 1], [2, 3]], [[0, 1], [2]], (4, 2))
+    cols, table = host[:24].view(6, 4), host[24:].view(4, 2)
+    assert cols.tolist() == [[1, 2, 70, 70], [3, 4, 1, 1], [5, 6, 0, 0], [7, 8, 9, 9], [0, 1, 0, 0], [2, 3, 5, 5]]
+    assert table.tolist() == [[0, 1], [2, 7], [7, 7], [7, 7]]
+    fixed = DecodeGraphs(lambda *a: None, slots=5, max_blocks=6, pad_row=[70, 1, 0, 9, 0, 5], scratch_block=7,
+                         device=torch.device("cpu"), capture=False, fixed_width=True)
+    assert fixed.shape(2, 1) == (2, 6)
+
+
+def test_a_processor_batch_as_it_is_right_padded_without_images_per_row(models):
+    """What a transformers processor returns (right padding, no images_per_row) samples the same
+    completions as the left-padded batch with images_per_row given."""
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(6)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    B = batch["input_ids"].shape[0]
+    ref = generate(model, batch, params(), seeds=seeds_for(B))
+    attn = batch["attention_mask"]
+    shift = attn.shape[1] - attn.sum(-1)
+    src = (torch.arange(attn.shape[1])[None] + shift[:, None]) % attn.shape[1]
+    raw = {"input_ids": batch["input_ids"].gather(-1, src), "attention_mask": attn.gather(-1, src),
+           "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    assert (raw["attention_mask"][:, 0] == 1).all() and (raw["attention_mask"][:, -1] == 0).any()
+    ro = generate(model, raw, params(), seeds=seeds_for(B))
+    assert torch.equal(ro.completion_ids, ref.completion_ids)
+    assert torch.equal(ro.prompt_ids, batch["input_ids"])  # the rollout's prompts are the left-padded rows
+    bad = dict(raw, image_grid_thw=raw["image_grid_thw"][:-1], pixel_values=raw["pixel_values"][:-16])
+    with pytest.raises(ValueError, match="pass images_per_row"):
+        generate(model, bad, params(), seeds=seeds_for(B))
+    holes = dict(raw, attention_mask=raw["attention_mask"].clone())
+    holes["attention_mask"][0, 1] = 0
+    with pytest.raises(ValueError, match="one contiguous run"):
+        generate(model, holes, params(), seeds=seeds_for(B))
+
+
+def test_end_tokens_default_to_the_models_generation_config(models):
+    model = models("qwen2_vl")
+    gen = torch.Generator().manual_seed(7)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    B = batch["input_ids"].shape[0]
+    model.generation_config.eos_token_id = list(ENDS)
+    try:
+        ro = generate(model, batch, params(eos_token_ids=()), seeds=seeds_for(B))
+        assert torch.equal(ro.completion_ids, generate(model, batch, params(), seeds=seeds_for(B)).completion_ids)
+        model.generation_config.eos_token_id = None
+        with pytest.raises(ValueError, match="never stop early"):
+            generate(model, batch, params(eos_token_ids=()), seeds=seeds_for(B))
+    finally:
+        model.generation_config.eos_token_id = EOS

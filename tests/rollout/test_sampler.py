@@ -79,3 +79,18 @@ def test_per_row_token_index():
     t = torch.tensor([0, 5, 2, 9, 1, 3])
     u = uniform_from_seed(seeds, t)
     assert torch.equal(u, torch.stack([uniform_from_seed(seeds[i:i + 1], int(t[i]))[0] for i in range(6)]))
+
+
+def test_suppress_by_ids_equals_suppress_by_mask():
+    from staged.rollout.sampler import suppress_index, suppress_mask
+
+    gen = torch.Generator().manual_seed(12)
+    V = 3000
+    ids = torch.randint(0, V, (40,), generator=gen).tolist() + [V + 5]  # one id past the vocabulary
+    logits = torch.randn(64, V, generator=gen) * 3
+    u = uniform_from_seed(torch.tensor([row_seed(4, i) for i in range(64)]), 0)
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+        a = sample_tokens(logits, u, temperature, top_p, suppress_mask(ids, V, "cpu"))
+        b = sample_tokens(logits.clone(), u, temperature, top_p, suppress_index(ids, V, "cpu"), inplace=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not set(a[0].tolist()) & set(ids)
