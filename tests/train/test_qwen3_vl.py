@@ -194,3 +194,20 @@ def test_injected_features_equal_the_tower_in_the_forward(deepstack, tied):
     merger_grads = [n for n in want_g if "deepstack_merger_list" in n]
     assert bool(merger_grads) == bool(n_deep)
     assert "get_image_features" not in vars(model.model) and "forward" not in vars(model.model.language_model)
+
+
+def test_a_processor_of_another_patch_size_is_refused(tmp_path, qwen3_dir):
+    """The embedded (Qwen2.5-VL, patch 14) processor beside a Qwen3-VL (patch 16) tower: a loud
+    error naming both numbers at load time, not a shape error inside the tower."""
+    import shutil
+
+    from staged.models.embedded import build_image_processor
+    from staged.models.loading import load_model_and_processor
+
+    d = tmp_path / "mixed"
+    shutil.copytree(qwen3_dir, d)
+    build_image_processor().save_pretrained(d)
+    with pytest.raises(ValueError, match=r"image processor's patch_size is 14 but the vision tower's patch_size is 16"):
+        load_model_and_processor(d)
+    model, processor = load_model_and_processor(qwen3_dir)
+    assert processor.image_processor.patch_size == model.config.vision_config.patch_size == 16
