@@ -49,15 +49,18 @@ def build(kind: str):
             depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
             spatial_merge_size=2, temporal_patch_size=2), tie_word_embeddings=False, **IDS)
         return Qwen2VLForConditionalGeneration(cfg).eval()
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers as tf
 
     # deepstack: tower blocks 0 and 1 feed decoder layers 0 and 1 (Qwen3-VL-8B: 3 of 36)
     text = dict(TEXT, head_dim=16, rope_parameters=dict(MROPE, mrope_interleaved=True))
-    cfg = Qwen3VLConfig(text_config=text, vision_config=dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
-        out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
-        tie_word_embeddings=False, **IDS)
-    return Qwen3VLForConditionalGeneration(cfg).eval()
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
+                  out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    if kind == "qwen3_vl_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        cfg = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **IDS)
+        return tf.Qwen3VLMoeForConditionalGeneration(cfg).eval()
+    cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **IDS)
+    return tf.Qwen3VLForConditionalGeneration(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ def samples_for(kind, gen, fractional_seconds=False):
     ]
     out = []
     for parts, completion in specs:
-        out.append(make_sample(parts, completion, gen, qwen3=kind == "qwen3_vl"))
+        out.append(make_sample(parts, completion, gen, qwen3=kind.startswith("qwen3")))
     return out
 
 
@@ -226,7 +229,7 @@ def per_sample_logits(model, samples, kind):
     return [model(**hf_inputs(s, kind)).logits[0] for s in samples]
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_packed_logits_match_per_sample(models, kind):
     model = models(kind)
     samples = samples_for(kind, torch.Generator().manual_seed(3))
