@@ -2,7 +2,10 @@
 a short staged run with packing -- GRPO with a KL reference model, a frozen-vision dapo stage
 under a small token budget (several packed micro-batches), an SFT stage -- through the paged
 rollout engine, and each stage's HF export loads back as a Qwen3-VL with its processor files.
-(Before: the first packed step crashed in transformers' create_causal_mask.)"""
+(Before: the first packed step crashed in transformers' create_causal_mask.) Also: a mixed
+image/text stage on 2 ranks (the dummy tower term carries the deepstack features), the reused
+vision features (merged + deepstack) against the tower in transformers' forward, model ids
+resolved from the local HF cache (paper_qwen3_vl), and a processor of another patch size refused."""
 from __future__ import annotations
 
 import json
