@@ -315,17 +315,19 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     red[2 + d.rank] = float(len(plan or []))
     red = parallel.all_reduce_sum(red).tolist()
     num_items, images_all = int(red[0]), red[1]
+    # The rollout's image features, once per distinct prompt, stand in for the tower in every
+    # micro-batch (padded or packed); the tower's gradient comes from one deferred pass below
+    # (staged.vision_reuse).
+    if ro.vision_features is not None and cfg.rollout.reuse_vision_features:
+        svf = StepVisionFeatures(ro.vision_features, ro.prompt_index,
+                                 any(p.requires_grad for p in vision_module(model).parameters()))
     if plan is not None:
         mbs = packed_step.collate_items(
             packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len), plan,
             int(max(red[2:])), packed_step.PackingConfig.from_model(model), comp_ids=comp_ids,
-            comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype)
+            comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device, dtype=dtype,
+            with_pixels=svf is None or ref_model is not None)  # the reference model runs its own tower
     else:
-        # The rollout's image features, once per distinct prompt, stand in for the tower in every
-        # micro-batch; the tower's gradient comes from one deferred pass below (staged.vision_reuse).
-        if ro.vision_features is not None and cfg.rollout.reuse_vision_features:
-            svf = StepVisionFeatures(ro.vision_features, ro.prompt_index,
-                                     any(p.requires_grad for p in vision_module(model).parameters()))
         mbs = padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, stage.batch.micro_batch_size, d, dtype,
                                    svf)
     # The sampler's vocabulary: the trainer's log-probs are normalised over the rows it can draw.
@@ -336,7 +338,10 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
             method, args, cu = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets), mb.cu_seqlens
         else:
             method, args, cu = LOGPROBS, (mb.inputs, mb.targets, mb.start), None
-        kw = {"image_features": mb.image_features, "tower_in_forward": False} if svf is not None else {}
+        kw = {}
+        if svf is not None:  # packed: the features of the item's samples in slot order = span order
+            feats = svf.for_rows(mb.sample_rows) if plan is not None else mb.image_features
+            kw = {"image_features": feats, "tower_in_forward": False}
         logp, entropy = getattr(model, method)(*args, temperature=g.temperature, with_entropy=True, vocab=vocab,
                                                **kw)
         ref_logp = None

@@ -143,11 +143,12 @@ def test_two_ranks_packed_match_one_process_padded(tmp_path, warm_model, referen
     assert_exports_match(reference_run, out, STAGE_DIRS[:2])
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("reuse", [True, False])
-def test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, embedded_dir, monkeypatch):
+def test_vision_tower_runs_once_per_distinct_image(reuse, packing, run_cfg, embedded_dir, monkeypatch):
     """Rollout prefill: the tower once per distinct prompt (not per sample). Training: with reuse,
-    one deferred pass over the distinct images (the padded micro-batches take the rollout's
-    features); without, every sample's forward runs it again (G times)."""
+    one deferred pass over the distinct images (the padded or packed micro-batches take the
+    rollout's features); without, every sample's forward runs it again (G times)."""
     from staged.models.loading import vision_module
 
     seen = []
@@ -161,28 +162,30 @@ def test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, embedded_dir,
         return model, proc
 
     monkeypatch.setattr(train, "build_model", counting_build)
-    rec, grads = one_step(run_cfg, embedded_dir, monkeypatch, packing=False,
+    rec, grads = one_step(run_cfg, embedded_dir, monkeypatch, packing=packing,
                           overrides=["stages.0.batch.micro_batch_size=3", f"rollout.reuse_vision_features={str(reuse).lower()}"])
     prompts, G = 4, 4  # the tiny config's stage 0: one image per prompt
     assert sum(seen) == (2 * prompts if reuse else prompts + G * prompts), seen
     assert any(".visual." in f".{n}" and g.abs().max() > 0 for n, g in grads.items()), "the tower must get a gradient"
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("reuse", [True, False])
-def test_vision_tower_runs_once_per_distinct_image_qwen3_vl(reuse, run_cfg, qwen3_dir, monkeypatch):
+def test_vision_tower_runs_once_per_distinct_image_qwen3_vl(reuse, packing, run_cfg, qwen3_dir, monkeypatch):
     """The same on a tiny Qwen3-VL: its deepstack features are reused with the merged ones."""
-    test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, qwen3_dir, monkeypatch)
+    test_vision_tower_runs_once_per_distinct_image(reuse, packing, run_cfg, qwen3_dir, monkeypatch)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("model", ["embedded", "qwen3_vl"])
-def test_reused_vision_features_give_the_same_step(model, run_cfg, embedded_dir, qwen3_dir, monkeypatch):
+def test_reused_vision_features_give_the_same_step(model, packing, run_cfg, embedded_dir, qwen3_dir, monkeypatch):
     """Reusing the rollout's vision features (merged, and Qwen3-VL's deepstack) changes neither
     the step's numbers nor any gradient -- the tower's and the deepstack mergers' included --
     against running the tower in every micro-batch."""
     ckpt = embedded_dir if model == "embedded" else qwen3_dir
     steps = {}
     for reuse in (True, False):
-        steps[reuse] = one_step(run_cfg, ckpt, monkeypatch, packing=False,
+        steps[reuse] = one_step(run_cfg, ckpt, monkeypatch, packing=packing,
                                 overrides=["stages.0.batch.micro_batch_size=3",
                                            f"rollout.reuse_vision_features={str(reuse).lower()}"])
     (rec, grads), (rec0, grads0) = steps[True], steps[False]
