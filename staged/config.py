@@ -300,10 +300,10 @@ class RolloutConfig:
     each shape captured once per rollout as a CUDA graph and replayed (staged.rollout.graphs);
     a capture that fails falls back to eager decoding with a warning."""
     reuse_vision_features: bool = True
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack features included), engine paged, padded
-    micro-batches: the rollout's image features (one tower pass per distinct prompt) stand in for
-    the tower in every training forward of the step, and the tower's gradient comes from one
-    deferred pass per step instead of G (staged.vision_reuse). Keeps every distinct prompt's
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack features included), engine paged, padded or
+    packed micro-batches: the rollout's image features (one tower pass per distinct prompt) stand
+    in for the tower in every training forward of the step, and the tower's gradient comes from
+    one deferred pass per step instead of G (staged.vision_reuse). Keeps every distinct prompt's
     features on the device until the step ends."""
 
     def __post_init__(self):

@@ -7,9 +7,10 @@ again G times (forward and backward) in the training forward. With it:
 * the rollout engine computes each distinct prompt's image features once (no grad) and prefills
   the decoder with them (staged.rollout.engine);
 * the training forward of a micro-batch takes those features instead of running the tower
-  (``injected_image_features``: transformers' own forward, whose ``get_image_features`` returns
-  them); each distinct prompt's features are one leaf tensor, so the gradient of all its rows and
-  micro-batches accumulates there;
+  (padded: ``injected_image_features``, transformers' own forward, whose ``get_image_features``
+  returns them; packed: ``staged.packed_step.packed_hidden(image_features=...)``, the features
+  of the item's samples in slot order, which is span order); each distinct prompt's features
+  are one leaf tensor, so the gradient of all its rows and micro-batches accumulates there;
 * when the tower trains, one deferred pass per step (``backward_through_tower``) recomputes the
   distinct images' features with grad and backpropagates the accumulated gradient through the
   tower: 1 forward + 1 backward per image instead of G of each. The result is the same gradient
