@@ -1,5 +1,5 @@
-"""Packed (varlen) attention, and the hook that runs transformers' Qwen2-VL / Qwen2.5-VL on a
-packed micro-batch.
+"""Packed (varlen) attention, and the hook that runs transformers' Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL on a packed micro-batch.
 
 ``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal)`` attends within each sequence of
 a packed [T, heads, head_dim] batch. Backends, the first available wins (``backend="auto"``):
@@ -39,7 +39,10 @@ keeps its own). The packed forward (``packed_forward``) calls the text model wit
 per-sample arange, which the model strips off), the FlashAttentionKwargs ``cu_seq_lens_q/k``
 and ``max_length_q/k``, and ``attention_mask={"full_attention": None, ...}``: a prepared mask
 mapping, so transformers builds no mask and never scans position ids for packed sequences
-(which would sync). Calls without ``cu_seq_lens_q`` (rollout generation, padded batches) are
+(which would sync). Qwen3-VL's text model builds its mask unconditionally: it gets a 4-D
+placeholder instead, which ``create_causal_mask`` returns untouched, and its deepstack features
+through its own ``visual_pos_masks`` / ``deepstack_visual_embeds`` arguments
+(``packed_text_forward``). Calls without ``cu_seq_lens_q`` (rollout generation, padded batches) are
 handed to transformers' own sdpa function, with sdpa's mask (registered for the same name), so
 the model stays usable unpacked.
 """
@@ -344,12 +347,12 @@ def _vl_parts(model):
         if inner is None:
             break
     raise TypeError(f"{type(model).__name__} is not a Qwen-VL model (no .visual and "
-                    ".language_model): packed_forward supports Qwen2-VL and Qwen2.5-VL")
+                    ".language_model): packed_forward supports Qwen2-VL, Qwen2.5-VL and Qwen3-VL")
 
 
 def use_packed_attention(model) -> None:
-    """Select ``staged_varlen`` for the text model of a Qwen2-VL / Qwen2.5-VL model (the vision
-    tower keeps its implementation). Unpacked calls still work (they run sdpa)."""
+    """Select ``staged_varlen`` for the text model of a Qwen-VL model (the vision tower keeps its
+    implementation). Unpacked calls still work (they run sdpa)."""
     register_attention()
     inner, _ = _vl_parts(model)
     text_cfg = inner.language_model.config
@@ -362,51 +365,119 @@ def use_packed_attention(model) -> None:
                            f"(it uses {inner.language_model.config._attn_implementation!r})")
 
 
-def vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """The vision tower's merged output [Nv, H] for pixel values in span order."""
+def vision_outputs(model, pixel_values: torch.Tensor,
+                   grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The vision tower on ``pixel_values`` (images / frames in span order): its merged output
+    [Nv, H] and its deepstack features (Qwen3-VL: one [Nv, H] per deepstack merger, in the
+    order of the decoder layers they feed; [] for Qwen2-VL / Qwen2.5-VL)."""
     inner, _ = _vl_parts(model)
     visual = inner.visual
     out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
-    return getattr(out, "pooler_output", out)
+    deep = getattr(out, "deepstack_features", None)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)):
+        out, deep = out  # transformers 4.5x's Qwen3-VL tower: (merged, deepstack list)
+    merged = getattr(out, "pooler_output", out)
+    return merged, list(deep or [])
+
+
+def vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The vision tower's merged output [Nv, H] for pixel values in span order."""
+    return vision_outputs(model, pixel_values, grid_thw)[0]
+
+
+def has_deepstack(model) -> bool:
+    """Whether the model feeds vision features into decoder layers (Qwen3-VL's deepstack)."""
+    inner, _ = _vl_parts(model)
+    return bool(getattr(inner.visual.config, "deepstack_visual_indexes", None))
+
+
+def _text_takes_deepstack(text) -> bool:
+    return "deepstack_visual_embeds" in inspect.signature(type(text).forward).parameters
+
+
+def vision_row_mask(batch) -> torch.Tensor:
+    """[T] bool: the packed rows that hold vision tokens (from the span table, on its device;
+    no host sync)."""
+    from staged.kernels.reference.packing import SPAN_KIND, row_spans
+
+    t = batch.table
+    return t.spans[row_spans(t.spans, t.num_rows), SPAN_KIND] != 0
+
+
+def packed_text_forward(model, batch, embeds: torch.Tensor, position_ids: torch.Tensor, *,
+                        deepstack: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The text model on packed rows: ``embeds`` [T, H], ``position_ids`` [4, T] (row 0 the
+    per-sample arange, rows 1-3 mrope), varlen attention over ``batch.table.cu_seqlens``, and
+    for Qwen3-VL the ``deepstack`` features [Nv, H] (span order) added to the vision rows after
+    the first ``len(deepstack)`` decoder layers. Returns the final hidden states [T, H].
+
+    Masks: Qwen2-VL / Qwen2.5-VL's text model takes a ready mask per layer type (a dict of
+    None: nothing is built). Qwen3-VL's text model always calls ``create_causal_mask``, which
+    returns a 4-D mask as it is (its documented contract): it gets an empty [1, 1, 0, 0]
+    placeholder that ``staged_varlen`` never reads (packed calls carry cu_seqlens), so no
+    [T, T] mask is built and no packed-sequence detection runs.
+
+    Deepstack goes through the text model's own ``visual_pos_masks`` /
+    ``deepstack_visual_embeds`` arguments (transformers >= 4.57, 5.x): the features of the
+    micro-batch's vision rows in packed order, which is span order. Host sync: transformers
+    indexes the hidden states with the boolean row mask (one ``nonzero`` per deepstack layer,
+    on CUDA)."""
+    inner, _ = _vl_parts(model)
+    t = batch.table
+    cu = t.cu_seqlens
+    register_seqlens(cu, batch.seqlens)  # host lengths for the sdpa loop: no readback
+    text = inner.language_model
+    kw = {}
+    if _text_takes_deepstack(text):
+        mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=embeds.device)
+        if len(deepstack):
+            n_layers = len(text.layers)
+            if len(deepstack) > n_layers:
+                raise ValueError(f"packed_text_forward: {len(deepstack)} deepstack feature sets for "
+                                 f"{n_layers} decoder layers")
+            kw = dict(visual_pos_masks=vision_row_mask(batch)[None],
+                      deepstack_visual_embeds=list(deepstack))
+    else:
+        if len(deepstack):
+            raise ValueError(f"packed_text_forward: {type(text).__name__} takes no deepstack features")
+        layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
+        mask = {k: None for k in set(layer_types) | {"full_attention"}}
+    out = text(inputs_embeds=embeds[None], position_ids=position_ids[:, None, :], attention_mask=mask,
+               use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=t.max_seqlen,
+               max_length_k=t.max_seqlen, **kw)
+    return out.last_hidden_state[0]
 
 
 def packed_forward(model, batch, *, vision: torch.Tensor | None = None,
+                   deepstack: Sequence[torch.Tensor] | None = None,
                    return_logits: bool = False) -> torch.Tensor:
-    """Run a Qwen2-VL / Qwen2.5-VL model on a packed micro-batch (``PackedMicroBatch`` on the
-    model's device): vision tower on the micro-batch's images/videos (or ``vision``, features
-    computed elsewhere), ``pack_embed``, 4-row position ids, the text model with varlen
-    attention. Returns the final hidden states [T, H] (or logits [T, V] with
-    ``return_logits``). No host sync of our own (the vision tower's are transformers').
+    """Run a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model on a packed micro-batch
+    (``PackedMicroBatch`` on the model's device): vision tower on the micro-batch's
+    images/videos (or ``vision``, features computed elsewhere, with ``deepstack`` for Qwen3-VL),
+    ``pack_embed``, 4-row position ids, the text model with varlen attention (and deepstack).
+    Returns the final hidden states [T, H] (or logits [T, V] with ``return_logits``). No host
+    sync of our own (the vision tower's are transformers', and so is deepstack's row mask).
 
     Under FSDP2 call it inside the root module's forward (``staged.parallel.bind_forward_method``)
     so that the embedding table and lm_head are unsharded while it runs."""
     from staged.kernels.packing import pack_embed
 
-    model_type = getattr(model.config, "model_type", "")
-    if model_type.startswith("qwen3"):
-        raise NotImplementedError("packed_forward: Qwen3-VL's deepstack vision features are not "
-                                  "packed yet (its position ids are: staged.packing.spans)")
     inner, lm_head = _vl_parts(model)
     use_packed_attention(model)
     table = batch.table
     if vision is None and batch.pixel_values is not None:
-        vision = vision_features(model, batch.pixel_values, batch.vision_grid_thw)
+        vision, deepstack = vision_outputs(model, batch.pixel_values, batch.vision_grid_thw)
+    if vision is not None and has_deepstack(model) and deepstack is None:
+        raise ValueError("packed_forward: a Qwen3-VL model given vision features needs their "
+                         "deepstack features too (staged.attention.vision_outputs)")
     emb = inner.get_input_embeddings()
     cfg = batch.config
     embeds = pack_embed(batch.input_ids, emb.weight, vision, table.spans,
                         num_vision_rows=table.num_vision_rows, image_token_id=cfg.image_token_id,
                         video_token_id=cfg.video_token_id,
                         padding_idx=getattr(emb, "padding_idx", None))
-    position_ids = batch.position_ids()
-    cu = table.cu_seqlens
-    register_seqlens(cu, batch.seqlens)
-    text = inner.language_model
-    layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
-    masks = {t: None for t in set(layer_types) | {"full_attention"}}
-    out = text(inputs_embeds=embeds[None], position_ids=position_ids[:, None, :],
-               attention_mask=masks, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-               max_length_q=table.max_seqlen, max_length_k=table.max_seqlen)
-    hidden = out.last_hidden_state[0]
+    hidden = packed_text_forward(model, batch, embeds, batch.position_ids(),
+                                 deepstack=(deepstack or ()) if vision is not None else ())
     if return_logits:
         if lm_head is None:
             raise ValueError("return_logits: the model has no lm_head")

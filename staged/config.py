@@ -407,10 +407,11 @@ class RolloutConfig:
     each shape captured once per rollout as a CUDA graph and replayed (staged.rollout.graphs);
     a capture that fails falls back to eager decoding with a warning."""
     reuse_vision_features: bool = True
-    """Qwen2-VL / Qwen2.5-VL, engine paged, padded micro-batches: the rollout's image features
-    (one tower pass per distinct prompt) stand in for the tower in every training forward of the
-    step, and the tower's gradient comes from one deferred pass per step instead of G
-    (staged.vision_reuse). Keeps every distinct prompt's features on the device until the step ends."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack features included), engine paged, padded or
+    packed micro-batches: the rollout's image features (one tower pass per distinct prompt) stand
+    in for the tower in every training forward of the step, and the tower's gradient comes from
+    one deferred pass per step instead of G (staged.vision_reuse). Keeps every distinct prompt's
+    features on the device until the step ends."""
 
     def __post_init__(self):
         _check(self.engine in ("paged", "simple"), "rollout.engine", f"expected paged or simple, got {self.engine!r}")
@@ -512,7 +513,8 @@ class TrainConfig:
     """A whole run: model, precision, parallelism, outputs and the ordered stages."""
 
     model: str = "embedded"
-    """A local HF checkpoint directory, or ``embedded`` for the tiny built-in Qwen2.5-VL."""
+    """A local HF checkpoint directory, a Hugging Face model id whose snapshot is in the local HF
+    cache (``Qwen/Qwen3-VL-8B-Instruct``), or ``embedded`` for the tiny built-in Qwen2.5-VL."""
     embedded_dir: str = "outputs/embedded-model"
     """Where the embedded checkpoint is built (once) and loaded from."""
     precision: str = "auto"
@@ -751,7 +753,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 
 def builtin_config_path(name: str) -> Path:
-    """Path of a shipped recipe in ``staged/configs`` (``default``, ``paper_qwen2_5_vl``)."""
+    """Path of a shipped recipe in ``staged/configs`` (``default``, ``paper_qwen2_5_vl``, ``paper_qwen3_vl``)."""
     return Path(str(resources.files("staged") / "configs" / f"{name}.toml"))
 
 

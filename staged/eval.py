@@ -346,7 +346,7 @@ def load_benchmarks(paths, *, image_dir=None, format: str = "auto", default_task
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m staged.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory (Qwen2.5-VL family)")
+    p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="benchmark files (JSONL / Parquet)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding, one completion per row (default)")

@@ -34,7 +34,7 @@ were read back for the rewards), so nothing here syncs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from staged.packing.collate import (
 )
 from staged.packing.planner import plan_micro_batches
 from staged.vision_dummy import dummy_vision_term, with_dummy_vision
+from staged.vision_reuse import split_features
 
 PACKED_LOGPROBS = "staged_packed_logprobs"  # the FSDP forward method bound next to LOGPROBS
 
@@ -76,6 +77,8 @@ class PackedItem:
     sampler_logp: torch.Tensor
     mask: torch.Tensor
     num_rows: int
+    sample_rows: list[int] = field(default_factory=list)
+    """The rollout rows packed here, in slot order (a filler: its one sample)."""
 
 
 def rollout_samples(batch: dict, prompt_ids: torch.Tensor, prompt_len: list[int], comp_ids: torch.Tensor,
@@ -116,16 +119,18 @@ def plan_rank(seq_len: list[int], group_size: int, token_budget: int, micro_batc
 
 def collate_items(samples: list[PackSample], micro_batches: list[list[int]], num_micro_batches: int,
                   cfg: PackingConfig, *, comp_ids: torch.Tensor, comp_len: list[int], advantages: torch.Tensor,
-                  sampler_logp: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list[PackedItem]:
+                  sampler_logp: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                  with_pixels: bool = True) -> list[PackedItem]:
     """Collate this rank's micro-batches, padded to ``num_micro_batches`` with fillers (one real
     sample, weight 0). Index tensors are built on the host from host lengths and copied
-    non-blocking; the gathers from the rollout tensors run on the device."""
+    non-blocking; the gathers from the rollout tensors run on the device. ``with_pixels=False``:
+    no pixel values are gathered (the rollout's vision features stand in, staged.vision_reuse)."""
     n_fill = num_micro_batches - len(micro_batches) if samples else 0
     mbs = list(micro_batches) + [[0]] * n_fill
     # A sample may appear once per collate call: the fillers (all the same) are a call of their own.
-    packed_mbs = collate_packed(samples, micro_batches, cfg)
+    packed_mbs = collate_packed(samples, micro_batches, cfg, with_pixels=with_pixels)
     if n_fill:
-        packed_mbs += collate_packed(samples, [[0]], cfg) * n_fill
+        packed_mbs += collate_packed(samples, [[0]], cfg, with_pixels=with_pixels) * n_fill
     out = []
     for j, (mb, packed) in enumerate(zip(mbs, packed_mbs)):
         cu = packed.table.cu_seqlens.tolist()  # host table: no device sync
@@ -146,7 +151,7 @@ def collate_items(samples: list[PackSample], micro_batches: list[list[int]], num
             cu_seqlens=torch.tensor(cu_loss, dtype=torch.int32).to(device, non_blocking=True),
             advantages=advantages[idx], sampler_logp=sampler_logp.to(device)[src_r, src_t],
             mask=torch.ones(cu_loss[-1], dtype=torch.bool, device=device),
-            num_rows=len(mb) if j < len(micro_batches) else 0))
+            num_rows=len(mb) if j < len(micro_batches) else 0, sample_rows=list(mb)))
     return out
 
 
@@ -187,35 +192,40 @@ def _position_ids(batch: PackedMicroBatch) -> torch.Tensor:
     return position_ids_reference(t.spans, t.time_scale, t.cu_seqlens, t.num_rows)
 
 
-def packed_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
+def packed_hidden(model, batch: PackedMicroBatch, *, image_features: torch.Tensor | None = None,
+                  tower_in_forward: bool = True) -> torch.Tensor:
     """Final hidden states [T, H] of a packed micro-batch (``staged.attention.packed_forward``
-    with torch fallbacks for the packing kernels off CUDA)."""
+    with torch fallbacks for the packing kernels off CUDA; Qwen3-VL's deepstack included).
+    ``tower_in_forward=False``: the tower does not run here; ``image_features`` (the rollout's,
+    in span order, ``staged.vision_reuse.tower_features``' layout; None: no image) stand in."""
     inner, _ = attention._vl_parts(model)
     attention.use_packed_attention(model)  # idempotent; unpacked calls (the rollout) stay on sdpa
     vision = dummy = None
-    if batch.pixel_values is not None:
-        vision = attention.vision_features(model, batch.pixel_values, batch.vision_grid_thw)
+    deepstack = ()
+    if not tower_in_forward:
+        if image_features is not None:
+            vision, deepstack = split_features(model, image_features)
+    elif batch.pixel_values is not None:
+        vision, deepstack = attention.vision_outputs(model, batch.pixel_values, batch.vision_grid_thw)
     else:  # ranks > 1: the tower runs anyway, so FSDP's collectives line up (staged.vision_dummy)
         dummy = dummy_vision_term(model)
+    if vision is not None and vision.shape[0] != batch.table.num_vision_rows:
+        raise ValueError(f"packed micro-batch: {batch.table.num_vision_rows} vision rows but {vision.shape[0]} "
+                         f"vision features")
     embeds = _embed(batch, inner.get_input_embeddings(), vision)
-    t = batch.table
-    cu = t.cu_seqlens
-    attention.register_seqlens(cu, batch.seqlens)  # host lengths for the sdpa loop: no readback
-    text = inner.language_model
-    layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
-    masks = {k: None for k in set(layer_types) | {"full_attention"}}
-    out = text(inputs_embeds=embeds[None], position_ids=_position_ids(batch)[:, None, :], attention_mask=masks,
-               use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=t.max_seqlen,
-               max_length_k=t.max_seqlen)
-    return with_dummy_vision(out.last_hidden_state[0], dummy)
+    hidden = attention.packed_text_forward(model, batch, embeds, _position_ids(batch), deepstack=deepstack)
+    return with_dummy_vision(hidden, dummy)
 
 
 def packed_token_logprobs(model, batch: PackedMicroBatch, rows: torch.Tensor, targets: torch.Tensor, *,
-                          temperature: float = 1.0, with_entropy: bool = False, vocab=None):
+                          temperature: float = 1.0, with_entropy: bool = False, vocab=None,
+                          image_features: torch.Tensor | None = None, tower_in_forward: bool = True):
     """Log-probs [N] of ``targets``, each predicted by packed row ``rows[n]`` (+ entropy [N]).
     Bound to the model as an FSDP forward method, like ``staged.grpo.token_logprobs`` (and
-    ``vocab``, a staged.grpo.VocabMask, as there)."""
-    hidden = packed_hidden(model, batch).index_select(0, rows)
+    ``vocab``, a staged.grpo.VocabMask, ``image_features`` / ``tower_in_forward``, the reused
+    vision features, as there)."""
+    hidden = packed_hidden(model, batch, image_features=image_features,
+                           tower_in_forward=tower_in_forward).index_select(0, rows)
     w, bias = lm_head_weight(model), None
     if vocab is not None:
         w, targets, bias = vocab.apply(w, targets)

@@ -53,15 +53,35 @@ LOGPROBS = "staged_logprobs"  # the FSDP forward method bound onto the policy an
 
 
 def resolve_model_path(cfg: TrainConfig, d: parallel.Dist) -> Path:
-    """``embedded``: build the tiny checkpoint once (rank 0 first; the builder is race-safe)."""
+    """``embedded``: build the tiny checkpoint once (rank 0 first; the builder is race-safe).
+    A Hugging Face model id (``Qwen/Qwen3-VL-8B-Instruct``) that is not a local directory: its
+    snapshot in the local Hugging Face cache (never a download at train time)."""
     if cfg.model != "embedded":
-        return Path(cfg.model)
+        return local_checkpoint(cfg.model)
     from staged.models.embedded import build_embedded_checkpoint
 
     if d.is_main:
         build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
     parallel.barrier()
     return build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
+
+
+def local_checkpoint(model: str) -> Path:
+    """``model`` as a local directory: itself when it exists (or is not shaped like a model id),
+    else the id's snapshot in the Hugging Face cache; an error naming both when neither exists."""
+    p = Path(model).expanduser()
+    parts = model.split("/")
+    if p.exists() or len(parts) != 2 or not all(parts) or model.startswith((".", "~")):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any miss: say what to do
+        raise FileNotFoundError(
+            f"model {model!r}: no such local directory, and no snapshot of the Hugging Face model {model!r} in the "
+            f"local cache ({type(e).__name__}); download it first (`hf download {model}`) or pass "
+            f"model=/path/to/checkpoint") from e
 
 
 def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str], *, trainable: bool = True):
@@ -335,23 +355,25 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     red = parallel.all_reduce_sum(red).tolist()
     num_items, images_all = [int(x) for x in red[:K]], red[K:2 * K]
     rew, acc, fmt, trunc, prompt_tok = red[-5:]
+    # The rollout's image features, once per distinct prompt, stand in for the tower in every
+    # micro-batch (padded or packed); the tower's gradient comes from one deferred pass below
+    # (staged.vision_reuse). Valid while the tower's weights are the rollout's: one update, or a
+    # frozen tower.
+    tower_trains = any(p.requires_grad for p in vision_module(model).parameters())
+    if ro.vision_features is not None and cfg.rollout.reuse_vision_features and (len(updates) == 1
+                                                                                 or not tower_trains):
+        svf = StepVisionFeatures(ro.vision_features, ro.prompt_index, tower_trains)
     if plans is not None:
         pack_samples = packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len)
         pack_cfg = packed_step.PackingConfig.from_model(model)
         counts = [int(max(red[2 * K + r * K + k] for r in range(W))) for k in range(K)]
         items = [packed_step.collate_items(pack_samples, plans[k], counts[k], pack_cfg, comp_ids=comp_ids,
                                            comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device,
-                                           dtype=dtype) for k in range(K)]
+                                           dtype=dtype, with_pixels=svf is None or ref_model is not None)
+                 for k in range(K)]  # the reference model runs its own tower
         minis = [minibatch.MiniBatch(rows, lambda it=it: it, num_items[k])
                  for k, (rows, it) in enumerate(zip(rows_of, items))]
     else:
-        # The rollout's image features, once per distinct prompt, stand in for the tower in every
-        # micro-batch; the tower's gradient comes from one deferred pass below (staged.vision_reuse).
-        # Valid while the tower's weights are the rollout's: one update, or a frozen tower.
-        tower_trains = any(p.requires_grad for p in vision_module(model).parameters())
-        if ro.vision_features is not None and cfg.rollout.reuse_vision_features and (len(updates) == 1
-                                                                                     or not tower_trains):
-            svf = StepVisionFeatures(ro.vision_features, ro.prompt_index, tower_trains)
         # Built on the fly at each use (a whole rollout's inputs may not fit on the device at once).
         minis = [minibatch.MiniBatch(rows, lambda rows=rows: padded_micro_batches(
             batch, ro, comp_ids, comp_len, p_len, adv, rows, stage.batch.micro_batch_size, d, dtype, svf),
@@ -364,9 +386,11 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
             method, args = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets)
         else:
             method, args = LOGPROBS, (mb.inputs, mb.targets, mb.start)
-        # the rollout's image features are the policy's: the reference runs its own tower
-        reuse = svf is not None and m is model
-        kw = {"image_features": mb.image_features, "tower_in_forward": False} if reuse else {}
+        kw = {}
+        if svf is not None and m is model:  # the rollout's features are the policy's: the reference runs its own tower
+            # packed: the features of the item's samples in slot order = span order
+            feats = svf.for_rows(mb.sample_rows) if plans is not None else mb.image_features
+            kw = {"image_features": feats, "tower_in_forward": False}
         return getattr(m, method)(*args, temperature=g.temperature, with_entropy=with_entropy, vocab=vocab, **kw)
 
     def ref_logprobs(mini, i, mb):  # once per rollout step: at a micro-batch's first use
@@ -763,7 +787,7 @@ def train(cfg: TrainConfig) -> list[dict]:
 USAGE = """usage: python -m staged.train [--config RECIPE.toml] [key.sub=value | --key.sub value]...
 
   no arguments      the embedded default (staged/configs/default.toml): a tiny model, CPU, minutes
-  --config NAME     a TOML recipe: a path, or a shipped one (default, paper_qwen2_5_vl)
+  --config NAME     a TOML recipe: a path, or a shipped one (default, paper_qwen2_5_vl, paper_qwen3_vl)
   key.sub=value     override any field; list entries by index: stages.0.lr=1e-6,
                     --stages.1.freeze '["vision"]'. Values are TOML literals, else strings.
 Fields and their meaning: staged/config.py (TrainConfig, StageConfig, ...)."""

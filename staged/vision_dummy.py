@@ -33,13 +33,14 @@ def _multi_rank() -> bool:
 
 
 def dummy_vision_term(model) -> torch.Tensor | None:
-    """``0.0 * sum`` of the vision tower's output on one zero image of the smallest grid
+    """``0.0 * sum`` of the vision tower's outputs (Qwen3-VL: deepstack features included, so
+    that every trainable tower parameter gets its gradient on every rank) on one zero image of the smallest grid
     (1 x merge x merge patches = one merged token): a 0-d tensor to add to a forward output, or
     None with one process. Call it where the real images would run (inside the root's forward,
     before the decoder blocks) so that every rank gathers the units in the same order."""
     if not _multi_rank():
         return None
-    from staged.attention import vision_features
+    from staged.attention import vision_outputs
 
     visual = vision_module(model)
     c = visual.config
@@ -48,7 +49,8 @@ def dummy_vision_term(model) -> torch.Tensor | None:
     pixels = torch.zeros(m * m, c.in_channels * c.temporal_patch_size * c.patch_size ** 2,
                          device=next(visual.parameters()).device)
     grid = torch.tensor([[1, m, m]], device=pixels.device)
-    return 0.0 * vision_features(model, pixels, grid).sum()
+    merged, deepstack = vision_outputs(model, pixels, grid)  # Qwen3-VL: its deepstack mergers too
+    return 0.0 * sum((f.sum() for f in deepstack), merged.sum())
 
 
 def with_dummy_vision(x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:

@@ -7,20 +7,28 @@ again G times (forward and backward) in the training forward. With it:
 * the rollout engine computes each distinct prompt's image features once (no grad) and prefills
   the decoder with them (staged.rollout.engine);
 * the training forward of a micro-batch takes those features instead of running the tower
-  (``injected_image_features``: transformers' own forward, whose ``get_image_features`` returns
-  them); each distinct prompt's features are one leaf tensor, so the gradient of all its rows and
-  micro-batches accumulates there;
+  (padded: ``injected_image_features``, transformers' own forward, whose ``get_image_features``
+  returns them; packed: ``staged.packed_step.packed_hidden(image_features=...)``, the features
+  of the item's samples in slot order, which is span order); each distinct prompt's features
+  are one leaf tensor, so the gradient of all its rows and micro-batches accumulates there;
 * when the tower trains, one deferred pass per step (``backward_through_tower``) recomputes the
   distinct images' features with grad and backpropagates the accumulated gradient through the
   tower: 1 forward + 1 backward per image instead of G of each. The result is the same gradient
   (sums in another order).
 
-Only for towers whose output is the merged features alone (Qwen2-VL, Qwen2.5-VL); Qwen3-VL's
-deepstack features feed decoder layers directly and keep the plain path.
+Qwen3-VL: the tower also gives deepstack features (one [Nv, H] per deepstack merger), added
+to the image rows after the first decoder layers. They travel with the merged features as one
+tensor [Nv, (1 + L) * H] (``tower_features``: merged, then deepstack 0..L-1, along the last
+dim), so that everything above -- per-prompt rows, leaves, gradients, the deferred tower pass --
+handles them unchanged; ``injected_image_features`` splits them again. The merged part goes in
+where transformers' ``get_image_features`` returns it; the deepstack part where the model hands
+them to its text model (its ``deepstack_visual_embeds`` argument, in image-token order: the
+order of the features). Both are public forward arguments of transformers >= 4.57 / 5.x.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -30,20 +38,44 @@ from staged.models.loading import base_model, vision_module
 def supports_reuse(model) -> bool:
     try:
         visual = vision_module(model)
+        inner = base_model(model)
     except Exception:  # noqa: BLE001 - not a VLM
         return False
-    return not getattr(visual.config, "deepstack_visual_indexes", None) and hasattr(base_model(model),
-                                                                                       "get_image_features")
+    if not hasattr(inner, "get_image_features"):
+        return False
+    if num_deepstack(model):  # Qwen3-VL: the text model must take the deepstack features
+        lm = getattr(inner, "language_model", None)
+        return lm is not None and "deepstack_visual_embeds" in inspect.signature(type(lm).forward).parameters
+    return visual is not None
+
+
+def num_deepstack(model) -> int:
+    """Deepstack feature sets the tower gives (Qwen3-VL: 3 for the 8B; 0 for Qwen2/2.5-VL)."""
+    return len(getattr(vision_module(model).config, "deepstack_visual_indexes", None) or [])
 
 
 FORWARD_METHOD = "staged_image_features"
 
 
 def tower_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """The tower's merged output [Nv, H] for ``pixel_values`` (images in order), the tower called directly."""
-    from staged.attention import vision_features
+    """The tower's merged output [Nv, H] for ``pixel_values`` (images in order), the tower called
+    directly; Qwen3-VL: [Nv, (1 + L) * H], its L deepstack feature sets after the merged ones."""
+    from staged.attention import vision_outputs
 
-    return vision_features(model, pixel_values, grid_thw)
+    merged, deep = vision_outputs(model, pixel_values, grid_thw)
+    return torch.cat([merged, *deep], dim=-1) if deep else merged
+
+
+def split_features(model, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``tower_features``' layout back to (merged [Nv, H], deepstack [[Nv, H]] * L). L is read
+    from the width (a config may list deepstack blocks the tower does not have: none then run)."""
+    cfg = vision_module(model).config
+    width = getattr(cfg, "out_hidden_size", None) or model.config.get_text_config().hidden_size
+    if features.shape[-1] % width:
+        raise ValueError(f"image features of width {features.shape[-1]}: not a whole number of feature sets "
+                         f"of width {width} (merged + deepstack)")
+    parts = features.split(width, dim=-1)
+    return parts[0], list(parts[1:])
 
 
 def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -62,23 +94,46 @@ def tokens_per_image(model, grid_thw: torch.Tensor) -> list[int]:
 @contextlib.contextmanager
 def injected_image_features(model, features: torch.Tensor):
     """Inside, the model's ``get_image_features`` returns ``features`` [Nv, H] (split per image
-    as transformers 5.x returns them) instead of running the tower."""
+    as transformers 5.x returns them) instead of running the tower. Qwen3-VL (``features`` in
+    ``tower_features``' layout): the merged part there (with no deepstack features, so the model
+    builds none), and the deepstack part handed to the text model in place of what the model
+    built (``deepstack_visual_embeds``; its ``visual_pos_masks`` are the image tokens)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     inner = base_model(model)
+    merged, deep = split_features(model, features)
 
     def precomputed(pixel_values=None, image_grid_thw=None, **kwargs):
         sizes = tokens_per_image(model, image_grid_thw)
-        if sum(sizes) != features.shape[0]:
-            raise ValueError(f"precomputed image features: {features.shape[0]} rows for images of "
+        if sum(sizes) != merged.shape[0]:
+            raise ValueError(f"precomputed image features: {merged.shape[0]} rows for images of "
                              f"{sum(sizes)} tokens ({len(sizes)} images)")
-        return BaseModelOutputWithPooling(pooler_output=tuple(features.split(sizes)))
+        out = BaseModelOutputWithPooling(pooler_output=tuple(merged.split(sizes)))
+        out.deepstack_features = []  # Qwen3-VL: the model's merge of them is a no-op; ours go in below
+        return out
 
-    inner.get_image_features = precomputed
+    patched = [(inner, "get_image_features", precomputed)]
+    if deep:
+        lm = inner.language_model
+        text_forward = lm.forward
+
+        def with_deepstack(*args, **kwargs):
+            if kwargs.get("visual_pos_masks") is not None:
+                kwargs["deepstack_visual_embeds"] = deep
+            return text_forward(*args, **kwargs)
+
+        patched.append((lm, "forward", with_deepstack))
+    saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in patched]
+    for obj, name, fn in patched:
+        setattr(obj, name, fn)
     try:
         yield
     finally:
-        del inner.get_image_features
+        for obj, name, prev in saved:
+            if prev is None:
+                del obj.__dict__[name]
+            else:
+                setattr(obj, name, prev)
 
 
 class StepVisionFeatures:

@@ -325,3 +325,64 @@ def default_checkpoint_dir() -> pathlib.Path:
     """Where the embedded default lives unless told otherwise: $STAGED_CACHE or ~/.cache/staged."""
     root = os.environ.get("STAGED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "staged")
     return pathlib.Path(root) / f"embedded-v{EMBEDDED_VERSION}"
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny Qwen3-VL (tests and CPU smoke runs of the Qwen3-VL path)
+
+QWEN3_VL_PATCH = 16  # Qwen3-VL's vision patch (Qwen2.5-VL: 14)
+
+
+def build_qwen3_vl_config(tokenizer, *, hidden: int = 64, layers: int = 2, deepstack=(0,)):
+    """A tiny Qwen3VLConfig over the embedded tokenizer: text hidden ``hidden`` x ``layers``
+    (head_dim 16, interleaved mrope), a 2-block vision tower whose deepstack mergers feed the
+    first ``len(deepstack)`` decoder layers (Qwen3-VL-8B: blocks 8, 16, 24 -> decoder layers 0-2)."""
+    from transformers import Qwen3VLConfig
+
+    ids = {t_: tokenizer.convert_tokens_to_ids(t_) for t_ in SPECIAL_TOKENS}
+    head_dim = 16
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False)
+    vision_config = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=QWEN3_VL_PATCH,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=64,
+        deepstack_visual_indexes=list(deepstack), hidden_act="gelu_pytorch_tanh")
+    cfg = Qwen3VLConfig(
+        text_config=text_config, vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg, k, text_config[k])
+    return cfg
+
+
+def build_qwen3_vl_checkpoint(out_dir, *, seed: int = 0, **config_kw) -> pathlib.Path:
+    """A tiny random Qwen3-VL checkpoint in ``out_dir`` (Qwen3VLForConditionalGeneration built
+    from config, ``save_pretrained``), with the embedded tokenizer and a patch-16 image processor
+    (64x64 .. 128x128 pixels: 4 .. 16 image tokens). Not cached: the caller owns the directory."""
+    import torch
+    from transformers import GenerationConfig, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
+
+    out = pathlib.Path(out_dir).expanduser().resolve()
+    tok = build_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128},
+        patch_size=QWEN3_VL_PATCH, temporal_patch_size=2, merge_size=2)
+    processor = build_processor(tok, image_processor)
+    config = build_qwen3_vl_config(tok, **config_kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=[config.eos_token_id], pad_token_id=config.pad_token_id,
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out, processor_class="Qwen3VLProcessor")
+    return out

@@ -256,9 +256,27 @@ def load_model_and_processor(path, *, dtype=torch.float32, attn_implementation="
             raise RuntimeError(f"{d}: cannot load the model: {type(e).__name__}: {e}") from e
         if device is not None:
             model.to(device)
+    check_processor_fits(d, model.config, processor)
     model.eval()
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def check_processor_fits(d, config, processor) -> None:
+    """The image processor's patch geometry must be the vision tower's (Qwen2.5-VL: patch 14,
+    Qwen3-VL: patch 16): a mismatch would fail deep in the tower's patch embedding, or silently
+    give the wrong number of image tokens. Raises naming both numbers."""
+    vision = getattr(config, "vision_config", None)
+    ip = getattr(processor, "image_processor", None)
+    if vision is None or ip is None:
+        return
+    for ours, theirs in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                         ("merge_size", "spatial_merge_size")):
+        a, b = getattr(ip, ours, None), getattr(vision, theirs, None)
+        if a is not None and b is not None and int(a) != int(b):
+            raise ValueError(f"{d}: the image processor's {ours} is {a} but the vision tower's {theirs} is {b} "
+                             f"(preprocessor_config.json vs config.json); use the processor that belongs to "
+                             f"this model")
 
 
 def meta_model(path, *, dtype=torch.float32, attn_implementation="sdpa") -> nn.Module:

@@ -55,8 +55,8 @@ class SamplingParams:
     """Pad decode steps to the graphs' static shapes even where nothing is captured (a CPU):
     the graph path's padding, run eagerly; for tests."""
     reuse_vision_features: bool = True
-    """Engine "paged", Qwen2-VL / Qwen2.5-VL: keep each distinct prompt's image features for the
-    training forward of the same step (staged.vision_reuse)."""
+    """Engine "paged", Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack included): keep each distinct
+    prompt's image features for the training forward of the same step (staged.vision_reuse)."""
 
 
 @dataclass

@@ -5,7 +5,8 @@ random models built from configs (hidden 64, 2 layers):
   video with a time scale, image + video, Qwen3-VL per-frame videos), and the mrope deltas;
 - packed embeddings == ``embedding(ids).masked_scatter(mask, features)`` bit for bit;
 - the packed forward's logits == per-sample forwards within 1e-5 (fp32, CPU), gradients too,
-  with text-only, image and video samples mixed in one micro-batch;
+  with text-only, image and video samples mixed in one micro-batch; for Qwen3-VL with its
+  deepstack features (two tower blocks feeding two decoder layers);
 - the hook leaves unpacked (padded) forwards on sdpa; the attention backends never read
   cu_seqlens back; ``varlen_attention``'s sdpa loop == dense masked attention.
 """
@@ -48,14 +49,18 @@ def build(kind: str):
             depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
             spatial_merge_size=2, temporal_patch_size=2), tie_word_embeddings=False, **IDS)
         return Qwen2VLForConditionalGeneration(cfg).eval()
-    from transformers import Qwen3VLConfig, Qwen3VLModel
+    import transformers as tf
 
-    text = dict(TEXT, num_hidden_layers=1, head_dim=16,
-                rope_parameters=dict(MROPE, mrope_interleaved=True))
-    cfg = Qwen3VLConfig(text_config=text, vision_config=dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
-        out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0]), **IDS)
-    return Qwen3VLModel(cfg).eval()
+    # deepstack: tower blocks 0 and 1 feed decoder layers 0 and 1 (Qwen3-VL-8B: 3 of 36)
+    text = dict(TEXT, head_dim=16, rope_parameters=dict(MROPE, mrope_interleaved=True))
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
+                  out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    if kind == "qwen3_vl_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        cfg = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **IDS)
+        return tf.Qwen3VLMoeForConditionalGeneration(cfg).eval()
+    cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **IDS)
+    return tf.Qwen3VLForConditionalGeneration(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,7 @@ def samples_for(kind, gen, fractional_seconds=False):
     ]
     out = []
     for parts, completion in specs:
-        out.append(make_sample(parts, completion, gen, qwen3=kind == "qwen3_vl"))
+        out.append(make_sample(parts, completion, gen, qwen3=kind.startswith("qwen3")))
     return out
 
 
@@ -224,7 +229,7 @@ def per_sample_logits(model, samples, kind):
     return [model(**hf_inputs(s, kind)).logits[0] for s in samples]
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_packed_logits_match_per_sample(models, kind):
     model = models(kind)
     samples = samples_for(kind, torch.Generator().manual_seed(3))
@@ -242,18 +247,18 @@ def test_packed_logits_match_per_sample(models, kind):
             torch.testing.assert_close(got[slot], want[i], atol=1e-5, rtol=1e-5)
 
 
-def test_packed_gradients_match_per_sample(models):
-    model = models("qwen2_5_vl")
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_gradients_match_per_sample(models, kind):
+    model = models(kind)
     gen = torch.Generator().manual_seed(4)
-    samples = samples_for("qwen2_5_vl", gen)[:4]  # text-only, image, images, video
+    samples = samples_for(kind, gen)[:4]  # text-only, image, images, video
     cfg = PackingConfig.from_model(model)
     [mb] = collate_packed(samples, [[1, 3, 0, 2]], cfg)
     weights = [torch.randn(len(s.input_ids), 100, generator=gen) for s in samples]
     params = [p for p in model.parameters() if p.requires_grad]
 
     model.zero_grad()
-    loss = sum((lg * w).sum() for lg, w in zip(per_sample_logits(model, samples, "qwen2_5_vl"),
-                                              weights))
+    loss = sum((lg * w).sum() for lg, w in zip(per_sample_logits(model, samples, kind), weights))
     loss.backward()
     want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -270,7 +275,55 @@ def test_packed_gradients_match_per_sample(models):
         scale = w.abs().max().clamp(min=1.0)
         assert (g - w).abs().max() <= 1e-5 * scale, n
     assert any(n.startswith("model.visual") and w.abs().sum() > 0 for n, w in zip(names, want))
+    if kind == "qwen3_vl":  # every deepstack merger reaches the loss
+        for j in range(2):
+            assert any(n.startswith(f"model.visual.deepstack_merger_list.{j}.") and w.abs().sum() > 0
+                       for n, w in zip(names, want)), j
     model.zero_grad()
+
+
+def test_qwen3_deepstack_is_what_makes_packed_match(models):
+    """The Qwen3-VL comparison is sensitive to deepstack: packed without it (zero deepstack
+    features) is far from transformers' per-sample logits; with it, equal."""
+    model = models("qwen3_vl")
+    samples = samples_for("qwen3_vl", torch.Generator().manual_seed(8))
+    [mb] = collate_packed(samples, [[1, 4, 0, 2, 3]], PackingConfig.from_model(model))
+    with torch.no_grad():
+        want = torch.cat([want_i for want_i in per_sample_logits(
+            model, [samples[i] for i in mb.table.sample_index.tolist()], "qwen3_vl")])
+        vision, deep = attention.vision_outputs(model, mb.pixel_values, mb.vision_grid_thw)
+        assert len(deep) == 2 and all(d.shape == vision.shape for d in deep)
+        with_ds = packed_forward(model, mb, vision=vision, deepstack=deep, return_logits=True)
+        without = packed_forward(model, mb, vision=vision, deepstack=[torch.zeros_like(d) for d in deep],
+                                 return_logits=True)
+        with pytest.raises(ValueError, match="deepstack"):
+            packed_forward(model, mb, vision=vision)
+    torch.testing.assert_close(with_ds, want, atol=1e-5, rtol=1e-5)
+    vis = attention.vision_row_mask(mb)
+    assert (without - want)[~vis].abs().max() > 1e-3  # text rows after a vision row see it too
+    assert (without - want)[vis].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_packed_qwen3_matches_per_sample_on_device(device):
+    """Qwen3-VL packed on ``device`` (CUDA: the Triton packing kernels, the GPU attention backend,
+    deepstack's boolean row mask on the device) == per-sample forwards there, fp32; and the
+    trainer's packed_hidden (plain-torch fallbacks off CUDA) gives the same hidden states."""
+    from staged.packed_step import packed_hidden
+
+    model = build("qwen3_vl").to(device)
+    samples = samples_for("qwen3_vl", torch.Generator().manual_seed(9))
+    [mb] = collate_packed(samples, [[2, 4, 0, 3, 1]], PackingConfig.from_model(model))
+    mb = mb.to(device)
+    with torch.no_grad():
+        want = [model(**{k: v.to(device) for k, v in hf_inputs(s, "qwen3_vl").items()}).logits[0]
+                for s in samples]
+        logits = packed_forward(model, mb, return_logits=True)
+        hidden = packed_hidden(model, mb)
+    torch.testing.assert_close(model.lm_head(hidden), logits, atol=1e-5, rtol=1e-5)
+    got = torch.split(logits, mb.seqlens)
+    for slot, i in enumerate(mb.table.sample_index.tolist()):
+        torch.testing.assert_close(got[slot], want[i], atol=2e-5, rtol=1e-5)
 
 
 def test_unpacked_forward_still_uses_sdpa(models):
@@ -287,14 +340,6 @@ def test_unpacked_forward_still_uses_sdpa(models):
         model.set_attn_implementation({"text_config": "sdpa"})
         sdpa = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(packed_impl[mask.bool()], sdpa[mask.bool()], atol=1e-6, rtol=1e-6)
-
-
-def test_packed_forward_rejects_qwen3(models):
-    model = models("qwen3_vl")
-    [mb] = collate_packed([PackSample(input_ids=[5, 6, 7], prompt_len=1)], [[0]],
-                          PackingConfig.from_model(model))
-    with pytest.raises(NotImplementedError, match="deepstack"):
-        packed_forward(model, mb)
 
 
 # ---------------------------------------------------------------------------------------------

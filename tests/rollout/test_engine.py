@@ -35,8 +35,8 @@ def build(kind: str):
     else:
         text = dict(TEXT, head_dim=16, rope_parameters=dict(MROPE, mrope_interleaved=True))
         cfg = tf.Qwen3VLConfig(text_config=text, vision_config=dict(
-            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, out_hidden_size=64,
-            num_position_embeddings=16, deepstack_visual_indexes=[0]), **IDS)
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, out_hidden_size=64,
+            num_position_embeddings=16, deepstack_visual_indexes=[0, 1]), **IDS)  # deepstack into 2 layers
         model = tf.Qwen3VLForConditionalGeneration(cfg)
     model.config.get_text_config()._attn_implementation_internal = "sdpa"
     return model.eval()
@@ -132,6 +132,15 @@ def test_paged_equals_simple_and_a_full_forward(models, kind):
     m = paged.completion_mask.bool()
     torch.testing.assert_close(paged.logprobs[m], simple.logprobs[m], atol=1e-5, rtol=0)
     torch.testing.assert_close(paged.logprobs[m], full_forward_logprobs(model, paged, batch)[m], atol=1e-5, rtol=0)
+    # the prefill ran the tower once per distinct prompt and kept the features for training
+    # (Qwen3-VL: merged + 2 deepstack sets, [Nv, 3H]); the same rollout without reuse is identical
+    width = 64 * (3 if kind == "qwen3_vl" else 1)
+    assert paged.vision_features is not None and len(paged.vision_features) == B // 3
+    assert all(f is None or f.shape[-1] == width for f in paged.vision_features)
+    assert any(f is not None for f in paged.vision_features)
+    plain = generate(model, batch, params(reuse_vision_features=False), seeds=seeds_for(B))
+    assert plain.vision_features is None and torch.equal(plain.completion_ids, paged.completion_ids)
+    torch.testing.assert_close(plain.logprobs, paged.logprobs, atol=1e-6, rtol=0)
     # each distinct prompt went through the model once; decode ran on live rows only
     st = paged.stats
     assert st["prefill_tokens"] == sum(len(r) for r in [batch["attention_mask"][i].nonzero() for i in range(0, B, 3)])

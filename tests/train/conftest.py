@@ -25,3 +25,12 @@ def reference_run(tmp_path_factory, warm_model) -> Path:
     cfg = write_tiny_config(root / "tiny.toml", out, warm_model)
     run_train(["--config", str(cfg)], cwd=root)
     return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-VL checkpoint (built from config, save_pretrained; deepstack from both
+    tower blocks into decoder layers 0 and 1) with the embedded tokenizer and processor."""
+    from staged.models.embedded import build_qwen3_vl_checkpoint
+
+    return build_qwen3_vl_checkpoint(tmp_path_factory.mktemp("qwen3") / "model", seed=0, deepstack=(0, 1))

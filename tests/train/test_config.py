@@ -1,4 +1,6 @@
 """Config: validation names the field, overrides in both spellings, unknown keys are errors."""
+import dataclasses
+
 import pytest
 
 from staged.config import (StageConfig, TrainConfig, apply_override, from_cli, from_dict, load_config,
@@ -100,6 +102,10 @@ def test_shipped_recipes_load():
     assert default.model == "embedded"
     assert default.stages[1].freeze == ["vision"]
     paper = load_config("paper_qwen2_5_vl")
+    qwen3 = load_config("paper_qwen3_vl")
+    assert qwen3.model == "Qwen/Qwen3-VL-8B-Instruct"
+    # the same recipe as the Qwen2.5-VL one but for the model (and where it writes)
+    assert dataclasses.replace(qwen3, model=paper.model, output_dir=paper.output_dir) == paper
     for s in paper.stages:
         assert (s.batch.prompts_per_step, s.batch.group_size) == (512, 5)
         assert s.lr == 1e-6 and s.schedule == "constant"

@@ -110,6 +110,13 @@ def test_packed_step_matches_padded(case, run_cfg, embedded_dir, monkeypatch):
         torch.testing.assert_close(g_pack[n], g_pad[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("case", ["grpo-kl", "dapo-frozen-budget"])
+def test_packed_step_matches_padded_qwen3_vl(case, run_cfg, qwen3_dir, monkeypatch):
+    """The same on a tiny Qwen3-VL: the packed forward's deepstack and interleaved mrope against
+    transformers' padded forward, through the whole step (loss, metrics, every gradient)."""
+    test_packed_step_matches_padded(case, run_cfg, qwen3_dir, monkeypatch)
+
+
 def test_plan_rank_keeps_groups_and_budget():
     lengths = [30, 10, 25, 5, 40, 12, 8, 20]  # 4 groups of 2
     mbs = packed_step.plan_rank(lengths, 2, 50, 4)
@@ -136,11 +143,12 @@ def test_two_ranks_packed_match_one_process_padded(tmp_path, warm_model, referen
     assert_exports_match(reference_run, out, STAGE_DIRS[:2])
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("reuse", [True, False])
-def test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, embedded_dir, monkeypatch):
+def test_vision_tower_runs_once_per_distinct_image(reuse, packing, run_cfg, embedded_dir, monkeypatch):
     """Rollout prefill: the tower once per distinct prompt (not per sample). Training: with reuse,
-    one deferred pass over the distinct images (the padded micro-batches take the rollout's
-    features); without, every sample's forward runs it again (G times)."""
+    one deferred pass over the distinct images (the padded or packed micro-batches take the
+    rollout's features); without, every sample's forward runs it again (G times)."""
     from staged.models.loading import vision_module
 
     seen = []
@@ -154,8 +162,37 @@ def test_vision_tower_runs_once_per_distinct_image(reuse, run_cfg, embedded_dir,
         return model, proc
 
     monkeypatch.setattr(train, "build_model", counting_build)
-    rec, grads = one_step(run_cfg, embedded_dir, monkeypatch, packing=False,
+    rec, grads = one_step(run_cfg, embedded_dir, monkeypatch, packing=packing,
                           overrides=["stages.0.batch.micro_batch_size=3", f"rollout.reuse_vision_features={str(reuse).lower()}"])
     prompts, G = 4, 4  # the tiny config's stage 0: one image per prompt
     assert sum(seen) == (2 * prompts if reuse else prompts + G * prompts), seen
     assert any(".visual." in f".{n}" and g.abs().max() > 0 for n, g in grads.items()), "the tower must get a gradient"
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_vision_tower_runs_once_per_distinct_image_qwen3_vl(reuse, packing, run_cfg, qwen3_dir, monkeypatch):
+    """The same on a tiny Qwen3-VL: its deepstack features are reused with the merged ones."""
+    test_vision_tower_runs_once_per_distinct_image(reuse, packing, run_cfg, qwen3_dir, monkeypatch)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("model", ["embedded", "qwen3_vl"])
+def test_reused_vision_features_give_the_same_step(model, packing, run_cfg, embedded_dir, qwen3_dir, monkeypatch):
+    """Reusing the rollout's vision features (merged, and Qwen3-VL's deepstack) changes neither
+    the step's numbers nor any gradient -- the tower's and the deepstack mergers' included --
+    against running the tower in every micro-batch."""
+    ckpt = embedded_dir if model == "embedded" else qwen3_dir
+    steps = {}
+    for reuse in (True, False):
+        steps[reuse] = one_step(run_cfg, ckpt, monkeypatch, packing=packing,
+                                overrides=["stages.0.batch.micro_batch_size=3",
+                                           f"rollout.reuse_vision_features={str(reuse).lower()}"])
+    (rec, grads), (rec0, grads0) = steps[True], steps[False]
+    for k in ("loss", "grad_norm", "entropy", "kl", "sampler_logp_diff"):
+        assert rec[k] == pytest.approx(rec0[k], abs=1e-5, rel=1e-5), (k, rec[k], rec0[k])
+    assert grads.keys() == grads0.keys()
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    if model == "qwen3_vl":
+        assert any("deepstack_merger_list" in n and g.abs().max() > 0 for n, g in grads0.items())
