@@ -55,6 +55,7 @@ ROW_STATS = 8  # padded to 8 floats (32 B) per row
 # share one kernel specialisation.
 _CLIPPED, _CISPO_TRL, _CISPO_VERL, _SAPO, _VESPO = 0, 1, 2, 3, 4
 ROW_PHI = 7  # VESPO's per-sequence gamma weight phi (the padding slot of the row stats)
+ROW_DUAL = 7  # or, for the clipped losses, the dual-clip count (never both: dual_clip + vespo raises)
 # TRL's get_gamma_weights clamps log-weights to [log(1e-8), 20]
 _VESPO_LOG_LO = tl.constexpr(math.log(1e-8))
 _VESPO_LOG_HI = tl.constexpr(20.0)
@@ -133,9 +134,9 @@ def _grpo_loss_fwd_kernel(
     GRAD, ROW,
     # padded row length (unused when PACKED)
     T,
-    # fp32 scalars: clip epsilons, delta (+inf = off), KL coefficient, SAPO temperatures, vLLM
+    # fp32 scalars: clip epsilons, delta (+inf = off), dual-clip C (+inf = off), KL coefficient, SAPO temperatures, vLLM
     # ratio bounds C_min / C_max (-inf / +inf = off), VESPO gamma shapes / rates (A >= 0, A < 0)
-    eps_low, eps_high, delta, beta, tau_pos, tau_neg, is_lo, is_hi,
+    eps_low, eps_high, delta, dual, beta, tau_pos, tau_neg, is_lo, is_hi,
     vk_pos, vl_pos, vk_neg, vl_neg,
     # meta-parameters
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -238,6 +239,7 @@ def _grpo_loss_fwd_kernel(
     acc_kl = tl.zeros([BLOCK], tl.float32)
     acc_ratio = tl.zeros([BLOCK], tl.float32)
     acc_s = tl.zeros([BLOCK], tl.float32)
+    acc_dual = tl.zeros([BLOCK], tl.float32)
     # the advantage as a vector: per-token flags combine it with per-token ratios (and the
     # interpreter cannot `&` a vector with a scalar)
     advv = tl.zeros([BLOCK], tl.float32) + adv
@@ -285,10 +287,19 @@ def _grpo_loss_fwd_kernel(
             g1 = tl.where(c <= delta, adv, 0.0)
             g2 = tl.where((c >= lo) & (c <= hi), adv, 0.0)
             dpg = -tl.where(a1 < a2, g1, tl.where(a1 > a2, g2, 0.5 * (g1 + g2)))
+            # dual clip (verl): for A < 0, min(pg, -A C); constant -A C has no ratio gradient and a
+            # tie splits it, as torch.min's does. C = +inf is off (-A C = +inf never wins; A >= 0 is
+            # excluded by the flag, so its -0 * inf = NaN is never used)
+            p3 = -adv * dual
+            pg = pg + tl.zeros([BLOCK], tl.float32)  # a vector at sequence level too (see advv)
+            dual_on = (advv < 0.0) & (pg > p3)
+            pg = tl.where(dual_on, p3, pg)
+            dpg = tl.where(dual_on, 0.0, tl.where((advv < 0.0) & (pg == p3), 0.5 * dpg, dpg))
             direct = 0.0
             if not SEQ_LEVEL:
                 is_low = (c1d < lo) & (advv < 0.0)
                 is_high = (c1d > hi) & (advv > 0.0)
+                acc_dual += tl.where(dual_on, m, 0.0)
         elif LOSS_KIND == 1:
             w = _cap(c, eps_high)  # detached: no gradient through the ratio
             pg = -w * adv * lp
@@ -393,6 +404,9 @@ def _grpo_loss_fwd_kernel(
             c1r = _cap(c_row, delta)
             low_r = (c1r < lo) & (adv < 0.0)
             high_r = (c1r > hi) & (adv > 0.0)
+            b1 = c1r * adv
+            b2 = _clip(c_row, lo, hi) * adv
+            dual_r = tl.where(adv < 0.0, tl.where(-tl.where(b1 > b2, b2, b1) > -adv * dual, 1.0, 0.0), 0.0)
         elif LOSS_KIND == 1:
             low_r = c_row < 0.0
             high_r = (c_row > eps_high) & (adv > 0.0)
@@ -412,8 +426,14 @@ def _grpo_loss_fwd_kernel(
         tl.store(rp + 3, tl.sum(acc_high, axis=0))
         tl.store(rp + 5, tl.sum(acc_ratio, axis=0))
         tl.store(rp + 6, 0.0)
+    # slot 7: VESPO's phi, or the dual-clip count (dual_clip is an error with vespo)
     if LOSS_KIND == 4:
         tl.store(rp + 7, phi)
+    elif LOSS_KIND == 0:
+        if SEQ_LEVEL:
+            tl.store(rp + 7, dual_r)
+        else:
+            tl.store(rp + 7, tl.sum(acc_dual, axis=0))
     else:
         tl.store(rp + 7, 0.0)
 
@@ -452,7 +472,7 @@ def _grpo_loss_bwd_kernel(
 _FWD_SIG = {
     "LOGP": "*fp32", "OLD": "*fp32", "REF": "*fp32", "SAMP": "*fp32", "ISR": "*fp32", "MASK": "*u8",
     "ADV": "*fp32", "CU": "*i32", "GRAD": "*fp32", "ROW": "*fp32", "T": "i64",
-    "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "beta": "fp32", "tau_pos": "fp32",
+    "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "dual": "fp32", "beta": "fp32", "tau_pos": "fp32",
     "tau_neg": "fp32", "is_lo": "fp32", "is_hi": "fp32",
     "vk_pos": "fp32", "vl_pos": "fp32", "vk_neg": "fp32", "vl_neg": "fp32",
 }
@@ -522,7 +542,7 @@ def _row_weights(opts: GRPOLossOptions, cnt, num_items):
 
 
 _METRIC_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl",
-                 "ratio_mean", "num_tokens", "vespo/phi_seq_mean")
+                 "ratio_mean", "num_tokens", "vespo/phi_seq_mean", "clip_ratio/dual_mean")
 
 
 class GRPOLossFunction(torch.autograd.Function):
@@ -574,6 +594,7 @@ class GRPOLossFunction(torch.autograd.Function):
             inp.T,
             float(opts.eps_low), float(opts.eps_high),
             float("inf") if opts.delta is None else float(opts.delta),
+            float("inf") if opts.dual_clip is None else float(opts.dual_clip),
             float(opts.beta), float(opts.sapo_temperature_pos), float(opts.sapo_temperature_neg),
             -float("inf") if lo is None else float(lo), float("inf") if hi is None else float(hi),
             float(opts.vespo_k_pos), float(opts.vespo_lambda_pos), float(opts.vespo_k_neg),
@@ -596,7 +617,7 @@ class GRPOLossFunction(torch.autograd.Function):
         high = rows[:, ROW_CLIP_HIGH].sum() / denom
         kl = rows[:, ROW_KL].sum() / tok_denom if use_kl else torch.zeros((), device=dev)
         metrics = torch.stack([low, high, low + high, kl, rows[:, ROW_RATIO].sum() / denom, tokens,
-                               rows[:, ROW_PHI].sum() / float(B)])
+                               rows[:, ROW_PHI].sum() / float(B), rows[:, ROW_DUAL].sum() / denom])
 
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(grad_buf, rows, w, inp.mask if inp.mask is not None else grad_buf,
@@ -762,4 +783,6 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
         del metrics["kl"]
     if opts.loss_type != "vespo":
         del metrics["vespo/phi_seq_mean"]
+    if opts.dual_clip is None:
+        del metrics["clip_ratio/dual_mean"]
     return loss, metrics
