@@ -690,19 +690,19 @@ def _torch_path(inp, device, **opts):
 
 
 # awkward shapes: T = 1, primes, just over a power of two; B = 1 and odd B
-SHAPES = [(1, 1), (2, 1), (3, 17), (5, 33), (4, 129), (7, 61), (1, 257), (6, 9)]
-GRID = [(lt, lvl, beta, delta, vllm, shape)
+DUAL_SHAPES = [(1, 1), (2, 1), (3, 17), (5, 33), (4, 129), (7, 61), (1, 257), (6, 9)]
+DUAL_GRID = [(lt, lvl, beta, delta, vllm, shape)
         for i, (lt, lvl, beta, delta, vllm) in enumerate(
             (lt, lvl, beta, delta, vllm)
             for lt in CLIPPED_LOSS_TYPES for lvl in ("token", "sequence") for beta in (0.0, 0.05)
             for delta, vllm in ((None, None), (4.0, "ratio_token"), (1.5, None)))
-        for shape in [SHAPES[i % len(SHAPES)]]]
+        for shape in [DUAL_SHAPES[i % len(DUAL_SHAPES)]]]
 
 
-@pytest.mark.parametrize("case", range(len(GRID)),
-                         ids=[f"{lt}-{lvl}-beta{b}-delta{d}-{v}-{s[0]}x{s[1]}" for lt, lvl, b, d, v, s in GRID])
+@pytest.mark.parametrize("case", range(len(DUAL_GRID)),
+                         ids=[f"{lt}-{lvl}-beta{b}-delta{d}-{v}-{s[0]}x{s[1]}" for lt, lvl, b, d, v, s in DUAL_GRID])
 def test_dual_clip_kernel_torch_reference(case, gen, device):
-    lt, level, beta, delta, vllm, (B, T) = GRID[case]
+    lt, level, beta, delta, vllm, (B, T) = DUAL_GRID[case]
     opts = dict(loss_type=lt, importance_sampling_level=level, beta=beta, dual_clip=C)
     if delta is not None:
         opts["delta"] = delta
