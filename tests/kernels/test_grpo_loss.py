@@ -807,3 +807,137 @@ def test_dual_clip_bound_is_named(device):
     with pytest.raises(ValueError, match=r"dual_clip=1\.0 must be None or a finite number > 1"):
         grpo_loss(lp, advantages=torch.randn(2, device=device), dual_clip=1.0)
     assert math.isfinite(C)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequences split across programs (grid B * S): each program takes every S-th tile of its row,
+# the row sums of pass 1 and the row statistics are partials reduced in a fixed order
+
+
+SPLIT_CONFIGS = [
+    dict(loss_type="grpo", beta=0.04),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.04),  # online-max KL merge
+    dict(loss_type="dapo", importance_sampling_level="sequence", vllm_importance_sampling_mode="sequence_truncate"),
+    dict(loss_type="dr_grpo", max_completion_length=300, dual_clip=2.0, beta=0.02),
+    dict(loss_type="luspo", importance_sampling_level="sequence", dual_clip=2.0),
+    dict(loss_type="cispo", eps_high=1.5, beta=0.03),
+    dict(loss_type="cispo", cispo_variant="verl", importance_sampling_level="sequence"),
+    dict(loss_type="sapo", importance_sampling_level="sequence", beta=0.03, use_bias_correction_kl=False),
+    dict(loss_type="vespo", vllm_importance_sampling_mode="token_mask"),
+    dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.02),
+]
+# (B, T, block): T not a multiple of the block, T < block, B = 1 with a long row, T = block + 1
+SPLIT_SHAPES = [(3, 70, 16), (2, 10, 32), (1, 1000, 32), (4, 33, 32), (2, 257, 64)]
+SPLIT_GRID = [(c, sh) for i, c in enumerate(SPLIT_CONFIGS) for sh in (SPLIT_SHAPES[i % 5], SPLIT_SHAPES[(i + 2) % 5])]
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_GRID)),
+                         ids=[f"{c['loss_type']}-{c.get('importance_sampling_level', 'token')}-{B}x{T}-block{bl}"
+                              for c, (B, T, bl) in SPLIT_GRID])
+def test_rows_split_across_programs(case, gen, device):
+    opts, (B, T, block) = SPLIT_GRID[case]
+    vllm = "logp" if "vllm_importance_sampling_mode" in opts else None
+    inp = make_inputs(gen, B, T, opts, packed=case % 2 == 1, vllm=vllm,
+                      mask_kind=("bool", "float", "none")[case % 3])
+    kernel, ref = run_both(inp, device, block_size=block, **opts)
+    assert_match(kernel, ref, grad_rtol=2e-4)
+
+
+def test_split_layout_is_what_the_launcher_picks():
+    """The grid really splits: S = ceil(mean row length / BLOCK) programs per sequence."""
+    from staged.kernels.grpo_loss import _launch_config
+    from staged.kernels.grpo_options import GRPOInputs
+
+    def inp(B, T, N=None):
+        return GRPOInputs(shape=(), packed=N is not None, B=B, T=0 if N else T, N=N or B * T, logp=None,
+                          old_logp=None, ref_logp=None, sampling_logp=None, is_ratio_token=None,
+                          is_ratio_row=None, mask=None, advantages=None, cu_seqlens=None)
+
+    assert _launch_config(inp(3, 70), 16)[:2] == (16, 5)
+    assert _launch_config(inp(2, 10), 32)[:2] == (32, 1)
+    assert _launch_config(inp(1, 70_001), None)[:2] == (1024, 69)
+    assert _launch_config(inp(4, 0, N=1000), 64)[:2] == (64, 4)  # packed: mean length 250
+
+
+def test_split_is_deterministic(gen, device):
+    """No atomics: the same call twice gives bit-identical loss, metrics and gradient."""
+    opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, dual_clip=3.0)
+    inp = make_inputs(gen, 3, 300, opts, packed=True)
+    a = run_both(inp, device, block_size=16, **opts)[0]
+    b = run_both(inp, device, block_size=16, **opts)[0]
+    assert a[0].item() == b[0].item() and torch.equal(a[2], b[2])
+    assert all(a[1][k].item() == b[1][k].item() for k in a[1])
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+def test_num_items_kinds_agree(loss_type, gen, device):
+    """num_items_in_batch as a Python number, a 0-d / [1] tensor, int or float: one result."""
+    opts = dict(loss_type=loss_type, beta=0.03, num_processes=2, gradient_accumulation_steps=2)
+    inp = make_inputs(gen, 3, 40, opts)
+    ref_loss = None
+    for n in (77, 77.0, torch.tensor(77), torch.tensor([77.0]), torch.tensor(77, dtype=torch.int32)):
+        kernel, ref = run_both(dict(inp, num_items_in_batch=n), device, block_size=16, **opts)
+        assert_match(kernel, ref)
+        ref_loss = kernel[0].item() if ref_loss is None else ref_loss
+        assert abs(kernel[0].item() - ref_loss) <= 1e-6 * max(1.0, abs(ref_loss))
+
+
+def test_bad_cu_seqlens_is_reported_not_read_out_of_bounds(device):
+    """Packed bounds are clamped in the kernels; the finishing kernel's flag trips the
+    device-side assert (on CPU it raises at once)."""
+    lp = torch.randn(10, device=device, requires_grad=True)
+    adv = torch.randn(2, device=device)
+    for cu in ([0, 7, 5], [0, 4, 12], [-1, 3, 6]):
+        with pytest.raises(RuntimeError, match="cu_seqlens"):
+            grpo_loss(lp, advantages=adv, cu_seqlens=torch.tensor(cu, device=device))
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_no_host_read_on_the_path(backend, layout, gen, device, monkeypatch):
+    """Forward and backward never read a tensor's value on the host (no .item() / .tolist() /
+    .cpu() / bool() ...), for every kind of num_items_in_batch: checked on the host code with
+    the Triton launches stubbed out (the interpreter itself reads its arguments on the host)."""
+    import importlib
+
+    gl = importlib.import_module("staged.kernels.grpo_loss")  # the module (the package exports the function)
+    opts = dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04,
+                vllm_importance_sampling_mode="sequence_mask")
+    inp = _to(make_inputs(gen, 4, 50, opts, packed=layout == "packed", vllm="logp"), device)
+    launches = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(self.name)
+
+    if backend == "triton":
+        for name in ("_grpo_loss_rows_kernel", "_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel",
+                     "_grpo_loss_bwd_kernel"):
+            monkeypatch.setattr(gl, name, Stub(name))
+        monkeypatch.setattr(torch, "_assert_async", lambda *a, **k: launches.append("assert"))
+    lp = inp.pop("logp").detach().requires_grad_(True)
+    calls = []
+
+    def trap(name):
+        def f(self, *a, **k):
+            calls.append(name)
+            raise AssertionError(f"host read: Tensor.{name}")
+        return f
+
+    for n in (None, 1000, torch.tensor(1000.0, device=device), torch.tensor([1000], device=device)):
+        with monkeypatch.context() as mp:
+            for name in HOST_READS:
+                mp.setattr(torch.Tensor, name, trap(name))
+            loss, metrics = grpo_loss(lp, **inp, num_items_in_batch=n, backend=backend, **opts)
+            loss.backward()
+    assert not calls, calls
+    if backend == "triton":
+        want = ["_grpo_loss_rows_kernel", "_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel"]
+        want += ["assert"] * (layout == "packed") + ["_grpo_loss_bwd_kernel"]
+        assert launches == want * 4, launches
