@@ -688,7 +688,10 @@ register_aot(_grpo_loss_fwd_kernel, _FWD_SIG, {**_FWD_META, "BLOCK": 256}, num_w
 _FIN_SIG = {"PART2": "*fp32", "NI": "*i64", "CU": "*i32", "LOSS": "*fp32", "MET": "*fp32", "WB": "*fp32",
             "B": "i32", "S": "i32", "N": "i64", "wc": "fp32"}
 register_aot(_grpo_loss_finish_kernel, _FIN_SIG,
-             dict(PACKED=True, PER_ROW=True, DEN_KIND=2, SEQ_LEVEL=True, RB=64, SB=64), num_warps=4)
+             dict(PACKED=True, PER_ROW=True, DEN_KIND=2, SEQ_LEVEL=True, RB=64, SB=16), num_warps=4)
+register_aot(_grpo_loss_finish_kernel, _FIN_SIG,
+             dict(PACKED=False, PER_ROW=False, DEN_KIND=1, SEQ_LEVEL=False, RB=1024, SB=1), num_warps=4,
+             name="_grpo_loss_finish_kernel[RB=1024]")
 _BWD_SIG = {"GRAD": "*fp32", "MASK": "*u8", "PART2": "*fp32", "WB": "*fp32", "DLOSS": "*fp32",
             "CU": "*i32", "DLOGP": "*fp32", "T": "i64", "N": "i64", "S": "i32"}
 register_aot(_grpo_loss_bwd_kernel, _BWD_SIG,
@@ -860,7 +863,7 @@ class GRPOLossFunction(torch.autograd.Function):
         _grpo_loss_finish_kernel[(1,)](
             part2, ni if ni is not None else cu, cu, loss, mvec, wbuf, B, S, N, wc,
             PACKED=inp.packed, PER_ROW=per_row, DEN_KIND=den_kind, SEQ_LEVEL=seq,
-            RB=min(triton.next_power_of_2(B), max(4096 // sb, 1)), SB=sb, num_warps=4,
+            RB=min(triton.next_power_of_2(B), 1024 // min(sb, 16)), SB=min(sb, 16), num_warps=4,
         )
         if inp.packed:
             # device-side check (no host sync): rows ordered and inside the token buffer
