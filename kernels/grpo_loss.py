@@ -9,27 +9,41 @@ Shapes and dtypes (N tokens, B sequences):
     vllm_is_ratio (precomputed, optional)   : like logp (per token) or [B] (per sequence)
     loss -> 0-d fp32; metrics -> dict of 0-d fp32 device tensors; d loss / d logp -> like logp
 
-One program per sequence loops over its tokens in BLOCK chunks, so the grid is (B,) whatever the
-sequence length (no (B, L) grid to overflow, int64 token offsets throughout). The per-sequence
-reductions that GSPO (sequence-level ratio) and the sequence-level vLLM correction need are a
-first pass over the row inside the same program. The forward also writes d(m_t * loss_t)/d logp_t
-(fp32, before the per-sequence normaliser) because that costs one write where recomputing in the
-backward would cost re-reading every input; the backward is then a scale by the normaliser times
-the upstream gradient, plus, for sequence-level ratios, a per-row term times the mask.
+Grid: each sequence is split over S programs (S ~ mean row length / BLOCK; on a GPU BLOCK
+shrinks from 1024 to 256 until there are >= 4 programs per SM), program (b, sp) taking tiles
+sp, sp + S, ... of row b: a 1-D grid of B * S programs (no (B, L) grid to overflow, int64 token
+offsets throughout), so 64 x 2048 tokens or one 70k-token sequence fill the device. Launches:
+    1. ``_grpo_loss_rows_kernel`` (sequence-level ratio, sequence-level vLLM ratio, VESPO only):
+       per-program partial row sums [B*S, 8] (the KL's running max merged as in a softmax).
+    2. ``_grpo_loss_fwd_kernel``: each program reduces its row's S partials (same order in every
+       program: identical, deterministic), then the per-token loss, its gradient and partial row
+       statistics [B*S, 8].
+    3. ``_grpo_loss_finish_kernel`` (one program): reduces the partials row by row, applies the
+       loss type's normaliser (token counts, ``num_items_in_batch`` read on the device) and writes
+       the loss, the metrics and the backward's scale. No torch op follows (packed: one
+       ``_assert_async`` on its cu_seqlens flag).
+No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
+The forward also writes d(m_t * loss_t)/d logp_t (fp32, before the per-sequence normaliser)
+because that costs one write where recomputing in the backward would cost re-reading every
+input; the backward (one kernel, same grid) is then a scale by the normaliser times the upstream
+gradient (both read on the device), plus, for sequence-level ratios, a per-row term times the mask.
 
 Byte model (what the op must move; the benchmark divides it by time for GB/s):
     forward  : N * (4 [logp] + 4 [old] + 4*(beta != 0) [ref] + 4*(vLLM) [sampling or ratio]
                + mask bytes (1 bool / 4 float)) read, + 4N [grad buffer] written when logp
-               requires grad; + O(B) (advantages, cu_seqlens, 8 row stats).
-               The sequence-level first pass re-reads logp, old, mask (+ sampling) of each row;
-               a row fits in L2, so it is not counted.
+               requires grad; + O(B) (advantages, cu_seqlens) + 32 B per program (partials).
+               Launch 1 reads logp, old, mask (+ ref, sampling) once more; launch 2 finds them in
+               L2 while the batch's share fits (~50 MB: ~4M tokens on an H100), so it is not
+               counted; past that, sequence-level runs re-read them from HBM.
     backward : 4N [grad buffer] (+ mask bytes for sequence-level ratios) read, 4N [d logp] written.
                (Sequence-level without KL/CISPO reads only the mask: its buffer is all zeros and
                is never written.)
 Host syncs: none. Options and shapes are read on the host; cu_seqlens' values only on the device
-(``torch._assert_async``); the normalisers (token counts, ``num_items_in_batch``) stay tensors.
-(A ``num_items_in_batch`` CPU tensor on a CUDA run is copied non-blocking; a device tensor or a
-Python number costs nothing.)
+(clamped in the kernels, checked by the finishing kernel, ``torch._assert_async`` on its flag);
+the normalisers (token counts, ``num_items_in_batch``) are read by the finishing kernel. A Python
+``num_items_in_batch`` is folded into a kernel argument; a tensor on the device is read in place
+(any dtype); a CPU tensor on a CUDA run is copied non-blocking from pinned memory (staged into
+pinned memory first when pageable), never read on the host.
 
 Semantics: TRL's ``GRPOTrainer._compute_loss`` for every option the two share; see ``grpo_loss``.
 Double backward is a RuntimeError (the backward kernel is not differentiable).
