@@ -952,7 +952,8 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
 
     Options (keyword; TRL's defaults; see ``GRPOLossOptions`` for each field):
     ``loss_type`` (dapo), ``importance_sampling_level`` (token), ``eps_low`` (0.2), ``eps_high``
-    (None = eps_low), ``delta`` (None), ``beta`` (0.0; at 0 no ref work and ``ref_logp`` may be
+    (None = eps_low), ``delta`` (None), ``dual_clip`` (None; verl's dual-clip C > 1, clipped
+    loss types only), ``beta`` (0.0; at 0 no ref work and ``ref_logp`` may be
     None), ``use_bias_correction_kl`` (True), ``cispo_variant`` (trl), ``sapo_temperature_pos``/
     ``_neg`` (1.0/1.05), ``vllm_importance_sampling_mode`` (sequence_mask),
     ``vllm_importance_sampling_clip_min``/``_max`` (None/3.0), ``max_completion_length``
@@ -969,7 +970,8 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
     ``vllm_is_ratio`` (Liger's argument; per token like logp, or per sequence [B]).
 
     Per token (ratio r = exp(logp - old), or GSPO's per-sequence exp(masked mean log-ratio)):
-        clipped (grpo, bnpo, dr_grpo, dapo, luspo): -min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A)
+        clipped (grpo, bnpo, dr_grpo, dapo, luspo): -min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A),
+                       with ``dual_clip=C`` and A < 0 further min'd with -A C (verl's compute_policy_loss)
         cispo  (TRL):  -sg(min(r, eps_high)) A logp      (verl variant: sg(clip(r, 1-eps_low, 1+eps_high)))
         sapo:          -sigmoid(tau (r - 1)) 4/tau A,   tau = tau_pos if A > 0 else tau_neg
         vespo:         -phi A logp, phi = exp(lam + k log w - lam w) per sequence (detached), log w the
@@ -988,7 +990,9 @@ def grpo_loss(logp, old_logp=None, ref_logp=None, advantages=None, mask=None, *,
     Metrics (0-d device tensors, no host sync): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean`` (TRL's definitions; for cispo TRL's ``cispo_clip_ratio`` is the
     high one), ``kl`` (only when beta != 0), ``ratio_mean`` (mean importance ratio before delta),
-    ``num_tokens`` (sum of the mask), ``vespo/phi_seq_mean`` (vespo: mean phi over sequences).
+    ``num_tokens`` (sum of the mask), ``vespo/phi_seq_mean`` (vespo: mean phi over sequences),
+    ``clip_ratio/dual_mean`` (only with ``dual_clip``: the share the dual clip capped, verl's
+    ``pg_clipfrac_lower``).
     Token-level values are means over tokens; sequence-level ones over sequences, all sequences
     counted, as TRL does.
 
