@@ -652,7 +652,9 @@ def test_no_host_sync_on_cuda(gen):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for n in (n_items, 1000):  # a device tensor or a Python number
+        # a device tensor, a Python number, a pageable and a pinned CPU tensor (copied from pinned
+        # memory non-blocking, never read on the host)
+        for n in (n_items, 1000, torch.tensor(1000.0), torch.tensor(1000).pin_memory()):
             loss, metrics = grpo_loss(lp, **inp, num_items_in_batch=n, **opts)
             loss.backward()
     finally:
