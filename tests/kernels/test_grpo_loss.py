@@ -725,8 +725,8 @@ def test_dual_clip_kernel_torch_reference(case, gen, device):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_dual_clip_long_rows_and_block_sizes(level, gen, device):
     opts = dict(loss_type="grpo", importance_sampling_level=level, beta=0.04, dual_clip=3.0)
-    inp = _dual_inputs(gen, 3, 1000, opts)
-    for block in (16, 256, None):
+    inp = _dual_inputs(gen, 3, 500, opts)
+    for block in (32, None):  # 16 programs per row, and one
         kernel, ref = run_both(inp, device, block_size=block, **opts)
         assert_match(kernel, ref)
     assert ref[1]["clip_ratio/dual_mean"].item() > 0
