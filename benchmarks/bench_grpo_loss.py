@@ -10,7 +10,9 @@ Liger's op takes logits [B, T+1, V] and fuses the log-softmax; it has no log-pro
 so it runs with a tiny vocabulary (V = 16) and its rows say so: it moves 16x more input bytes.
 
 GPU: do_bench median and 20/80 % quantiles at 4M tokens (padded [2048, 2048]), token-level DAPO
-and sequence-level GSPO with KL and the vLLM correction, plus ours on the packed layout.
+and sequence-level GSPO with KL and the vLLM correction, plus ours on the packed layout; then
+ours alone at issue 14's target shape B=64, T=2048 (goal: >= 80 % of the copy bandwidth, column
+``pct_of_copy``) and at few long sequences (B=2, T=65536: each row split over many programs).
 CPU (64 x 1024 tokens; --quick 16 x 512): eager, ours as a CPU caller gets it (``backend="torch"``,
 the plain-PyTorch path) and the fp64 reference, one torch thread, 30 repeats after 5 warm-ups; the
 Triton numbers need a GPU (under TRITON_INTERPRET they would time the interpreter). GPU --quick:
@@ -42,6 +44,7 @@ CASES = [
 ]
 GPU_SHAPE = (2048, 2048)   # B, T: 4M tokens, 16 MB per fp32 array (L2 is flushed between runs)
 GPU_SHAPE_QUICK = (256, 1024)
+TARGET_SHAPES = [(64, 2048), (2, 65536)]  # issue 14: % of copy bandwidth; few long sequences
 CPU_SHAPE = (64, 1024)
 LIGER_V = 16
 
@@ -52,6 +55,7 @@ def bytes_moved(opts: dict, N: int, B: int, *, vllm: bool, mask_bytes: int, back
     seq = opts.get("importance_sampling_level") == "sequence"
     reads = 4 + 4 + (4 if beta else 0) + (4 if vllm else 0) + mask_bytes   # logp, old, ref, sampling, mask
     fwd = N * reads + B * (4 + 8 + 32)                                     # + advantages, cu_seqlens, row stats
+    # (the per-program partials, B * S * 32 B with S ~ T / 256..1024, stay in L2: not counted)
     if not backward:
         return fwd
     has_direct = (not seq) or beta != 0.0 or opts.get("loss_type") == "cispo"
@@ -142,10 +146,12 @@ def _liger(x, opts, device, *, vllm):
     return {"liger triton_grpo_loss": (fn, logits, f"logits input, V={LIGER_V}: reads {LIGER_V}x more")}
 
 
-def _time_case(case, opts, vllm, B, T, device, limits, *, packed=False):
+def _time_case(case, opts, vllm, B, T, device, limits, *, packed=False, only_ours=False):
     rows = []
     x = _inputs(B, T, device, vllm)
     impls = _impls(x, opts, device, vllm=vllm) if not packed else _packed_impls(x, opts, device, vllm=vllm)
+    if only_ours:
+        impls = {k: v for k, v in impls.items() if k == "staged"}
     for name, (fn, leaf, note) in impls.items():
         N = leaf.numel() if packed else B * T  # tokens actually in the batch
         if fn is None:
@@ -199,6 +205,9 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
         case, opts, vllm = CASES[1]
         packed = _time_case(f"{case} packed B={B} T<={T}", opts, vllm, B, T, device, limits, packed=True)
         rows += packed
+        for tB, tT in TARGET_SHAPES:
+            for case, opts, vllm in CASES:
+                rows += _time_case(f"{case} B={tB} T={tT}", opts, vllm, tB, tT, device, limits, only_ours=True)
         return rows
     B, T = (16, 512) if quick else CPU_SHAPE
     # One torch thread: a millisecond op on a shared machine otherwise waits in OpenMP barriers for

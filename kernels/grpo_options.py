@@ -60,6 +60,14 @@ class GRPOLossOptions:
     delta: float | None = None
     """INTELLECT-2 two-sided clip: the unclipped ratio is capped at ``delta``. Clipped losses only;
     accepted and ignored (not validated) for cispo / sapo / vespo, as TRL and Liger do."""
+    dual_clip: float | None = None
+    """Dual-clip PPO's C (Ye et al. 2020; verl ``clip_ratio_c``, EasyR1 ``clip_ratio_dual``): for
+    A < 0 the clipped loss is further capped at ``-A * C``, so a huge ratio on a negative-advantage
+    token cannot blow the loss up. None = off. Must be > 1. Clipped losses only (grpo, bnpo,
+    dr_grpo, dapo, luspo): cispo / vespo have no ratio-in-loss term to bound and sapo's gate is
+    already bounded, so dual_clip with them is a ValueError (never silently ignored). Applied to
+    the ratio after ``delta`` (with ``delta <= C`` it never fires) and at either importance
+    sampling level (GSPO: to the sequence ratio)."""
     beta: float = 0.0
     """k3 KL coefficient. 0 skips every reference-model term (``ref_logp`` may be None)."""
     use_bias_correction_kl: bool = True
@@ -124,6 +132,16 @@ class GRPOLossOptions:
         if self.delta is not None and not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta)
                                            and self.delta > 0):
             bad("delta", "must be a finite number > 0 (TRL recommends > 1 + eps_high)")
+        if self.dual_clip is not None:
+            if self.loss_type not in CLIPPED_LOSS_TYPES:
+                raise ValueError(
+                    f"grpo_loss: dual_clip={self.dual_clip!r} with loss_type={self.loss_type!r} is not a valid "
+                    f"combination: dual-clip caps the clipped surrogate -min(r A, clip(r) A) at -A C for A < 0, "
+                    f"and only {', '.join(CLIPPED_LOSS_TYPES)} have one (pass dual_clip=None)")
+            if isinstance(self.dual_clip, bool) or not (isinstance(self.dual_clip, (int, float))
+                                                        and math.isfinite(self.dual_clip) and self.dual_clip > 1):
+                bad("dual_clip", "must be None or a finite number > 1 (verl asserts clip_ratio_c > 1; "
+                                 "the paper's recipe uses 3)")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             bad("beta", "must be a finite number >= 0")
         if self.cispo_variant not in CISPO_VARIANTS:

@@ -17,6 +17,7 @@ import math
 import sys
 import tomllib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -229,6 +230,10 @@ class GRPOConfig:
                f"must be >= 1, got {self.max_response_tokens}")
         _check(self.old_logp in ("rollout", "recompute"), "old_logp",
                f"expected rollout or recompute, got {self.old_logp!r}")
+        if self.delta is not None and self.loss_type == "cispo":
+            # as TRL, the fused loss and its TRL adapter do: delta exists only for the clipped losses
+            warnings.warn(f"grpo.delta={self.delta} is ignored with loss_type='cispo' (TRL reads delta only "
+                          f"for the clipped losses grpo, bnpo, dr_grpo, dapo)", UserWarning, stacklevel=3)
 
 
 @dataclass

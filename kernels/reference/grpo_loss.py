@@ -280,6 +280,11 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
         per_token_loss1 = coef_1 * advantages
         per_token_loss2 = coef_2 * advantages
         per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+        if opts.dual_clip is not None:
+            # dual clip (verl's compute_policy_loss): for A < 0 the loss is also capped at -A C
+            per_token_loss3 = -advantages * opts.dual_clip
+            per_token_loss = torch.where(advantages < 0, torch.min(per_token_loss, per_token_loss3),
+                                         per_token_loss)
 
     if is_ratio is not None and opts.loss_type != "vespo":
         per_token_loss = per_token_loss * is_ratio
@@ -326,4 +331,12 @@ def grpo_loss_reference(logp, old_logp=None, ref_logp=None, advantages=None, mas
             metrics["kl"] = masked_mean(per_token_kl.detach(), False)
         if opts.loss_type == "vespo":  # TRL: one value per sequence, all sequences counted
             metrics["vespo/phi_seq_mean"] = phi.sum() / B
+        if opts.dual_clip is not None:
+            # verl's pg_clipfrac_lower: the share of tokens (of sequences, at sequence level) whose
+            # loss the dual clip replaced by -A C
+            c, a = ratio_for_metric, (adv_row if seq else advantages)
+            c1 = c if opts.delta is None else c.clamp(max=opts.delta)
+            clip_loss = -torch.min(c1 * a, c.clamp(1 - eps_low, 1 + eps_high) * a)
+            dual = (clip_loss > -a * opts.dual_clip) & (a < 0)
+            metrics["clip_ratio/dual_mean"] = masked_mean(dual.to(dtype), seq)
     return loss, metrics

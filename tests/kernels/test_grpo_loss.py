@@ -44,6 +44,8 @@ def _kinks(opts: dict):
         ks.append(math.log(eps_high))
     if opts.get("delta") is not None:
         ks.append(math.log(opts["delta"]))
+    if opts.get("dual_clip") is not None:
+        ks.append(math.log(opts["dual_clip"]))
     return ks
 
 
@@ -65,12 +67,15 @@ def _shift(x, kinks):
 
 
 def make_inputs(gen, B, T, opts, *, packed=False, old=True, mask_kind="bool", masked_rows=(),
-                spread=0.25, row_spread=0.3, vllm=None, dtype=torch.float32):
+                spread=0.25, row_spread=0.3, vllm=None, dtype=torch.float32, row_shift=None):
     """Random GRPO inputs in the padded layout [B, T] (converted to packed when asked), kept
-    clear of the thresholds of ``opts``. ``vllm``: None | "logp" | "ratio_token" | "ratio_row"."""
+    clear of the thresholds of ``opts``. ``vllm``: None | "logp" | "ratio_token" | "ratio_row".
+    ``row_shift`` [B]: added to each row's log-ratios (before they are moved off the kinks)."""
     f64 = torch.float64
     logp = -torch.rand(B, T, generator=gen, dtype=f64) * 3
     x = torch.randn(B, T, generator=gen, dtype=f64) * spread + torch.randn(B, 1, generator=gen, dtype=f64) * row_spread
+    if row_shift is not None:
+        x = x + torch.as_tensor(row_shift, dtype=f64).reshape(B, 1)
     ref = logp + torch.randn(B, T, generator=gen, dtype=f64) * 0.3
     adv = torch.randn(B, generator=gen, dtype=f64)
     if mask_kind == "bool":
@@ -564,6 +569,14 @@ INVALID = [
     (dict(loss_type="vespo", sampling_logp="same"), "vespo"),  # TRL: token-level vLLM modes only
     (dict(loss_type="vespo", vespo_k_pos=float("nan")), "vespo_k_pos"),
     (dict(loss_type="grpo", delta=0.0), "delta"),
+    (dict(loss_type="grpo", dual_clip=1.0), "dual_clip"),
+    (dict(loss_type="dapo", dual_clip=0.5), "dual_clip"),
+    (dict(loss_type="dapo", dual_clip=float("inf")), "dual_clip"),
+    (dict(loss_type="dapo", dual_clip=float("nan")), "dual_clip"),
+    (dict(loss_type="dapo", dual_clip=True), "dual_clip"),
+    (dict(loss_type="cispo", dual_clip=3.0), "dual_clip"),
+    (dict(loss_type="sapo", dual_clip=3.0), "dual_clip"),
+    (dict(loss_type="vespo", dual_clip=3.0), "dual_clip"),
     (dict(loss_type="grpo", delta=float("inf")), "delta"),
     (dict(loss_type="dr_grpo"), "max_completion_length"),
     (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length"),
@@ -639,9 +652,294 @@ def test_no_host_sync_on_cuda(gen):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for n in (n_items, 1000):  # a device tensor or a Python number
+        # a device tensor, a Python number, a pageable and a pinned CPU tensor (copied from pinned
+        # memory non-blocking, never read on the host)
+        for n in (n_items, 1000, torch.tensor(1000.0), torch.tensor(1000).pin_memory()):
             loss, metrics = grpo_loss(lp, **inp, num_items_in_batch=n, **opts)
             loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# dual clip (dual_clip=C): Triton kernel, the plain-torch path and the float64 reference against
+# each other, and against verl's formula written out independently. Inputs put negative
+# advantages on rows with large ratios (log-ratios shifted up to ~log C + 0.7), so the dual clip is
+# active on a good share of tokens; every case checks that it was.
+
+C = 2.0
+
+
+def _dual_inputs(gen, B, T, opts, **kw):
+    """Rows alternate: even rows A < 0 with log-ratios around log C + 0.7 (ratio > C: the dual
+    clip fires), odd rows random. Keeps clear of every kink of ``opts`` (log C included)."""
+    up = math.log(opts.get("dual_clip", C)) + 0.7
+    shift = torch.tensor([up if b % 2 == 0 else 0.0 for b in range(B)], dtype=torch.float64)
+    inp = make_inputs(gen, B, T, opts, spread=0.6, row_spread=0.3, row_shift=shift, **kw)
+    adv = inp["advantages"].clone()
+    adv[0::2] = -(adv[0::2].abs() + 0.1)
+    inp["advantages"] = adv
+    return inp
+
+
+def _torch_path(inp, device, **opts):
+    kin = _to(inp, device)
+    lp = kin.pop("logp").detach().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, **kin, backend="torch", **opts)
+    (g,) = torch.autograd.grad(loss, lp)
+    return loss, metrics, g
+
+
+# awkward shapes: T = 1, primes, just over a power of two; B = 1 and odd B
+DUAL_SHAPES = [(1, 1), (2, 1), (3, 17), (5, 33), (4, 129), (7, 61), (1, 257), (6, 9)]
+DUAL_GRID = [(lt, lvl, beta, delta, vllm, shape)
+        for i, (lt, lvl, beta, delta, vllm) in enumerate(
+            (lt, lvl, beta, delta, vllm)
+            for lt in CLIPPED_LOSS_TYPES for lvl in ("token", "sequence") for beta in (0.0, 0.05)
+            for delta, vllm in ((None, None), (4.0, "ratio_token"), (1.5, None)))
+        for shape in [DUAL_SHAPES[i % len(DUAL_SHAPES)]]]
+
+
+@pytest.mark.parametrize("case", range(len(DUAL_GRID)),
+                         ids=[f"{lt}-{lvl}-beta{b}-delta{d}-{v}-{s[0]}x{s[1]}" for lt, lvl, b, d, v, s in DUAL_GRID])
+def test_dual_clip_kernel_torch_reference(case, gen, device):
+    lt, level, beta, delta, vllm, (B, T) = DUAL_GRID[case]
+    opts = dict(loss_type=lt, importance_sampling_level=level, beta=beta, dual_clip=C)
+    if delta is not None:
+        opts["delta"] = delta
+    if lt == "dr_grpo":
+        opts["max_completion_length"] = 64
+    inp = _dual_inputs(gen, B, T, opts, packed=case % 2 == 1, mask_kind=("bool", "float", "none")[case % 3],
+                       vllm=vllm)
+    kernel, ref = run_both(inp, device, **opts)
+    assert_match(kernel, ref)
+    assert_match(_torch_path(inp, device, **opts), ref)
+    dual = ref[1]["clip_ratio/dual_mean"].item()
+    if delta is not None and delta <= C:
+        assert dual == 0.0  # the delta cap keeps the ratio below C: the dual clip never fires
+    elif B * T >= 16:  # (tiny cases may mask out the few tokens that would fire)
+        assert dual > 0.0, "the dual clip was never active: the test checks nothing"
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dual_clip_long_rows_and_block_sizes(level, gen, device):
+    opts = dict(loss_type="grpo", importance_sampling_level=level, beta=0.04, dual_clip=3.0)
+    inp = _dual_inputs(gen, 3, 500, opts)
+    for block in (32, None):  # 16 programs per row, and one
+        kernel, ref = run_both(inp, device, block_size=block, **opts)
+        assert_match(kernel, ref)
+    assert ref[1]["clip_ratio/dual_mean"].item() > 0
+
+
+def test_dual_clip_without_negative_advantages_changes_nothing(gen, device):
+    opts = dict(loss_type="dapo", beta=0.04)
+    inp = _dual_inputs(gen, 4, 40, opts)
+    inp["advantages"] = inp["advantages"].abs() + 0.1
+    (l0, m0, g0), _ = run_both(inp, device, **opts)
+    (l1, m1, g1), ref = run_both(inp, device, dual_clip=C, **opts)
+    assert l0.item() == l1.item()
+    assert torch.equal(g0, g1)
+    assert m1["clip_ratio/dual_mean"].item() == 0.0 and "clip_ratio/dual_mean" not in m0
+
+
+# ---------------------------------------------------------------------------------------------
+# verl's formula, written out here (facts from verl's compute_policy_loss, trainer/ppo/core_algos:
+# pg1 = -A r, pg2 = -A clip(r, 1 - eps_low, 1 + eps_high), l1 = max(pg1, pg2), pg3 = -A C,
+# l = where(A < 0, min(pg3, l1), l1); pg_clipfrac_lower = masked mean of (l1 > pg3) & (A < 0);
+# r = exp(clamp(logp - old, -20, 20)))
+
+
+def _verl_dual_clip(logp, old, adv, mask, eps_low, eps_high, c, agg):
+    m = mask.to(torch.float64)
+    a = adv[:, None]
+    r = torch.exp((logp - old).clamp(-20.0, 20.0))
+    pg1 = -a * r
+    pg2 = -a * r.clamp(1 - eps_low, 1 + eps_high)
+    l1 = torch.maximum(pg1, pg2)
+    pg3 = -a * c
+    loss_mat = torch.where(a < 0, torch.minimum(pg3, l1), l1)
+    if agg == "token-mean":
+        loss = (loss_mat * m).sum() / m.sum()
+    else:  # "seq-mean-token-mean"
+        loss = ((loss_mat * m).sum(-1) / m.sum(-1)).mean()
+    lower = (((l1 > pg3) & (a < 0)).to(torch.float64) * m).sum() / m.sum()
+    return loss, lower
+
+
+@pytest.mark.parametrize("loss_type,agg", [("bnpo", "token-mean"), ("dapo", "token-mean"),
+                                           ("grpo", "seq-mean-token-mean")])
+@pytest.mark.parametrize("c", [1.5, 3.0])
+def test_dual_clip_matches_verl(loss_type, agg, c, gen, device):
+    B, T = 6, 37
+    opts = dict(loss_type=loss_type, eps_low=0.2, eps_high=0.28, dual_clip=c)
+    inp = _dual_inputs(gen, B, T, opts, mask_kind="bool")
+    inp["mask"][:, 0] = True  # verl's seq-mean-token-mean divides by each row's count: no empty rows
+    kin = _to(inp, device)
+    lp = kin.pop("logp").detach().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, **kin, **opts)
+    (g,) = torch.autograd.grad(loss, lp)
+
+    vlp = inp["logp"].detach().double().requires_grad_(True)
+    vloss, vlower = _verl_dual_clip(vlp, inp["old_logp"].double(), inp["advantages"].double(), inp["mask"],
+                                    0.2, 0.28, c, agg)
+    (vg,) = torch.autograd.grad(vloss, vlp)
+    assert vlower.item() > 0, "the dual clip was never active"
+    assert abs(loss.item() - vloss.item()) <= 2e-5 * max(1.0, abs(vloss.item()))
+    assert abs(metrics["clip_ratio/dual_mean"].item() - vlower.item()) <= 1e-6
+    torch.testing.assert_close(g.double().cpu(), vg, rtol=1e-4, atol=1e-7)
+    # and the reference agrees (its autograd, not its closed forms)
+    rl = inp["logp"].detach().double().requires_grad_(True)
+    rloss, rmetrics = grpo_loss_reference(rl, **{k: v for k, v in inp.items() if k != "logp"}, **opts)
+    assert abs(rloss.item() - vloss.item()) <= 1e-12 * max(1.0, abs(vloss.item()))
+    assert rmetrics["clip_ratio/dual_mean"].item() == pytest.approx(vlower.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_dual_clip_with_a_loss_type_that_has_no_clipped_surrogate_raises(loss_type, device):
+    lp = torch.randn(2, 5, device=device)
+    adv = torch.randn(2, device=device)
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match=f"dual_clip=3.0 with loss_type='{loss_type}'"):
+            grpo_loss(lp, advantages=adv, loss_type=loss_type, dual_clip=3.0, backend=backend)
+
+
+def test_dual_clip_bound_is_named(device):
+    lp = torch.randn(2, 5, device=device)
+    with pytest.raises(ValueError, match=r"dual_clip=1\.0 must be None or a finite number > 1"):
+        grpo_loss(lp, advantages=torch.randn(2, device=device), dual_clip=1.0)
+    assert math.isfinite(C)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequences split across programs (grid B * S): each program takes every S-th tile of its row,
+# the row sums of pass 1 and the row statistics are partials reduced in a fixed order
+
+
+SPLIT_CONFIGS = [
+    dict(loss_type="grpo", beta=0.04),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.04),  # online-max KL merge
+    dict(loss_type="dapo", importance_sampling_level="sequence", vllm_importance_sampling_mode="sequence_truncate"),
+    dict(loss_type="dr_grpo", max_completion_length=300, dual_clip=2.0, beta=0.02),
+    dict(loss_type="luspo", importance_sampling_level="sequence", dual_clip=2.0),
+    dict(loss_type="cispo", eps_high=1.5, beta=0.03),
+    dict(loss_type="cispo", cispo_variant="verl", importance_sampling_level="sequence"),
+    dict(loss_type="sapo", importance_sampling_level="sequence", beta=0.03, use_bias_correction_kl=False),
+    dict(loss_type="vespo", vllm_importance_sampling_mode="token_mask"),
+    dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.02),
+]
+# (B, T, block): T not a multiple of the block, T < block, B = 1 with a long row, T = block + 1
+SPLIT_SHAPES = [(3, 70, 16), (2, 10, 32), (1, 1000, 32), (4, 33, 32), (2, 257, 64)]
+SPLIT_GRID = [(c, sh) for i, c in enumerate(SPLIT_CONFIGS) for sh in (SPLIT_SHAPES[i % 5], SPLIT_SHAPES[(i + 2) % 5])]
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_GRID)),
+                         ids=[f"{c['loss_type']}-{c.get('importance_sampling_level', 'token')}-{B}x{T}-block{bl}"
+                              for c, (B, T, bl) in SPLIT_GRID])
+def test_rows_split_across_programs(case, gen, device):
+    opts, (B, T, block) = SPLIT_GRID[case]
+    vllm = "logp" if "vllm_importance_sampling_mode" in opts else None
+    inp = make_inputs(gen, B, T, opts, packed=case % 2 == 1, vllm=vllm,
+                      mask_kind=("bool", "float", "none")[case % 3])
+    kernel, ref = run_both(inp, device, block_size=block, **opts)
+    assert_match(kernel, ref, grad_rtol=2e-4)
+
+
+def test_split_layout_is_what_the_launcher_picks():
+    """The grid really splits: S = ceil(mean row length / BLOCK) programs per sequence."""
+    from staged.kernels.grpo_loss import _launch_config
+    from staged.kernels.grpo_options import GRPOInputs
+
+    def inp(B, T, N=None):
+        return GRPOInputs(shape=(), packed=N is not None, B=B, T=0 if N else T, N=N or B * T, logp=None,
+                          old_logp=None, ref_logp=None, sampling_logp=None, is_ratio_token=None,
+                          is_ratio_row=None, mask=None, advantages=None, cu_seqlens=None)
+
+    assert _launch_config(inp(3, 70), 16)[:2] == (16, 5)
+    assert _launch_config(inp(2, 10), 32)[:2] == (32, 1)
+    assert _launch_config(inp(1, 70_001), None)[:2] == (1024, 69)
+    assert _launch_config(inp(4, 0, N=1000), 64)[:2] == (64, 4)  # packed: mean length 250
+
+
+def test_split_is_deterministic(gen, device):
+    """No atomics: the same call twice gives bit-identical loss, metrics and gradient."""
+    opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, dual_clip=3.0)
+    inp = make_inputs(gen, 3, 300, opts, packed=True)
+    a = run_both(inp, device, block_size=16, **opts)[0]
+    b = run_both(inp, device, block_size=16, **opts)[0]
+    assert a[0].item() == b[0].item() and torch.equal(a[2], b[2])
+    assert all(a[1][k].item() == b[1][k].item() for k in a[1])
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+def test_num_items_kinds_agree(loss_type, gen, device):
+    """num_items_in_batch as a Python number, a 0-d / [1] tensor, int or float: one result."""
+    opts = dict(loss_type=loss_type, beta=0.03, num_processes=2, gradient_accumulation_steps=2)
+    inp = make_inputs(gen, 3, 40, opts)
+    ref_loss = None
+    for n in (77, 77.0, torch.tensor(77), torch.tensor([77.0]), torch.tensor(77, dtype=torch.int32)):
+        kernel, ref = run_both(dict(inp, num_items_in_batch=n), device, block_size=16, **opts)
+        assert_match(kernel, ref)
+        ref_loss = kernel[0].item() if ref_loss is None else ref_loss
+        assert abs(kernel[0].item() - ref_loss) <= 1e-6 * max(1.0, abs(ref_loss))
+
+
+def test_bad_cu_seqlens_is_reported_not_read_out_of_bounds(device):
+    """Packed bounds are clamped in the kernels; the finishing kernel's flag trips the
+    device-side assert (on CPU it raises at once)."""
+    lp = torch.randn(10, device=device, requires_grad=True)
+    adv = torch.randn(2, device=device)
+    for cu in ([0, 7, 5], [0, 4, 12], [-1, 3, 6]):
+        with pytest.raises(RuntimeError, match="cu_seqlens"):
+            grpo_loss(lp, advantages=adv, cu_seqlens=torch.tensor(cu, device=device))
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_no_host_read_on_the_path(backend, layout, gen, device, monkeypatch):
+    """Forward and backward never read a tensor's value on the host (no .item() / .tolist() /
+    .cpu() / bool() ...), for every kind of num_items_in_batch: checked on the host code with
+    the Triton launches stubbed out (the interpreter itself reads its arguments on the host)."""
+    import importlib
+
+    gl = importlib.import_module("staged.kernels.grpo_loss")  # the module (the package exports the function)
+    opts = dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04,
+                vllm_importance_sampling_mode="sequence_mask")
+    inp = _to(make_inputs(gen, 4, 50, opts, packed=layout == "packed", vllm="logp"), device)
+    launches = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(self.name)
+
+    if backend == "triton":
+        for name in ("_grpo_loss_rows_kernel", "_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel",
+                     "_grpo_loss_bwd_kernel"):
+            monkeypatch.setattr(gl, name, Stub(name))
+        monkeypatch.setattr(torch, "_assert_async", lambda *a, **k: launches.append("assert"))
+    lp = inp.pop("logp").detach().requires_grad_(True)
+    calls = []
+
+    def trap(name):
+        def f(self, *a, **k):
+            calls.append(name)
+            raise AssertionError(f"host read: Tensor.{name}")
+        return f
+
+    for n in (None, 1000, torch.tensor(1000.0, device=device), torch.tensor([1000], device=device)):
+        with monkeypatch.context() as mp:
+            for name in HOST_READS:
+                mp.setattr(torch.Tensor, name, trap(name))
+            loss, metrics = grpo_loss(lp, **inp, num_items_in_batch=n, backend=backend, **opts)
+            loss.backward()
+    assert not calls, calls
+    if backend == "triton":
+        want = ["_grpo_loss_rows_kernel", "_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel"]
+        want += ["assert"] * (layout == "packed") + ["_grpo_loss_bwd_kernel"]
+        assert launches == want * 4, launches

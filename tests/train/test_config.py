@@ -149,3 +149,28 @@ def test_mini_batches_must_split_over_the_ranks():
         train.check_geometry(cfg, d)
     train.check_geometry(from_cli(["stages.0.batch.prompts_per_step=4", "stages.0.batch.mini_batch_prompts=2"]), d)
     assert cfg.stages[0].batch.num_mini_batches == 4 and from_cli([]).stages[0].batch.num_mini_batches == 1
+
+
+def test_delta_with_cispo_is_ignored_with_a_warning():
+    """TRL, the fused loss and its TRL adapter ignore delta for cispo: the trainer config accepts
+    it too, with one warning naming the field, and the loss is the one without delta."""
+    import warnings
+
+    import torch
+
+    from staged.grpo import policy_loss
+
+    with pytest.warns(UserWarning, match=r"grpo\.delta=2\.0 is ignored with loss_type='cispo'") as rec:
+        cfg = from_dict(_d(grpo={"loss_type": "cispo", "delta": 2.0})).stages[0].grpo
+    assert len([w for w in rec if "delta" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the clipped losses read delta: no warning there
+        from_dict(_d(grpo={"loss_type": "dapo", "delta": 2.0}))
+        plain = from_dict(_d(grpo={"loss_type": "cispo"})).stages[0].grpo
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(3, 6, generator=g)
+    old = logp + 0.5 * torch.randn(3, 6, generator=g)
+    args = (logp, old, None, torch.randn(3, generator=g), torch.ones(3, 6, dtype=torch.bool))
+    a = policy_loss(*args, cfg=cfg, num_items_in_batch=18, world_size=1)[0]
+    b = policy_loss(*args, cfg=plain, num_items_in_batch=18, world_size=1)[0]
+    assert a.item() == b.item()
