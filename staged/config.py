@@ -221,6 +221,9 @@ class GRPOConfig:
                f"must be > 1 when set, got {self.delta}")
         _check(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip",
                f"must be > 1 when set (None = off), got {self.dual_clip}")
+        # cispo / sapo / vespo bound their ratio terms themselves: decided here, not at the first loss call
+        _check(self.dual_clip is None or self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"), "dual_clip",
+               f"applies to the clipped loss types (grpo, bnpo, dr_grpo, dapo, luspo), not {self.loss_type!r}")
         _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _check(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
         _check(self.temperature > 0.0, "temperature",

@@ -174,3 +174,16 @@ def test_delta_with_cispo_is_ignored_with_a_warning():
     a = policy_loss(*args, cfg=cfg, num_items_in_batch=18, world_size=1)[0]
     b = policy_loss(*args, cfg=plain, num_items_in_batch=18, world_size=1)[0]
     assert a.item() == b.item()
+
+
+def test_dual_clip_with_a_loss_type_that_has_no_clip_is_a_config_error():
+    from staged.kernels.grpo_options import CLIPPED_LOSS_TYPES
+
+    from staged.config import LOSS_TYPES
+
+    for lt in LOSS_TYPES:
+        if lt in CLIPPED_LOSS_TYPES:
+            from_dict(_d(grpo={"loss_type": lt, "dual_clip": 3.0}))
+        else:
+            with pytest.raises(ValueError, match=rf"dual_clip: applies to the clipped loss types .* not '{lt}'"):
+                from_dict(_d(grpo={"loss_type": lt, "dual_clip": 3.0}))

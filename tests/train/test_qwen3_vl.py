@@ -34,8 +34,8 @@ name = "perception"
 data = {{ synthetic = "perception", num_samples = 32 }}
 steps = 2
 lr = 1e-4
-batch = {{ prompts_per_step = 4, group_size = 2, micro_batch_size = 4 }}
-grpo = {{ max_response_tokens = 6, beta = 0.02 }}
+batch = {{ prompts_per_step = 4, group_size = 2, micro_batch_size = 4, mini_batch_prompts = 2 }}
+grpo = {{ max_response_tokens = 6, beta = 0.02, dual_clip = 3.0 }}
 
 [[stages]]
 name = "textual"
@@ -68,8 +68,14 @@ def test_qwen3_vl_staged_run_with_packing_and_export(tmp_path, qwen3_dir):
     assert len(recs) == 4
     for r in recs:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
-    for r in recs[:3]:  # GRPO: the packed forward reproduces the sampler's log-probs
-        assert math.isfinite(r["entropy"]) and r["sampler_logp_diff"] < 1e-5, r
+    # perception: packing, two mini-batches (two optimizer updates per rollout) and dual-clip
+    assert [r["updates"] for r in recs[:3]] == [2, 2, 1]
+    for r in recs[:3]:
+        assert math.isfinite(r["entropy"]), r
+    # the packed forward reproduces the sampler's log-probs (the first update of a step is on-policy;
+    # with mini-batches the step's figure also averages the later update, taken after the first moved
+    # the weights)
+    assert recs[2]["sampler_logp_diff"] < 1e-5, recs[2]
 
     initial = dict(Qwen3VLForConditionalGeneration.from_pretrained(qwen3_dir).named_parameters())
     prev = None
