@@ -241,13 +241,15 @@ def test_stage_end_eval_is_logged(tmp_path):
     from staged.train import train
 
     cfg = load_config("merged", [f"output_dir={tmp_path / 'run'}", f"embedded_dir={tmp_path / 'embedded'}",
-                                 "stages.0.steps=2", "stages.0.sft_warmup_steps=1", "stages.0.data.num_samples=8",
+                                 "stages.0.steps=1", "stages.1.steps=1", "stages.2.steps=2", "eval.stages=last",
+                                 "stages.0.data.num_samples=8", "stages.1.data.num_samples=8",
+                                 "stages.2.data.num_samples=8",
                                  "progress=false", "plot=false", "tensorboard=false", "export_hf=false",
                                  'eval.synthetic=["perception", "textual"]', "eval.n=4", "eval.max_new_tokens=8"])
     train(cfg)
     records = metrics.read_jsonl(tmp_path / "run" / metrics.METRICS_FILE)
     evals = [r for r in records if r["kind"] == "eval"]
-    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert len(evals) == 1 and evals[0]["step"] == 4
     for name in ("perception", "textual", "average"):
         assert 0.0 <= evals[0][f"eval/{name}/accuracy"] <= 1.0
         assert 1 <= evals[0][f"eval/{name}/response_tokens"] <= 8
