@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="benchmarks that are the target (default: visual, or every --eval-files benchmark)")
     p.add_argument("--baseline", default="auto", help="arm the paired differences are against (default merged)")
     p.add_argument("--jobs", type=int, default=0,
-                   help="runs at once (default: 1 with --nproc-per-node, else the CPU cores / each run's threads)")
+                   help="runs at once (default: 1 on a GPU or with --nproc-per-node, else CPU cores / cpu_threads)")
     p.add_argument("--nproc-per-node", type=int, default=0, help="launch every run with torchrun on N processes")
     p.add_argument("--restart", action="store_true", help="train every run from scratch (no skipping, no resume)")
     p.add_argument("--quick", action="store_true", help=f"every stage x {QUICK_SCALE:g} steps: a smoke test")
@@ -634,7 +634,10 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = a.jobs
     if not jobs:
         threads = max(1, runs[0]["cfg"].cpu_threads)
-        jobs = 1 if a.nproc_per_node else max(1, min(len(runs), (os.cpu_count() or 1) // threads))
+        import torch
+
+        on_gpu = a.nproc_per_node or torch.cuda.is_available() or runs[0]["cfg"].device not in ("auto", "cpu")
+        jobs = 1 if on_gpu else max(1, min(len(runs), (os.cpu_count() or 1) // threads))
     baseline = None if a.baseline == "none" else a.baseline
     return run(a.out, arms=arms, seeds=seeds, quick=a.quick, eval_n=a.eval_n, eval_files=a.eval_files,
                target=a.target, baseline=baseline, overrides=a.overrides, jobs=jobs,
