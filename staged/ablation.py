@@ -472,6 +472,7 @@ def plot_curves(results: list[dict], path: Path) -> Path | None:
     for ax, b in zip(axes[0], benches):
         ax.set_title(f"{b} (%)" if b != "format" else "format, all sets (%)", fontsize=9)
         ax.set_xlabel("global step (stage ends / validations)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
