@@ -498,7 +498,9 @@ def run(out: str | Path = "outputs/ablation", *, arms=DEFAULT_ARMS, seeds=DEFAUL
     arm_names = list(dict.fromkeys(r["arm"] for r in runs))
     results: dict = {}
     todo = []
-    for r in runs:
+    # seed-major: all arms of a seed before the next seed, so that an ablation cut short still
+    # holds complete paired comparisons
+    for r in sorted(runs, key=lambda r: (list(seeds).index(r["seed"]), arm_names.index(r["arm"]))):
         done = None if restart else finished(r)
         if done is not None:
             results[(r["arm"], r["seed"])] = done
