@@ -488,7 +488,7 @@ def plot_curves(results: list[dict], path: Path) -> Path | None:
 
 def run(out: str | Path = "outputs/ablation", *, arms=DEFAULT_ARMS, seeds=DEFAULT_SEEDS, quick: bool = False,
         eval_n: int | None = None, eval_files=(), target=None, baseline: str | None = "auto", overrides=(),
-        jobs: int = 1, nproc_per_node: int = 0, restart: bool = False, log=print) -> dict:
+        jobs: int = 1, nproc_per_node: int = 0, restart: bool = False, report_only: bool = False, log=print) -> dict:
     """Train and evaluate every (arm, seed) not finished yet, then write and return the comparison."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -505,8 +505,12 @@ def run(out: str | Path = "outputs/ablation", *, arms=DEFAULT_ARMS, seeds=DEFAUL
         if done is not None:
             results[(r["arm"], r["seed"])] = done
             log(f"[{r['arm']} seed {r['seed']}] finished earlier: {r['dir'] / RESULT_FILE}", flush=True)
+        elif report_only:
+            log(f"[{r['arm']} seed {r['seed']}] not finished: left out of the tables (--report-only)", flush=True)
         else:
             todo.append(r)
+    if report_only and not results:
+        raise ValueError(f"--report-only: no finished run in {out}")
     lock = threading.Lock()
 
     def one(i_r):
@@ -530,7 +534,7 @@ def run(out: str | Path = "outputs/ablation", *, arms=DEFAULT_ARMS, seeds=DEFAUL
         for res in ex.map(one, enumerate(todo, 1)):
             results[(res["arm"], res["seed"])] = res
 
-    ordered = [results[(r["arm"], r["seed"])] for r in runs]
+    ordered = [results[(r["arm"], r["seed"])] for r in runs if (r["arm"], r["seed"]) in results]
     benches = list(ordered[0]["benchmarks"])
     if target is None:
         target = [b for b in benches if b in TARGET] or benches
@@ -609,6 +613,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="runs at once (default: 1 on a GPU or with --nproc-per-node, else CPU cores / cpu_threads)")
     p.add_argument("--nproc-per-node", type=int, default=0, help="launch every run with torchrun on N processes")
     p.add_argument("--restart", action="store_true", help="train every run from scratch (no skipping, no resume)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the tables and plots of the finished runs among the requested ones")
     p.add_argument("--quick", action="store_true", help=f"every stage x {QUICK_SCALE:g} steps: a smoke test")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="training overrides for every arm")
     a = p.parse_args(argv)
@@ -644,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = None if a.baseline == "none" else a.baseline
     return run(a.out, arms=arms, seeds=seeds, quick=a.quick, eval_n=a.eval_n, eval_files=a.eval_files,
                target=a.target, baseline=baseline, overrides=a.overrides, jobs=jobs,
-               nproc_per_node=a.nproc_per_node, restart=a.restart)
+               nproc_per_node=a.nproc_per_node, restart=a.restart, report_only=a.report_only)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,11 @@ def test_quick_ablation_seeds_arms_recipes_and_resume(tmp_path, capsys):
     for a, b in zip(res["runs"], res2["runs"]):  # CPU runs are deterministic: the redone run agrees
         assert a["benchmarks"] == b["benchmarks"]
 
+    res3 = ablation.main(argv + ["--seeds", "0,1,2", "--report-only"])  # seed 2 never ran: left out, not trained
+    printed = capsys.readouterr().out
+    assert printed.count("not finished") == 2 and "training" not in printed
+    assert [(r["arm"], r["seed"]) for r in res3["runs"]] == runs
+
     with pytest.raises(SystemExit) as e:  # other settings in the same folder: refused, not mixed in
         ablation.main(argv[:-1] + ["stages.0.data.num_samples=8"])
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
