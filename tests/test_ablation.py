@@ -193,6 +193,28 @@ def test_statistics_are_paired_by_seed():
     assert "Capability × difficulty" not in md  # only with its four arms
 
 
+def test_in_stage_validation_records_join_the_curves(tmp_path):
+    """Eval records logged inside a stage (eval.every) are curve points; the result is the last
+    record of the last stage."""
+    (run,) = ablation.plan(tmp_path, arms=["merged"], seeds=[0])
+    run["dir"].mkdir(parents=True)
+
+    def rec(step, stage, name, acc):
+        r = {"step": step, "stage": stage, "stage_name": name, "stage_step": 1, "kind": "eval"}
+        for b in ablation.EVAL_SETS + ("average",):
+            r.update({f"eval/{b}/accuracy": acc, f"eval/{b}/format": 1.0, f"eval/{b}/response_tokens": 5.0,
+                      f"eval/{b}/truncated": 0.0})
+        return r
+    lines = [rec(100, 0, "warmup_perception", 0.5), {"step": 150, "stage": 2, "kind": "grpo", "reward": 0.1},
+             rec(150, 2, "merged", 0.2), rec(220, 2, "merged", 0.3)]
+    (run["dir"] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = ablation.collect(run, 1.0)
+    assert [e["step"] for e in res["eval_records"]] == [100, 150, 220]
+    assert res["final_step"] == 220 and res["benchmarks"]["visual"]["accuracy"] == 0.3
+    table = ablation.curve_table([res], list(ablation.EVAL_SETS))
+    assert "| merged | 150 | merged | 20.0 |" in table
+
+
 def test_quick_ablation_seeds_arms_recipes_and_resume(tmp_path, capsys):
     """Two arms (one from --arms, one from --recipes with a curriculum) x two seeds, with an
     override for every arm; then one finished run is forgotten (as if the ablation had been killed
