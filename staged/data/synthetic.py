@@ -4,8 +4,10 @@ kind         task      what
 perception   mcq       4-option questions about a 56x56 image of 1-4 solid shapes, one per 28-px cell:
                        how many (count), what colour; optional: where (quadrant), what shape
 textual      number    "What is 3 + 4?" over single digits (+ and -, never negative)
-visual       number    arithmetic on what the image shows: "Count the circles in the image and add 3."
-                       (or subtract); optional: "What is the number in the image plus 3?" (a bitmap digit)
+visual       number    what the image shows, as a number: "How many circles are in the image? Answer with
+                       the number." (the perception stage's count, thought "2 circles", answered "2" instead
+                       of a letter), and arithmetic on it: "Count the circles in the image and add 3." (or
+                       subtract); optional: "What is the number in the image plus 3?" (a bitmap digit)
 caption      caption   "Describe the image." -> "There are 2 red circles." (the caption-SFT ablation)
 
 The stages compose: visual reasoning = the perception stage's counting/reading + the textual stage's
@@ -35,7 +37,7 @@ COUNT_OPTIONS = ("1", "2", "3", "4")
 # chance after 300), so they would only add noise to the demo's curves. Pass `mix=` to use them.
 SUBTASKS = {
     "perception": {"count": 0.6, "colour": 0.4, "position": 0.0, "shape": 0.0},
-    "visual": {"count_add": 0.6, "count_sub": 0.4, "digit_add": 0.0},
+    "visual": {"count": 0.5, "count_add": 0.3, "count_sub": 0.2, "digit_add": 0.0},
 }
 
 
@@ -180,6 +182,16 @@ def _textual(rng: random.Random, size: int, mix=None) -> Sample:
 
 def _visual(rng: random.Random, size: int, mix) -> Sample:
     sub = _pick(rng, mix)
+    if sub == "count":  # the perception stage's count, answered with the number instead of a letter
+        k = rng.randint(1, 4)
+        shape = rng.choice(SHAPES)
+        objs = _objects(rng, size, k, shape=shape, colour=rng.choice(COLOUR_NAMES))
+        return Sample(
+            prompt=f"How many {shape}s are in the image? Answer with the number.", answer=str(k), task="number",
+            images=[draw_objects(objs, size)], pass_rate=round(0.9 - 0.15 * (k - 1), 3),
+            extra={"kind": "visual", "subtask": sub, "objects": objs, "value": k, "x": 0, "op": "+"},
+            reference_response=_response(f"{k} {_plural(shape, k)}", str(k)),
+        )
     if sub in ("count_add", "count_sub"):
         k = rng.randint(1, 4)
         shape = rng.choice(SHAPES)
