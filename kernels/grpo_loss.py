@@ -536,15 +536,16 @@ def _grpo_loss_finish_kernel(
     B, S, N,
     wc,                # fp32 host constant of the normaliser (see _normaliser)
     PACKED: tl.constexpr, PER_ROW: tl.constexpr, DEN_KIND: tl.constexpr, SEQ_LEVEL: tl.constexpr,
-    RB: tl.constexpr, SB: tl.constexpr,
+    RB: tl.constexpr,
 ):
     """One program: reduces PART2 row by row in a fixed order, applies the loss type's normaliser
     and writes the loss, the metrics and the backward's scale: the whole tail of the forward in
     one launch. Normaliser: PER_ROW (grpo, sapo): loss = wc * sum_b loss_b / max(cnt_b, 1);
     otherwise loss = W0 * sum_b loss_b with W0 = wc (DEN_KIND 0), wc / max(sum cnt, 1) (1), or
     wc / max(*NI, 1) (2: num_items_in_batch read on the device)."""
+    # (1-D only: triton 3.6 -- the GPU image's -- crashes in OptimizeThreadLocality on a 2-D tile
+    # reduced along one axis inside this loop)
     rows = tl.arange(0, RB)
-    scol = tl.arange(0, SB)
     t_loss = tl.zeros([RB], tl.float32)
     t_lpr = tl.zeros([RB], tl.float32)
     t_cnt = tl.zeros([RB], tl.float32)
@@ -559,17 +560,15 @@ def _grpo_loss_finish_kernel(
         rmask = rb < B
         r_loss = tl.zeros([RB], tl.float32)
         r_cnt = tl.zeros([RB], tl.float32)
-        for s0 in range(0, S, SB):
-            sc = s0 + scol
-            msk = rmask[:, None] & (sc < S)[None, :]
-            q = PART2 + (rb[:, None] * S + sc[None, :]) * 8
-            r_loss += tl.sum(tl.load(q + ROW_LOSS, mask=msk, other=0.0), axis=1)
-            r_cnt += tl.sum(tl.load(q + ROW_COUNT, mask=msk, other=0.0), axis=1)
-            t_low += tl.sum(tl.load(q + ROW_CLIP_LOW, mask=msk, other=0.0), axis=1)
-            t_high += tl.sum(tl.load(q + ROW_CLIP_HIGH, mask=msk, other=0.0), axis=1)
-            t_kl += tl.sum(tl.load(q + ROW_KL, mask=msk, other=0.0), axis=1)
-            t_ratio += tl.sum(tl.load(q + ROW_RATIO, mask=msk, other=0.0), axis=1)
-            t_7 += tl.sum(tl.load(q + ROW_DUAL, mask=msk, other=0.0), axis=1)
+        for sc in range(0, S):
+            q = PART2 + (rb * S + sc) * 8
+            r_loss += tl.load(q + ROW_LOSS, mask=rmask, other=0.0)
+            r_cnt += tl.load(q + ROW_COUNT, mask=rmask, other=0.0)
+            t_low += tl.load(q + ROW_CLIP_LOW, mask=rmask, other=0.0)
+            t_high += tl.load(q + ROW_CLIP_HIGH, mask=rmask, other=0.0)
+            t_kl += tl.load(q + ROW_KL, mask=rmask, other=0.0)
+            t_ratio += tl.load(q + ROW_RATIO, mask=rmask, other=0.0)
+            t_7 += tl.load(q + ROW_DUAL, mask=rmask, other=0.0)
         t_loss += r_loss
         t_cnt += r_cnt
         if PER_ROW:
@@ -702,9 +701,9 @@ register_aot(_grpo_loss_fwd_kernel, _FWD_SIG, {**_FWD_META, "BLOCK": 256}, num_w
 _FIN_SIG = {"PART2": "*fp32", "NI": "*i64", "CU": "*i32", "LOSS": "*fp32", "MET": "*fp32", "WB": "*fp32",
             "B": "i32", "S": "i32", "N": "i64", "wc": "fp32"}
 register_aot(_grpo_loss_finish_kernel, _FIN_SIG,
-             dict(PACKED=True, PER_ROW=True, DEN_KIND=2, SEQ_LEVEL=True, RB=64, SB=16), num_warps=4)
+             dict(PACKED=True, PER_ROW=True, DEN_KIND=2, SEQ_LEVEL=True, RB=64), num_warps=4)
 register_aot(_grpo_loss_finish_kernel, _FIN_SIG,
-             dict(PACKED=False, PER_ROW=False, DEN_KIND=1, SEQ_LEVEL=False, RB=1024, SB=1), num_warps=4,
+             dict(PACKED=False, PER_ROW=False, DEN_KIND=1, SEQ_LEVEL=False, RB=1024), num_warps=4,
              name="_grpo_loss_finish_kernel[RB=1024]")
 _BWD_SIG = {"GRAD": "*fp32", "MASK": "*u8", "PART2": "*fp32", "WB": "*fp32", "DLOSS": "*fp32",
             "CU": "*i32", "DLOGP": "*fp32", "T": "i64", "N": "i64", "S": "i32"}
@@ -877,7 +876,7 @@ class GRPOLossFunction(torch.autograd.Function):
         _grpo_loss_finish_kernel[(1,)](
             part2, ni if ni is not None else cu, cu, loss, mvec, wbuf, B, S, N, wc,
             PACKED=inp.packed, PER_ROW=per_row, DEN_KIND=den_kind, SEQ_LEVEL=seq,
-            RB=min(triton.next_power_of_2(B), 1024 // min(sb, 16)), SB=min(sb, 16), num_warps=4,
+            RB=min(triton.next_power_of_2(B), 1024), num_warps=4,
         )
         if inp.packed:
             # device-side check (no host sync): rows ordered and inside the token buffer
