@@ -101,3 +101,4 @@ def test_merged_recipes():
         assert m.steps_for(3072 + 12800 + 15872) == 930  # 62 x 15 (the release's README)
     assert frozen.stages[0].freeze == ["vision"]  # MERGED: worker.actor.model.freeze_vision_tower=true
     assert merged.stages[0].freeze == []  # ours on purpose: the staged arm's image-stage modules
+    assert load_config("paper_merged_freeze_vision") == frozen  # the name the issue asked for
