@@ -33,6 +33,7 @@ import torch
 
 from staged.models.loading import base_model
 from staged.rollout.cache import PagedKVCache, blocks_for
+from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
                                       select_rows)
@@ -236,6 +237,13 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     """(ids, mask, logps) [B, Tc], engine stats, the distinct prompts' image features (None
     without reuse) and row -> distinct prompt; see the module doc. ``dtype``: what pixel values
     are cast to (the cache takes the decoder weights' dtype)."""
+    # On a CPU the decoder's and lm_head's linears run with reordered weights: faster, and a row's
+    # numbers do not depend on how many rows share a step (staged.rollout.cpu_linear).
+    with packed_linears([base_model(model).language_model, model.get_output_embeddings()], device):
+        return _generate_paged(model, batch, params, seeds, device, dtype)
+
+
+def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype):
     t_start = time.perf_counter()
     B = batch["input_ids"].shape[0]
     groups = prompt_groups(batch)
@@ -257,7 +265,7 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     layers = list(text.layers)
     layer_cache_kw = cache_kwarg(type(layers[0]))
     model_cache_kw = cache_kwarg(model)
-    lm_head = _lm_head_projection(model.get_output_embeddings(), device)
+    lm_head = model.get_output_embeddings()
     V = text_cfg.vocab_size
     suppress = suppress_index(params.suppress_token_ids, V, device)
     # A lookup table rather than torch.isin (whose sorting path syncs for large end-token sets).
@@ -333,9 +341,9 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
         done[rows] |= is_end[tok] | (t + 1 >= T)
         return tok
 
-    def device_step(buf: torch.Tensor, n: int, mb: int) -> None:
+    def device_step(buf: torch.Tensor, n: int, mb: int, by_length=None) -> None:
         """One decode step of ``n`` rows on the device, its inputs in ``buf`` (see _step_inputs)."""
-        _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit)
+        _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit, by_length)
 
     graphs = None
     if params.static_shapes or (params.cuda_graphs and device.type == "cuda"):
@@ -352,7 +360,9 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
                 continue
             live = sched.admit(s)
             if live is None and sched.pending:
-                gs = sched.prompts_to_prefill(params.prefill_tokens)
+                # On a CPU one prompt per forward: no padding to a neighbour's length, so a prompt's
+                # K/V (and vision features) are the same bits whatever prompts share the step.
+                gs = sched.prompts_to_prefill(params.prefill_tokens if device.type != "cpu" else 1)
                 if gs:
                     prefill(gs)
                     live = sched.admit(s)
@@ -412,25 +422,6 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     return out_ids[:B, :Tc], mask[:, :Tc], out_logp[:B, :Tc], stats, vision, groups
 
 
-def _lm_head_projection(head, device):
-    """h [n, H] -> logits [n, V]. On a CPU from a [H, V] copy of the weight: MKL's skinny GEMM (a
-    few to a few dozen rows against 152k vocabulary rows) runs 1.1-1.6x faster with the vocabulary
-    contiguous than on the [V, H] weight (measured on the benchmark's V = 151,936, H = 256).
-    cuBLAS takes either layout at full speed. The copy is made at the first decode step and kept
-    while ``head.weight`` is the same tensor: under FSDP2 the gathered weight only appears once
-    the first forward (the prefill) has run."""
-    if device.type != "cpu":
-        return lambda h: torch.nn.functional.linear(h, head.weight, head.bias)
-    held: list = [None, None]  # (weight it was made from, its [H, V] copy)
-
-    def project(h):
-        w = head.weight
-        if held[0] is not w:
-            held[:] = [w, w.t().contiguous()]
-        return h @ held[1] if head.bias is None else torch.addmm(head.bias, h, held[1])
-    return project
-
-
 def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device):
     """One token for every live slot: the host's part (block tables, write slots, positions, in
     one int64 buffer and one copy -- pinned and asynchronous on CUDA), then the device's. Returns
@@ -460,21 +451,29 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device)
         n = len(slot_idx)
         host = torch.tensor([x for c in cols for x in c] + [x for b in tables for x in b + [0] * (widest - len(b))],
                             dtype=torch.long)
+        by_length = None
+        if device.type == "cpu":  # one attention call per row length (staged.rollout.paged_attention)
+            at: dict[int, list[int]] = {}
+            for i, L in enumerate(lens):
+                at.setdefault(L, []).append(i)
+            by_length = [(torch.tensor(ix), L) for L, ix in at.items()]
         if device.type == "cuda":
             host = host.pin_memory()
-        device_step(host.to(device, non_blocking=True), n, widest)
+        device_step(host.to(device, non_blocking=True), n, widest, by_length)
     for s in slot_idx:
         t_of[s] += 1
     return sum(lens)
 
 
-def _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit):
+def _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit, by_length=None):
     """The decode step's device work, static in (n, mb): embed each row's current token, run the
-    decoder layers with paged attention, lm_head, sample. No host reads (capturable)."""
+    decoder layers with paged attention, lm_head, sample. No host reads (capturable), except for
+    ``by_length`` (eager CPU steps: attention per row length, staged.rollout.paged_attention)."""
     write, seqlens, pos_t, rows_t, t, idx = buf[:6 * n].view(6, n)
     table = buf[6 * n:6 * n + n * mb].view(n, mb).int()
-    step = DecodeStep(cache=cache, slot=write, block_table=table, seqlens=seqlens.int(), backend=backend)
-    if backend == "torch":
+    step = DecodeStep(cache=cache, slot=write, block_table=table, seqlens=seqlens.int(), backend=backend,
+                      by_length=by_length)
+    if backend == "torch" and by_length is None:
         step.mask = (torch.arange(mb * cache.block_size, device=buf.device)[None] < seqlens[:, None])[:, None, None]
     h = text.embed_tokens(cur_tok[idx][:, None])
     pe = text.rotary_emb(h, pos_t.view(1, -1, 1).expand(3, -1, 1))

@@ -10,6 +10,8 @@ pool in place and attends over the row's blocks:
           size a multiple of 256): appends and attends in one kernel, reading the pool directly.
   torch   gathers the rows' blocks into [S, kv_heads, L, head_dim] and calls
           ``scaled_dot_product_attention`` (GQA native) with a length mask: exact, any device.
+          Eager steps (a CPU) call it once per distinct row length instead, over exactly that
+          many keys: a row's result is then the same bits whatever rows share its step.
 
 query [S, heads, 1, head_dim], key / value [S, kv_heads, 1, head_dim]; returns [S, 1, heads, head_dim].
 """
@@ -38,6 +40,9 @@ class DecodeStep:
     seqlens: torch.Tensor       # [S] int32: tokens in the cache after this step's write
     backend: str                # "flash" | "torch"
     mask: torch.Tensor | None = None  # [S, 1, 1, MB * block_size] bool (torch backend)
+    # torch backend, eager steps: rows of equal length attend together over exactly that many
+    # keys, [(row positions [k] int64, length)]; see paged_attention.
+    by_length: list | None = None
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
@@ -61,8 +66,21 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                                      softmax_scale=scaling, causal=True)
         return out, None
     c.write_token(layer, paged.slot, key[:, :, 0], value[:, :, 0])
-    S, MB = paged.block_table.shape
     bt = paged.block_table.long()
+    if paged.by_length is not None:
+        # Each row over exactly its own keys, no mask: its numbers then do not depend on the
+        # longest row beside it (SDPA's CPU kernel sums a row's keys in an order set by the key
+        # count, so padding to the batch's width moves the rounding: enough to flip a sampled
+        # token among 152k near-equal probabilities). Rows of one prompt share a length.
+        out = query.new_empty(query.shape)
+        for rows, L in paged.by_length:
+            nb = -(-L // c.block_size)
+            k = c.keys[layer][bt[rows, :nb]].flatten(1, 2)[:, :L].transpose(1, 2)
+            v = c.values[layer][bt[rows, :nb]].flatten(1, 2)[:, :L].transpose(1, 2)
+            out[rows] = F.scaled_dot_product_attention(query[rows], k, v, scale=scaling,
+                                                       enable_gqa=k.shape[1] != query.shape[1])
+        return out.transpose(1, 2), None
+    S, MB = paged.block_table.shape
     k = c.keys[layer][bt].view(S, MB * c.block_size, *c.keys[layer].shape[2:]).transpose(1, 2)
     v = c.values[layer][bt].view(S, MB * c.block_size, *c.values[layer].shape[2:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=paged.mask, scale=scaling,

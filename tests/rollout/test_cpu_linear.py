@@ -1,0 +1,54 @@
+"""The decode step's CPU linears through oneDNN with reordered weights (staged.rollout.cpu_linear):
+the module's numbers up to rounding, every row the same bits whatever the row count, the weight
+re-reordered when it changes, the module's own forward back after the block."""
+import pytest
+import torch
+from torch import nn
+
+from staged.rollout import cpu_linear
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch has no oneDNN linear ops")
+
+SHAPES = [(64, 64, True), (24, 100, False), (256, 151_936, False), (37, 5, True)]
+
+
+@pytest.mark.parametrize("fan_in,fan_out,bias", SHAPES)
+def test_rows_do_not_depend_on_the_row_count(fan_in, fan_out, bias):
+    gen = torch.Generator().manual_seed(fan_out)
+    lin = nn.Linear(fan_in, fan_out, bias=bias)
+    x = torch.randn(40, 1, fan_in, generator=gen)
+    ref = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
+    with torch.no_grad(), cpu_linear.packed_linears([lin], torch.device("cpu")):
+        full = lin(x)
+        for n in (1, 2, 3, 7, 16, 17, 33):
+            assert torch.equal(lin(x[:n].contiguous()), full[:n]), n
+        perm = torch.randperm(40, generator=gen)
+        assert torch.equal(lin(x[perm]), full[perm])
+    torch.testing.assert_close(full.double(), ref, atol=1e-5 * fan_in ** 0.5, rtol=1e-5)
+
+
+def test_weight_changes_are_seen_and_the_forward_is_restored():
+    lin = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), cpu_linear.packed_linears([nn.Sequential(lin)], torch.device("cpu")):
+        assert "forward" in vars(lin)
+        a = lin(x)
+        lin.weight.mul_(2)  # an optimizer step between rollouts writes in place
+        torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias)
+        lin.weight = nn.Parameter(torch.randn(8, 16))  # FSDP2 swaps in the gathered weight
+        torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias)
+        assert not torch.equal(a, lin(x))
+    assert "forward" not in vars(lin)
+
+
+def test_grad_other_dtypes_and_devices_use_the_modules_own_forward():
+    lin, lin64 = nn.Linear(8, 4), nn.Linear(8, 4).double()
+    with cpu_linear.packed_linears([lin, lin64], torch.device("cpu")):
+        y = lin(torch.randn(2, 8))  # grad enabled: autograd needs the module's own op
+        y.sum().backward()
+        assert lin.weight.grad is not None
+        with torch.no_grad():
+            x = torch.randn(2, 8, dtype=torch.float64)
+            assert torch.equal(lin64(x), torch.nn.functional.linear(x, lin64.weight, lin64.bias))
+    with cpu_linear.packed_linears([lin], torch.device("meta")):
+        assert "forward" not in vars(lin)
