@@ -419,7 +419,10 @@ class RolloutConfig:
     packed micro-batches: the rollout's image features (one tower pass per distinct prompt) stand
     in for the tower in every training forward of the step, and the tower's gradient comes from
     one deferred pass per step instead of G (staged.vision_reuse). Keeps every distinct prompt's
-    features on the device until the step ends."""
+    features on the device until the step ends. Where they are stale (a training tower and more
+    than one update per step), each training forward runs the tower once per distinct image of
+    its micro-batch instead of once per row. The reference model (beta > 0) runs its own tower
+    once per mini-batch over its distinct images (not per row). false: the tower per row."""
 
     def __post_init__(self):
         _check(self.engine in ("paged", "simple"), "rollout.engine", f"expected paged or simple, got {self.engine!r}")

@@ -86,17 +86,20 @@ class VocabMask:
 
 def token_logprobs(model, inputs: dict, targets: torch.Tensor, start: int, *, temperature: float = 1.0,
                    with_entropy: bool = False, vocab: VocabMask | None = None,
-                   image_features: torch.Tensor | None = None, tower_in_forward: bool = True):
+                   image_features: torch.Tensor | None = None, tower_in_forward: bool = True, images=None):
     """Log-probs of ``targets`` [B, T - start] = the tokens at columns start.. of the sequence,
     each predicted from the hidden state one column earlier; never materialises [tokens, V].
     ``vocab``: normalise over the sampler's vocabulary only (see VocabMask).
 
     ``tower_in_forward=False``: the vision tower does not run here at all (the step's deferred
     tower pass does, staged.vision_reuse); ``image_features`` [Nv, H] stand in for its output
-    (None when this micro-batch has no image).
+    (None when this micro-batch has no image). ``images`` (a staged.vision_reuse.PromptImages with
+    an image): the tower runs here once per distinct image, its features expanded to the rows.
 
     Bound to the model as an FSDP forward method (``staged.parallel.bind_forward_method``): the
     root's lm_head weight is gathered while this runs and its gradient reduce-scattered after."""
+    if images is not None:
+        image_features, tower_in_forward = images.per_row(model), False
     if not tower_in_forward:
         with (injected_image_features(model, image_features) if image_features is not None
               else contextlib.nullcontext()):

@@ -193,11 +193,15 @@ def _position_ids(batch: PackedMicroBatch) -> torch.Tensor:
 
 
 def packed_hidden(model, batch: PackedMicroBatch, *, image_features: torch.Tensor | None = None,
-                  tower_in_forward: bool = True) -> torch.Tensor:
+                  tower_in_forward: bool = True, images=None) -> torch.Tensor:
     """Final hidden states [T, H] of a packed micro-batch (``staged.attention.packed_forward``
     with torch fallbacks for the packing kernels off CUDA; Qwen3-VL's deepstack included).
     ``tower_in_forward=False``: the tower does not run here; ``image_features`` (the rollout's,
-    in span order, ``staged.vision_reuse.tower_features``' layout; None: no image) stand in."""
+    in span order, ``staged.vision_reuse.tower_features``' layout; None: no image) stand in.
+    ``images`` (a staged.vision_reuse.PromptImages with an image, the samples' prompts in slot
+    order): the tower runs here once per distinct image, its features expanded to the samples."""
+    if images is not None:
+        image_features, tower_in_forward = images.per_row(model), False
     inner, _ = attention._vl_parts(model)
     attention.use_packed_attention(model)  # idempotent; unpacked calls (the rollout) stay on sdpa
     vision = dummy = None
@@ -219,13 +223,14 @@ def packed_hidden(model, batch: PackedMicroBatch, *, image_features: torch.Tenso
 
 def packed_token_logprobs(model, batch: PackedMicroBatch, rows: torch.Tensor, targets: torch.Tensor, *,
                           temperature: float = 1.0, with_entropy: bool = False, vocab=None,
-                          image_features: torch.Tensor | None = None, tower_in_forward: bool = True):
+                          image_features: torch.Tensor | None = None, tower_in_forward: bool = True,
+                          images=None):
     """Log-probs [N] of ``targets``, each predicted by packed row ``rows[n]`` (+ entropy [N]).
     Bound to the model as an FSDP forward method, like ``staged.grpo.token_logprobs`` (and
-    ``vocab``, a staged.grpo.VocabMask, ``image_features`` / ``tower_in_forward``, the reused
-    vision features, as there)."""
-    hidden = packed_hidden(model, batch, image_features=image_features,
-                           tower_in_forward=tower_in_forward).index_select(0, rows)
+    ``vocab``, a staged.grpo.VocabMask, ``image_features`` / ``tower_in_forward`` / ``images``,
+    the reused vision features, as there)."""
+    hidden = packed_hidden(model, batch, image_features=image_features, tower_in_forward=tower_in_forward,
+                           images=images).index_select(0, rows)
     w, bias = lm_head_weight(model), None
     if vocab is not None:
         w, targets, bias = vocab.apply(w, targets)

@@ -281,13 +281,12 @@ class PaddedMicroBatch:
     sampler_logp: torch.Tensor
     advantages: torch.Tensor
     num_rows: int
-    image_features: torch.Tensor | None = None  # the rollout's, when reused (staged.vision_reuse)
+    sample_rows: list[int]  # their rollout rows (which prompt's vision features they take)
 
 
-def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, rows_in, micro_batch_size, d, dtype, svf=None):
+def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, rows_in, micro_batch_size, d, dtype):
     """``rows_in`` (rollout rows, one mini-batch) in consecutive chunks, each micro-batch trimmed to
-    its own longest prompt and completion; ``svf``: the step's reused vision features
-    (staged.vision_reuse), or None."""
+    its own longest prompt and completion."""
     Tp = ro.prompt_ids.shape[1]
     for r0 in range(0, len(rows_in), micro_batch_size):
         rows = rows_in[r0:r0 + micro_batch_size]
@@ -299,8 +298,7 @@ def padded_micro_batches(batch, ro, comp_ids, comp_len, p_len, adv, rows_in, mic
         mb.update(input_ids=ids, attention_mask=attn, position_ids=ro.position_ids[:, rows][:, :, cols])
         inputs = model_inputs(mb, d.device, dtype)
         yield PaddedMicroBatch(inputs, inputs["input_ids"][:, P:], P, ro.completion_mask[rows, :C].to(d.device),
-                               ro.logprobs[rows, :C].to(d.device), adv[rows], len(rows),
-                               None if svf is None else svf.for_rows(rows))
+                               ro.logprobs[rows, :C].to(d.device), adv[rows], len(rows), rows)
 
 
 def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, prompts, global_step, sp, dtype):
@@ -355,13 +353,15 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     red = parallel.all_reduce_sum(red).tolist()
     num_items, images_all = [int(x) for x in red[:K]], red[K:2 * K]
     rew, acc, fmt, trunc, prompt_tok = red[-5:]
-    # The rollout's image features, once per distinct prompt, stand in for the tower in every
-    # micro-batch (padded or packed); the tower's gradient comes from one deferred pass below
-    # (staged.vision_reuse). Valid while the tower's weights are the rollout's: one update, or a
-    # frozen tower.
+    # Vision features, once per distinct image (staged.vision_reuse). The rollout's stand in for the
+    # policy's tower in every micro-batch (padded or packed), the tower's gradient from one deferred
+    # pass below: valid while the tower's weights are the rollout's (one update, or a frozen tower);
+    # otherwise each training forward runs the tower once per distinct image of its micro-batch.
+    # The reference runs its own tower once per mini-batch (ref_logprobs). So no forward needs the
+    # packed micro-batches' pixel values.
+    reuse = cfg.rollout.reuse_vision_features and vision_reuse.supports_reuse(model)
     tower_trains = any(p.requires_grad for p in vision_module(model).parameters())
-    if ro.vision_features is not None and cfg.rollout.reuse_vision_features and (len(updates) == 1
-                                                                                 or not tower_trains):
+    if reuse and ro.vision_features is not None and (len(updates) == 1 or not tower_trains):
         svf = StepVisionFeatures(ro.vision_features, ro.prompt_index, tower_trains)
     if plans is not None:
         pack_samples = packed_step.rollout_samples(batch, ro.prompt_ids.cpu(), p_len, comp_ids, c_len)
@@ -369,33 +369,53 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
         counts = [int(max(red[2 * K + r * K + k] for r in range(W))) for k in range(K)]
         items = [packed_step.collate_items(pack_samples, plans[k], counts[k], pack_cfg, comp_ids=comp_ids,
                                            comp_len=c_len, advantages=adv, sampler_logp=ro.logprobs, device=d.device,
-                                           dtype=dtype, with_pixels=svf is None or ref_model is not None)
-                 for k in range(K)]  # the reference model runs its own tower
+                                           dtype=dtype, with_pixels=not reuse)
+                 for k in range(K)]
         minis = [minibatch.MiniBatch(rows, lambda it=it: it, num_items[k])
                  for k, (rows, it) in enumerate(zip(rows_of, items))]
     else:
         # Built on the fly at each use (a whole rollout's inputs may not fit on the device at once).
         minis = [minibatch.MiniBatch(rows, lambda rows=rows: padded_micro_batches(
-            batch, ro, comp_ids, comp_len, p_len, adv, rows, stage.batch.micro_batch_size, d, dtype, svf),
+            batch, ro, comp_ids, comp_len, p_len, adv, rows, stage.batch.micro_batch_size, d, dtype),
             num_items[k]) for k, rows in enumerate(rows_of)]
     # The sampler's vocabulary: the trainer's log-probs are normalised over the rows it can draw.
     vocab = VocabMask.build(sp.suppress_token_ids, model.config.get_text_config().vocab_size, d.device)
+
+    prompt_of = batch["prompt_index"]  # rollout row -> its prompt = its row of `base`
+    ref_feats = {}  # the reference's features of the current mini-batch's prompts (ref_logprobs)
 
     def forward(m, mb, *, with_entropy):
         if plans is not None:
             method, args = packed_step.PACKED_LOGPROBS, (mb.batch, mb.rows, mb.targets)
         else:
             method, args = LOGPROBS, (mb.inputs, mb.targets, mb.start)
-        kw = {}
-        if svf is not None and m is model:  # the rollout's features are the policy's: the reference runs its own tower
-            # packed: the features of the item's samples in slot order = span order
-            feats = svf.for_rows(mb.sample_rows) if plans is not None else mb.image_features
-            kw = {"image_features": feats, "tower_in_forward": False}
+        # the features of the rows in their order (packed: slot order = span order)
+        kw, prompts = {}, [prompt_of[r] for r in mb.sample_rows]
+        if reuse and m is ref_model:  # the rollout's features are the policy's: the reference's own
+            kw = {"image_features": vision_reuse.rows_features(ref_feats, prompts), "tower_in_forward": False}
+        elif svf is not None:
+            kw = {"image_features": svf.for_rows(mb.sample_rows), "tower_in_forward": False}
+        elif reuse:  # stale rollout features: the tower in this forward, once per distinct image
+            images = vision_reuse.PromptImages(base, prompts, d.device, dtype)
+            kw = {"images": images} if images.pixel_values is not None else {}  # none: the forward's dummy
         return getattr(m, method)(*args, temperature=g.temperature, with_entropy=with_entropy, vocab=vocab, **kw)
+
+    def reference_features(mini):
+        """The reference's features of a mini-batch's prompts (packed: its fillers' too), one tower
+        call through its root's forward method (no grad). Every rank makes it once per mini-batch:
+        ranks > 1 without an image show it a zero one, so that the tower's all-gather lines up."""
+        rows = mini.rows if plans is None else [r for it in mini.micro() for r in it.sample_rows]
+        images = vision_reuse.PromptImages(base, [prompt_of[r] for r in rows], d.device, dtype)
+        if images.pixel_values is None and W > 1:
+            vision_reuse.image_features(ref_model, *vision_dummy.dummy_image(ref_model))
+        return images.per_prompt(ref_model, vision_reuse.image_features)
 
     def ref_logprobs(mini, i, mb):  # once per rollout step: at a micro-batch's first use
         if ref_model is not None and i not in mini.ref_logp:
             with torch.no_grad():
+                if reuse and i == 0:  # a mini-batch's micro-batches come in order, one after another
+                    ref_feats.clear()
+                    ref_feats.update(reference_features(mini))
                 mini.ref_logp[i] = forward(ref_model, mb, with_entropy=False)
                 parallel.reshard(ref_model)
         return mini.ref_logp.get(i)

@@ -42,15 +42,19 @@ def dummy_vision_term(model) -> torch.Tensor | None:
         return None
     from staged.attention import vision_outputs
 
+    merged, deepstack = vision_outputs(model, *dummy_image(model))  # Qwen3-VL: its deepstack mergers too
+    return 0.0 * sum((f.sum() for f in deepstack), merged.sum())
+
+
+def dummy_image(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, grid_thw) of one zero image of the smallest grid: 1 x merge x merge patches."""
     visual = vision_module(model)
     c = visual.config
     m = c.spatial_merge_size
     # pixel_values [patches, C * temporal_patch * patch * patch], grid_thw [images, 3] = (t, h, w)
     pixels = torch.zeros(m * m, c.in_channels * c.temporal_patch_size * c.patch_size ** 2,
                          device=next(visual.parameters()).device)
-    grid = torch.tensor([[1, m, m]], device=pixels.device)
-    merged, deepstack = vision_outputs(model, pixels, grid)  # Qwen3-VL: its deepstack mergers too
-    return 0.0 * sum((f.sum() for f in deepstack), merged.sum())
+    return pixels, torch.tensor([[1, m, m]], device=pixels.device)
 
 
 def with_dummy_vision(x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:

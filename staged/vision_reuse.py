@@ -24,6 +24,17 @@ handles them unchanged; ``injected_image_features`` splits them again. The merge
 where transformers' ``get_image_features`` returns it; the deepstack part where the model hands
 them to its text model (its ``deepstack_visual_embeds`` argument, in image-token order: the
 order of the features). Both are public forward arguments of transformers >= 4.57 / 5.x.
+
+Features computed during training (``PromptImages``: one tower call over some distinct prompts'
+images, taken from the step's one-row-per-prompt batch), where the rollout's cannot serve:
+
+* the reference model (beta > 0) is frozen but is not the policy: its own tower runs once per
+  mini-batch over the mini-batch's distinct images (no grad), and its forwards take those
+  features as the policy's take the rollout's -- once per distinct image per step, not G times;
+* the policy, when the rollout's features are stale (the tower trains and the step makes more
+  than one update): inside each training forward, the tower once per distinct image of the
+  micro-batch, with grad and the forward's weights, expanded to the rows; autograd sums the
+  rows' gradients into the one pass (the per-row tower's gradient, summed in another order).
 """
 from __future__ import annotations
 
@@ -146,8 +157,7 @@ class StepVisionFeatures:
 
     def for_rows(self, rows: list[int]) -> torch.Tensor | None:
         """Features of the images of ``rows`` (their order), or None when they have none."""
-        parts = [self.leaves[self.prompt_of_row[r]] for r in rows if self.leaves[self.prompt_of_row[r]] is not None]
-        return torch.cat(parts) if parts else None
+        return rows_features(self.leaves, [self.prompt_of_row[r] for r in rows])
 
     def backward_through_tower(self, model, pixel_values: torch.Tensor | None, grid_thw: torch.Tensor | None) -> None:
         """The deferred tower pass: features of the distinct images (``pixel_values`` / ``grid_thw``:
@@ -167,3 +177,46 @@ class StepVisionFeatures:
         out = tower_features(model, pixel_values, grid_thw)  # the root ran this step: the unit alone
         grad = torch.cat([f.grad if f.grad is not None else torch.zeros_like(f) for f in leaves])
         out.backward(grad.to(out.dtype))
+
+
+def rows_features(per_prompt, prompts: list[int]) -> torch.Tensor | None:
+    """The features of rows showing ``prompts``' images (one prompt per row, the rows' order):
+    ``per_prompt[p]`` [Nv_p, ...] (None: no image) repeated for each of its rows; None when no row
+    has an image. A prompt's tensor used by several rows: autograd sums their gradients there."""
+    parts = [per_prompt[p] for p in prompts if per_prompt[p] is not None]
+    return torch.cat(parts) if parts else None
+
+
+class PromptImages:
+    """The images of the distinct prompts of some rows, on the device, for one tower call over
+    them. ``base``: the step's generation batch with one row per distinct prompt (the trainer's;
+    row p = prompt p); ``prompts``: the rows' prompts, in the rows' order (repeats allowed)."""
+
+    def __init__(self, base: dict, prompts: list[int], device: torch.device, dtype: torch.dtype):
+        from staged.rollout.interface import images_per_row, model_inputs, select_rows
+
+        self.prompts, self.distinct = list(prompts), list(dict.fromkeys(prompts))
+        sub = select_rows(base, self.distinct)
+        self.num_images = images_per_row(sub)
+        inputs = model_inputs(sub, device, dtype)
+        self.pixel_values, self.grid_thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+
+    def per_prompt(self, model, tower=tower_features) -> dict[int, torch.Tensor | None]:
+        """{distinct prompt: its images' features (None: no image)} from one ``tower`` call
+        (``tower_features``: the unit itself, inside a root forward; ``image_features``: through
+        the root's forward method); no call when no prompt has an image."""
+        out = dict.fromkeys(self.distinct)
+        if self.pixel_values is None:
+            return out
+        per_img = tower(model, self.pixel_values, self.grid_thw).split(tokens_per_image(model, self.grid_thw))
+        start = 0
+        for p, n in zip(self.distinct, self.num_images):
+            if n:
+                out[p] = torch.cat(per_img[start:start + n])
+            start += n
+        return out
+
+    def per_row(self, model) -> torch.Tensor | None:
+        """The rows' features (``tower_features``' layout, the rows' order), the tower called once
+        per distinct image: what the log-prob forwards take as ``images`` run this in the forward."""
+        return rows_features(self.per_prompt(model), self.prompts)

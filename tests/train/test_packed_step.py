@@ -6,6 +6,11 @@ fewer micro-batches than the others runs: forward and backward at weight 0). And
 their own rollouts match 1 process with padded micro-batches over a whole multi-stage run (from
 the same warm checkpoint: tight at the first step, then within the drift Adam allows).
 
+Vision features (staged.vision_reuse): the rollout's reused by the policy, the reference's own
+computed once per distinct image and step, and the policy's once per distinct image of a
+micro-batch when the rollout's are stale give the per-row tower's step (reference log-probs,
+losses, every update's gradients), with tower calls counted.
+
 Rewards are replaced by fixed random ones in the single-step tests: the untrained embedded model
 earns almost none, and zero advantages would leave only the KL term to compare."""
 from __future__ import annotations
@@ -53,7 +58,9 @@ def run_cfg(tmp_path_factory, embedded_dir):
 
 
 def one_step(run_cfg, embedded_dir, monkeypatch, *, packing: bool, overrides: list[str], stage_index: int = 0,
-             extra_micro_batches: int = 0):
+             extra_micro_batches: int = 0, optimizer=CaptureOptimizer, prepare=None):
+    """One GRPO step (global step 0); returns (record, the optimizer's captured gradients).
+    ``prepare(model, ref)`` runs before it."""
     path, d = run_cfg
     cfg = from_cli(["--config", str(path), f"packing.enabled={str(packing).lower()}", *overrides])
     stage = cfg.stages[stage_index]
@@ -68,14 +75,16 @@ def one_step(run_cfg, embedded_dir, monkeypatch, *, packing: bool, overrides: li
     torch.manual_seed(0)
     model, processor = train.build_model(embedded_dir, cfg, d, stage.freeze)
     ref = train.build_model(embedded_dir, cfg, d, [], trainable=False)[0] if stage.grpo.beta > 0 else None
-    opt = CaptureOptimizer(model)
+    if prepare is not None:
+        prepare(model, ref)
+    opt = optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
     sp = train.sampling_params(stage, cfg, model, processor.tokenizer)
     samples = train.load_stage_data(stage, stage_index, cfg.seed)
     prompts = train.step_prompts(samples, stage, cfg.seed, stage_index, 0, d)
     _, dtype = parallel.mixed_precision(cfg.precision, d.device)
     rec = train.grpo_step(model, ref, opt, params, processor, stage, cfg, d, prompts, 0, sp, dtype)
-    return rec, opt.grads
+    return rec, getattr(opt, "updates", opt.grads)
 
 
 CASES = {
@@ -196,3 +205,142 @@ def test_reused_vision_features_give_the_same_step(model, packing, run_cfg, embe
         torch.testing.assert_close(grads[n], grads0[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     if model == "qwen3_vl":
         assert any("deepstack_merger_list" in n and g.abs().max() > 0 for n, g in grads0.items())
+
+
+# ------------------------------------------------------------------------------------------
+# vision features computed in training: the reference's once per distinct image and step, and
+# the policy's once per distinct image of a micro-batch when the rollout's are stale
+
+
+BUILD_MODEL, POLICY_LOSS = train.build_model, train.policy_loss  # the real ones, under the spies below
+
+
+class SGDCapture(CaptureOptimizer):
+    """Records every update's gradients and moves the weights by plain SGD, so that the updates
+    after the first see new weights (stale rollout features would show) and two runs stay within
+    rounding of each other (Adam turns last-bit differences of ~0 gradients into lr-sized steps)."""
+
+    def __init__(self, model, lr: float = 0.05):
+        super().__init__(model)
+        self.lr, self.updates = lr, []
+
+    def step(self):
+        super().step()
+        self.updates.append(self.grads)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-self.lr)
+
+
+def perturb_policy_tower(model, ref):
+    """The policy's tower away from the reference's: features taken from the wrong model show."""
+    from staged.models.loading import vision_module
+
+    with torch.no_grad():
+        for p in vision_module(model).parameters():
+            p.mul_(1.25)
+
+
+def record_ref_logp(monkeypatch) -> list:
+    """The reference log-probs each policy_loss call sees, in order."""
+    seen, real = [], POLICY_LOSS
+
+    def spy(logp, old_logp, ref_logp, *a, **kw):
+        seen.append(None if ref_logp is None else ref_logp.detach().clone())
+        return real(logp, old_logp, ref_logp, *a, **kw)
+
+    monkeypatch.setattr(train, "policy_loss", spy)
+    return seen
+
+
+def count_tower_images(monkeypatch) -> dict:
+    """Each vision-tower call's images (as bytes of their pixels), by model: policy or reference."""
+    from staged.models.loading import vision_module
+
+    calls = {"policy": [], "reference": []}
+    orig = BUILD_MODEL
+
+    def hook(who):
+        def record(m, args, kw, out):
+            pixels, grid = (kw.get("hidden_states", args[0] if args else None), kw["grid_thw"])
+            per = pixels.split(grid.prod(-1).tolist())
+            calls[who].append([x.detach().float().numpy().tobytes() for x in per])
+        return record
+
+    def counting_build(*a, **k):
+        model, proc = orig(*a, **k)
+        who = "policy" if k.get("trainable", True) else "reference"
+        vision_module(model).register_forward_hook(hook(who), with_kwargs=True)
+        return model, proc
+
+    monkeypatch.setattr(train, "build_model", counting_build)
+    return calls
+
+
+# 4 prompts x G = 4 rows (one image each), micro-batches of 3 rows (cut inside groups):
+# "one-update": the rollout's features serve the policy; "two-mini-batches" (2 updates, the tower
+# trains): they are stale after the first, so each training forward runs the tower itself.
+VISION_CASES = {"one-update": ["stages.0.batch.micro_batch_size=3"],
+                "two-mini-batches": ["stages.0.batch.micro_batch_size=3", "stages.0.batch.mini_batch_prompts=2"]}
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("model", ["embedded", "qwen3_vl"])
+def test_reference_tower_runs_once_per_distinct_image_and_step(model, packing, run_cfg, embedded_dir, qwen3_dir,
+                                                               monkeypatch):
+    """The reference's tower sees each of the step's images once (before: once per row, G times);
+    each policy forward that runs the tower (rollout features stale) sees no image twice."""
+    ckpt = embedded_dir if model == "embedded" else qwen3_dir
+    prompts, G = 4, 4
+    runs = {}
+    for reuse in (True, False):
+        calls = count_tower_images(monkeypatch)
+        one_step(run_cfg, ckpt, monkeypatch, packing=packing, optimizer=SGDCapture,
+                 overrides=[*VISION_CASES["two-mini-batches"], f"rollout.reuse_vision_features={str(reuse).lower()}"])
+        runs[reuse] = calls
+    ref = [img for call in runs[True]["reference"] for img in call]
+    assert len(ref) == prompts and len(set(ref)) == prompts, [len(c) for c in runs[True]["reference"]]
+    assert sum(len(c) for c in runs[False]["reference"]) == G * prompts  # today's path, per row
+    # the policy: the rollout's prefill once per prompt, then each training forward once per distinct image
+    train_calls = runs[True]["policy"][1:]
+    assert len(runs[True]["policy"][0]) == prompts and train_calls
+    assert all(len(set(c)) == len(c) for c in train_calls), [len(c) for c in train_calls]
+    assert sum(map(len, train_calls)) < sum(map(len, runs[False]["policy"][1:]))
+    assert any(len(set(c)) < len(c) for c in runs[False]["policy"][1:])  # the check above has teeth
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("model", ["embedded", "qwen3_vl"])
+@pytest.mark.parametrize("case", list(VISION_CASES))
+def test_features_computed_once_give_the_per_row_step(case, model, packing, run_cfg, embedded_dir, qwen3_dir,
+                                                      monkeypatch):
+    """The reference's features once per distinct image, and (two mini-batches) the policy's once
+    per distinct image of a micro-batch, against the tower run for every row: the same reference
+    log-probs, losses and every update's gradients (the tower's and Qwen3-VL's deepstack mergers'
+    included). The policy's tower is moved away from the reference's, and the prompts' images
+    differ, so features taken from the wrong model or mapped to the wrong prompt show."""
+    ckpt = embedded_dir if model == "embedded" else qwen3_dir
+    runs = {}
+    for reuse in (True, False):
+        ref_logp = record_ref_logp(monkeypatch)
+        rec, updates = one_step(run_cfg, ckpt, monkeypatch, packing=packing, optimizer=SGDCapture,
+                                prepare=perturb_policy_tower,
+                                overrides=[*VISION_CASES[case], f"rollout.reuse_vision_features={str(reuse).lower()}"])
+        runs[reuse] = rec, updates, ref_logp
+    (rec, updates, ref_logp), (rec0, updates0, ref_logp0) = runs[True], runs[False]
+    assert rec["updates"] == len(updates) == (1 if case == "one-update" else 2)
+    assert len(ref_logp) == len(ref_logp0) and all(x is not None for x in ref_logp0)
+    for i, (a, b) in enumerate(zip(ref_logp, ref_logp0)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, i=i: f"reference log-probs {i}: {m}")
+    for k in ("loss", "kl", "entropy", "sampler_logp_diff"):
+        assert rec[k] == pytest.approx(rec0[k], abs=1e-6, rel=1e-5), (k, rec[k], rec0[k])
+    for k in ("loss_updates", "grad_norm_updates"):
+        assert rec[k] == pytest.approx(rec0[k], abs=1e-6, rel=1e-5), (k, rec[k], rec0[k])
+    assert rec0["kl"] > 1e-6, "the reference should differ from the policy"
+    for u, (g, g0) in enumerate(zip(updates, updates0)):
+        assert g.keys() == g0.keys()
+        assert any(".visual." in f".{n}" and x.abs().max() > 0 for n, x in g0.items()), "the tower must learn"
+        for n in g0:
+            torch.testing.assert_close(g[n], g0[n], atol=1e-6, rtol=1e-5,
+                                       msg=lambda m, n=n, u=u: f"update {u} {n}: {m}")
