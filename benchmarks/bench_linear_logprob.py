@@ -9,7 +9,11 @@ time over this time; ``pct_of_gemm_limit`` is against the GEMM rate measured in 
 GPU: time (do_bench median, 20/80 %) and peak allocator memory of the forward (no grad; floor
 2NHV) and of forward + backward at the Qwen2.5-VL-7B head (H = 3584, V = 152064), the 3B head
 (H = 2048, V = 151936) and a 0.5B-class head (H = 896, V = 151936), bf16, N = 2048 and 8192
-tokens (--quick: the 7B head at N = 2048).
+tokens (--quick: the 7B head at N = 2048). On sm_90 also ``staged (tma)``: the same op with the
+TMA forward (``tma=True``: tensor-descriptor loads, persistent grid; the default ``staged`` rows
+run the cp.async forward), with ``vs_cp_async`` = its time / the cp.async time in the same run:
+the TMA forward has not run on a GPU before, and this is where the first GPU session decides
+whether it becomes the sm_90 default.
 CPU: peak extra resident memory of one fp32 forward + backward at V = 152064 (H = 256, N = 2048
 tokens; N = 512 with --quick), each implementation in its own subprocess (VmHWM after resetting
 it through /proc/self/clear_refs), against the naive path (eager: materialises N x V logits, their
@@ -77,12 +81,16 @@ def _eager_entropy(h, w, t, g):
 
 
 def _staged(h, w, t, g):
-    return (fused_linear_logprob(h, w, t) * g).sum()
+    return (fused_linear_logprob(h, w, t, tma=False) * g).sum()
 
 
 def _staged_entropy(h, w, t, g):
-    logp, ent = fused_linear_logprob(h, w, t, return_entropy=True)
+    logp, ent = fused_linear_logprob(h, w, t, return_entropy=True, tma=False)
     return (logp * g + ent * g).sum()
+
+
+def _staged_tma(h, w, t, g):
+    return (fused_linear_logprob(h, w, t, tma=True) * g).sum()
 
 
 def _liger_flce():
@@ -153,9 +161,12 @@ def _fwd(fn, h, w, t, g):
 
 def _run_gpu(device, limits, quick=False):
     rows = []
+    arch = 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
     impls = {"eager": _eager, "torch.compile": torch.compile(_eager, dynamic=False),
              "staged": _staged, "eager+entropy": _eager_entropy,
              "staged+entropy": _staged_entropy}
+    if arch >= 90:
+        impls["staged (tma)"] = _staged_tma
     try:
         impls["liger flce (none)"] = _liger_flce()
     except ImportError as exc:
@@ -164,7 +175,6 @@ def _run_gpu(device, limits, quick=False):
     if GPU_CHECK:
         heads, tokens = GPU_HEADS[:1], GPU_CHECK_TOKENS
     from staged.kernels import fused_linear_logprob_workspace
-    arch = 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
     for head, H, V in heads:
         for N in tokens:
             case = f"{head} N={N} H={H} V={V}"
@@ -204,7 +214,11 @@ def _run_gpu(device, limits, quick=False):
             del h, w, t, g, floor
             torch.cuda.empty_cache()
     eager = {(r["case"], r["pass"]): r for r in rows if r["impl"] == "eager" and r.get("median_ms")}
+    cp = {(r["case"], r["pass"]): r for r in rows if r["impl"] == "staged" and r.get("median_ms")}
     for r in rows:
+        c = cp.get((r["case"], r.get("pass")))
+        if r["impl"] == "staged (tma)" and c and r.get("median_ms"):
+            r["vs_cp_async"] = r["median_ms"] / c["median_ms"]
         e = eager.get((r["case"], r.get("pass")))
         if e and r.get("median_ms"):
             r["speedup_vs_eager"] = e["median_ms"] / r["median_ms"]

@@ -9,10 +9,12 @@ transformers 5.17, no flash-attn / xformers / network; liger-kernel when carried
 2. the microbenchmarks (``python -m benchmarks --only linear_logprob grpo_loss packing rollout
    --device cuda`` with STAGED_BENCH_GPU_CHECK=1): the fused log-prob at the 7B head, N = 2048
    and 16384, as a ratio to the cuBLAS lm_head GEMMs timed in the same run (``x_gemm``) and its
-   workspace as % of fp32 logits; GRPO loss and pack_embed as % of the copy bandwidth measured
-   in the same run; vs eager, torch.compile and Liger where installed; the rollout engines in
-   bf16 on the short shape (paged vs the old loop vs transformers' generate(), decode as % of the
-   weight + KV read bound). Each benchmark appends its table to benchmarks/RESULTS.md as it finishes;
+   workspace as % of fp32 logits, and on sm_90 the TMA forward (``tma=True``, opt-in until
+   this measures it) beside the cp.async one (``tma/cp.async`` time ratios); GRPO loss and
+   pack_embed as % of the copy bandwidth measured in the same run; vs eager, torch.compile and
+   Liger where installed; the rollout engines in bf16 on the short shape (paged vs the old loop
+   vs transformers' generate(), decode as % of the weight + KV read bound). Each benchmark
+   appends its table to benchmarks/RESULTS.md as it finishes;
 3. a short 1-GPU training run of the embedded default in bf16 (``python -m staged.train`` with
    the shipped default recipe, each stage cut to a few steps; attention flash_attention_2 when
    flash-attn is installed, else SDPA; a failed flash-attn run is retried with SDPA),
@@ -167,6 +169,15 @@ def bench_headline(rows: list[dict]) -> str:
             lo, hi = min(vals), max(vals)
             unit = "%" if k.startswith("pct") else "x"
             parts.append(f"{k} {lo:.3g}{unit}" if abs(hi - lo) < 1e-9 else f"{k} {lo:.3g}-{hi:.3g}{unit}")
+    # the TMA forward (sm_90, opt-in until measured): its time over the cp.async forward's
+    tma = [r for r in rows if r.get("impl") == "staged (tma)"
+           and isinstance(r.get("vs_cp_async"), (int, float))]
+    for p in ("fwd", "fwd+bwd"):
+        vals = [r["vs_cp_async"] for r in tma if r.get("pass") == p]
+        if vals:
+            lo, hi = min(vals), max(vals)
+            span = f"{lo:.3g}x" if hi == lo else f"{lo:.3g}-{hi:.3g}x"
+            parts.append(f"tma/cp.async {p} {span}")
     notes = sorted({str(r.get("note")) for r in rows if str(r.get("note", "")).startswith(("skipped", "failed", "n/a"))})
     if notes:
         parts.append("; ".join(n[:60] for n in notes[:2]))

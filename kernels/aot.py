@@ -6,7 +6,8 @@ for the archs that configuration is picked on. ``python -m staged.kernels.aot`` 
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``), runs Triton's own
 ``ptxas -v`` over the PTX and reports registers, spills, shared memory and how the dots were
 lowered (``wgmma`` on sm_90, ``mma.sync`` on sm_80, ``fma`` for fp32 "ieee" dots, ``-`` without
-dots). A kernel that does not compile, or spills, or whose bf16 dots miss the tensor cores,
+dots) and whether its loads use TMA (``cp.async.bulk.tensor`` in the PTX: the ``tma``
+column). A kernel that does not compile, or spills, or whose bf16 dots miss the tensor cores,
 fails ``tests/kernels/test_aot_compile.py``.
 
 The compile sees what the JIT sees at a real launch: the JIT specialises every pointer argument
@@ -149,6 +150,8 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
         dots = "fma"
     else:
         dots = "-"
+    # TMA: tensor-descriptor loads lowered to the bulk tensor copy (sm_90); sm_80 has none
+    tma = "cp.async.bulk.tensor" in ptx
     regs = _RE_REGS.search(log)
     spills = _RE_SPILL.search(log)
     return {
@@ -161,6 +164,7 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
         "dots": dots,
+        "tma": tma,
         "triton": triton.__version__,
     }
 
@@ -197,11 +201,12 @@ def main(argv=None) -> int:
 
         print(f"triton {triton.__version__}")
         print(f"{'kernel':72s} {'cc':>3s} {'regs':>5s} {'spill st/ld':>12s} {'smem B':>7s} "
-              f"{'w/s':>4s} {'dots':>8s}")
+              f"{'w/s':>4s} {'dots':>8s} {'tma':>4s}")
         for r in rows:
             print(f"{r['kernel']:72s} {r['cc']:>3d} {r['registers']:>5d} "
                   f"{r['spill_stores']:>5d}/{r['spill_loads']:<6d} {r['shared_bytes']:>7d} "
-                  f"{r['num_warps']:>2d}/{r['num_stages']:<1d} {r['dots']:>8s}")
+                  f"{r['num_warps']:>2d}/{r['num_stages']:<1d} {r['dots']:>8s} "
+                  f"{'yes' if r['tma'] else '-':>4s}")
         for f in failures:
             print(f"FAILED {f['kernel']} sm_{f['cc']}: {f['error']}")
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]

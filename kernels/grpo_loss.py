@@ -105,6 +105,55 @@ def _load_mask(MASK, offs, inb, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _masked_load(P, offs, inb, valid):
+    # masked inputs are zeroed at load: padding garbage (NaN, inf) never reaches the math
+    return tl.where(valid, tl.load(P + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+
+
+# How _load_tokens loads the per-token vLLM ratio (its constexpr LOAD_ISR)
+_ISR_OFF, _ISR_MASKED, _ISR_ROW = (tl.constexpr(i) for i in range(3))
+
+
+@triton.jit
+def _load_tokens(LOGP, OLD, REF, SAMP, ISR, MASK, offs, inb,
+                 HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, LOAD_REF: tl.constexpr,
+                 LOAD_SAMP: tl.constexpr, LOAD_ISR: tl.constexpr):
+    """One tile of a row's per-token inputs as fp32: (m, valid, lp, old, ref, samp, isr), the
+    load every token loop of the rows and forward kernels starts with. m is the mask as a
+    weight (0 past the row's end), valid = m != 0; lp, old, ref and samp are zeroed where not
+    valid. old = lp when on-policy (not HAS_OLD). isr: _ISR_MASKED zeroed where not valid like
+    the others; _ISR_ROW loaded at every position of the row, masked ones included, 1 past its
+    end (VESPO sums the log vLLM ratio unmasked). Inputs a flag leaves out come back as zeros
+    and are never read (nor loaded)."""
+    m = _load_mask(MASK, offs, inb, HAS_MASK)
+    valid = m != 0.0
+    lp = _masked_load(LOGP, offs, inb, valid)
+    if HAS_OLD:
+        old = _masked_load(OLD, offs, inb, valid)
+    else:
+        old = lp  # on-policy: ratio 1, but d ratio / d logp = ratio still flows
+    ref = tl.zeros_like(m)
+    samp = tl.zeros_like(m)
+    isr = tl.zeros_like(m)
+    if LOAD_REF:
+        ref = _masked_load(REF, offs, inb, valid)
+    if LOAD_SAMP:
+        samp = _masked_load(SAMP, offs, inb, valid)
+    if LOAD_ISR == _ISR_MASKED:
+        isr = _masked_load(ISR, offs, inb, valid)
+    elif LOAD_ISR == _ISR_ROW:
+        isr = tl.load(ISR + offs, mask=inb, other=1.0).to(tl.float32)
+    return m, valid, lp, old, ref, samp, isr
+
+
+@triton.jit
+def _vllm_log_ratio(old, samp, m):
+    # old - sampling log-probs at valid positions; TRL: nan_to_num (vLLM could not score it)
+    d = (old - samp) * m
+    return tl.where(d == d, d, 0.0)
+
+
+@triton.jit
 def _cap(x, hi):
     # min(x, hi) that keeps NaN, like torch.clamp (tl.minimum may return the non-NaN operand on
     # a GPU, which would turn a NaN log-prob at a valid position into a finite loss)
@@ -178,38 +227,31 @@ def _grpo_loss_rows_kernel(
     for k in range(sp * BLOCK, n, S * BLOCK):
         offs = start + k + cols
         inb = (k + cols) < n
-        m = _load_mask(MASK, offs, inb, HAS_MASK)
-        valid = m != 0.0
-        lp = tl.where(valid, tl.load(LOGP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-        if HAS_OLD:
-            old = tl.where(valid, tl.load(OLD + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-        else:
-            old = lp
+        m, valid, lp, old, ref, samp, isr = _load_tokens(
+            LOGP, OLD, REF, SAMP, ISR, MASK, offs, inb, HAS_MASK, HAS_OLD,
+            SEQ_LEVEL and USE_KL and KL_BIAS, IS_KIND == 4 or (LOSS_KIND == 4 and IS_KIND == 3),
+            _ISR_ROW if (LOSS_KIND == 4 and IS_KIND == 1) else _ISR_OFF)
         if SEQ_LEVEL:
             acc_x += (lp - old) * m
             acc_m += m
             if USE_KL and KL_BIAS:
-                yv = tl.where(valid, tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32), 0.0) - lp
+                yv = ref - lp
                 nm = tl.maximum(acc_ymax, tl.where(valid, yv, float("-inf")))
                 nm0 = tl.where(nm == float("-inf"), 0.0, nm)
                 acc_se = acc_se * tl.exp(acc_ymax - nm0) + tl.where(valid, m * tl.exp(yv - nm0), 0.0)
                 acc_ymax = nm
                 acc_my += m * yv
         if IS_KIND == 4:
-            s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-            d = (old - s) * m
-            acc_d += tl.where(d == d, d, 0.0)  # TRL: nan_to_num (vLLM could not score it)
+            acc_d += _vllm_log_ratio(old, samp, m)
         if LOSS_KIND == 4:
             # VESPO: the *sum* of the clamped token log-ratios, plus the log vLLM ratio summed
             # over every position of the row, masked ones included (TRL and Liger sum the
             # unmasked [B, T] tensor; there the built ratio is exp(0) = 1)
             acc_v += _clip(lp - old, -20.0, 20.0) * m
             if IS_KIND == 1:
-                acc_li += tl.where(inb, _vespo_log_is(tl.load(ISR + offs, mask=inb, other=1.0).to(tl.float32)), 0.0)
+                acc_li += tl.where(inb, _vespo_log_is(isr), 0.0)
             elif IS_KIND == 3:
-                s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-                d = (old - s) * m
-                r3 = _vllm_ratio(tl.where(d == d, d, 0.0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
+                r3 = _vllm_ratio(_vllm_log_ratio(old, samp, m), is_lo, is_hi, IS_TRUNC, EXP_MAX)
                 acc_li += tl.where(inb, _vespo_log_is(r3), 0.0)
     p = PART1 + pid * 8
     tl.store(p + 0, tl.sum(acc_x, axis=0))
@@ -332,14 +374,11 @@ def _grpo_loss_fwd_kernel(
     for k in range(sp * BLOCK, n, S * BLOCK):
         offs = start + k + cols
         inb = (k + cols) < n
-        m = _load_mask(MASK, offs, inb, HAS_MASK)
-        valid = m != 0.0
-        # masked inputs are zeroed at load: padding garbage (NaN, inf) never reaches the math
-        lp = tl.where(valid, tl.load(LOGP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-        if HAS_OLD:
-            old = tl.where(valid, tl.load(OLD + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-        else:
-            old = lp  # on-policy: ratio 1, but d ratio / d logp = ratio still flows
+        # (VESPO folds the vLLM ratio into phi: no per-token ratio here)
+        m, valid, lp, old, ref, samp, isr = _load_tokens(
+            LOGP, OLD, REF, SAMP, ISR, MASK, offs, inb, HAS_MASK, HAS_OLD, USE_KL,
+            LOSS_KIND != 4 and IS_KIND == 3,
+            _ISR_MASKED if (LOSS_KIND != 4 and IS_KIND == 1) else _ISR_OFF)
         if SEQ_LEVEL:
             c = c_row
             dc = dc_row
@@ -350,14 +389,10 @@ def _grpo_loss_fwd_kernel(
             c = tl.exp(lc)
             dc = tl.where(x <= EXP_MAX, c, 0.0)
 
-        if LOSS_KIND == 4:
+        if LOSS_KIND == 4 or IS_KIND == 1:
             pass
-        elif IS_KIND == 1:
-            isr = tl.where(valid, tl.load(ISR + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         elif IS_KIND == 3:
-            s = tl.where(valid, tl.load(SAMP + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-            d = (old - s) * m
-            isr = _vllm_ratio(tl.where(d == d, d, 0.0), is_lo, is_hi, IS_TRUNC, EXP_MAX)
+            isr = _vllm_ratio(_vllm_log_ratio(old, samp, m), is_lo, is_hi, IS_TRUNC, EXP_MAX)
         elif IS_KIND != 0:
             isr = isr_row
 
@@ -426,7 +461,6 @@ def _grpo_loss_fwd_kernel(
             dpg = dpg * isr
 
         if USE_KL:
-            ref = tl.where(valid, tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
             y = ref - lp
             ey = tl.exp(_cap(y, KL_MAX))
             kl = _exp_tangent(y, ey, KL_MAX) - y - 1.0

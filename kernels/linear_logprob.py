@@ -20,6 +20,27 @@ arch, no autotuning whose pick could change the summation order between runs).
               band of W tiles that both stay in L2 (at the 7B head on sm_90: 8 h tiles of
               128 x 3584 bf16 = 7.3 MB and ~17 splits' W tiles of 128 x 3584 = 15 MB, against
               50 MB of L2); each W tile then comes from HBM once per GROUP_N token tiles.
+    forward, TMA (sm_90, bf16 / fp16; opt-in: ``tma=True`` or STAGED_LOGPROB_TMA=1)
+              _linear_logprob_fwd_tma_kernel: the same work items, raster, K loop and online
+              log-sum-exp (_online_lse), with the h and W tiles loaded through device-side
+              tensor descriptors (tl.make_tensor_descriptor, in triton 3.6 and 3.9 alike:
+              cp.async.bulk.tensor + mbarriers in the PTX, wgmma dots) on a persistent grid of
+              one program per SM walking the work items in raster order. Why: TMA moves a tile
+              with one instruction from one thread instead of every thread computing addresses
+              and masks (the cp.async path's 182-249 registers at 128 x 128 drop to 169-182),
+              zero-fills the edges (no K mask: any H with 16-byte rows, not only H % 64 == 0),
+              and the persistent grid keeps one CTA per SM for the whole launch (descriptors
+              built once per program, not once per work item; at the 7B head and N = 16k there
+              are ~4.9k work items, ~37 waves on 132 SMs). Deterministic: each
+              work item is computed whole by one program in one order, so the result is bit for
+              bit that of a launch with one program per work item (tested). The descriptors need
+              a 256-byte global scratch per program, which Triton requests through
+              triton.set_allocator: the launcher sets a PyTorch allocator when none is set.
+              Where a descriptor cannot take the tensors (a base or row stride not a multiple of
+              16 bytes, e.g. bf16 H = 59), on sm_80, or for fp32, tma=True runs the cp.async
+              forward instead (tested). Not the default because it has not run on a GPU yet:
+              `make gpu-check` times it beside the cp.async forward (``staged (tma)`` rows,
+              ``vs_cp_async``) and the first GPU session decides. The backward is unchanged.
     backward  split along the vocabulary, as verl's fused kernel does. For each slice of VS
               columns: (1) a kernel recomputes the slice's logit tiles and writes dz[N, VS] in
               the input dtype with the softmax / entropy gradient fused in its epilogue; (2)
@@ -132,6 +153,29 @@ def _grouped(pid, num_pid_a, num_pid_b, GROUP_A: tl.constexpr):
 
 
 @triton.jit
+def _online_lse(z, offs_v, tgt, m, s, t, zt):
+    """Fold one tile of tempered logits z [BLOCK_N, BLOCK_V] (columns past V at -inf) into a
+    token tile's running (max m, sum s = sum exp(z - m), t = sum exp(z - m)(z - m), target
+    logit zt); returns the new four. Both forward kernels (cp.async and TMA) run exactly this."""
+    # The target logit first, so that z dies into d below: at 128 x 128 tiles (sm_90) one
+    # more live [BLOCK_N, BLOCK_V] fp32 tile is 64 registers a thread, and spills.
+    zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))           # finite: the tile has a valid column
+    alpha = tl.exp(m - m_new)                           # 0 on the first tile (m = -inf)
+    # Masked columns: z = -inf, clamped to a finite d so that e = 0 and e * d = 0 (not
+    # 0 * -inf). A clamp, not tl.where(mask, ...): the select kept one more tile live and
+    # spilled on sm_90 with bias (triton 3.9).
+    d = tl.maximum(z - m_new[:, None], -3.0e38)
+    e = tl.exp(d)
+    # t is relative to the running max: shifting m_old -> m_new adds s * (m_old - m_new).
+    # (m_old is -inf before the first tile, where s = 0: use a shift of 0, not 0 * -inf.)
+    m_old = tl.where(s > 0, m, m_new)
+    t = alpha * (t + s * (m_old - m_new)) + tl.sum(e * d, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, t, zt
+
+
+@triton.jit
 def _linear_logprob_fwd_kernel(
     # pointers
     h_ptr,          # [N, H] hidden, row stride stride_hn, unit column stride
@@ -174,28 +218,89 @@ def _linear_logprob_fwd_kernel(
         acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
                           HAS_BIAS, DOT_F32, PRECISION, ALIGNED)
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
-        # The target logit first, so that z dies into d below: at 128 x 128 tiles (sm_90) one
-        # more live [BLOCK_N, BLOCK_V] fp32 tile is 64 registers a thread, and spills.
-        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))           # finite: the tile has a valid column
-        alpha = tl.exp(m - m_new)                           # 0 on the first tile (m = -inf)
-        # Masked columns: z = -inf, clamped to a finite d so that e = 0 and e * d = 0 (not
-        # 0 * -inf). A clamp, not tl.where(mask, ...): the select kept one more tile live and
-        # spilled on sm_90 with bias (triton 3.9).
-        d = tl.maximum(z - m_new[:, None], -3.0e38)
-        e = tl.exp(d)
-        # t is relative to the running max: shifting m_old -> m_new adds s * (m_old - m_new).
-        # (m_old is -inf before the first tile, where s = 0: use a shift of 0, not 0 * -inf.)
-        m_old = tl.where(s > 0, m, m_new)
-        t = alpha * (t + s * (m_old - m_new)) + tl.sum(e * d, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t, zt = _online_lse(z, offs_v, tgt, m, s, t, zt)
 
     out = part_ptr + pid_s * N + offs_n
     tl.store(out, m, mask=mask_n)
     tl.store(out + stride_part, s, mask=mask_n)
     tl.store(out + 2 * stride_part, t, mask=mask_n)
     tl.store(out + 3 * stride_part, zt, mask=mask_n)
+
+
+@triton.jit
+def _logit_tile_tma(h_desc, w_desc, b_ptr, off_n, off_v, offs_v, mask_v, H,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """_logit_tile with the h and W tiles brought in through tensor descriptors (TMA on sm_90):
+    the same K loop and dots. The descriptors zero-fill rows past N and V and columns past H,
+    so there are no masks and H need not be a multiple of BLOCK_H."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        hk = h_desc.load([off_n, k0])         # [BLOCK_N, BLOCK_H]
+        wk = w_desc.load([off_v, k0])         # [BLOCK_V, BLOCK_H], K-major: transposed below
+        if DOT_F32:
+            hk = hk.to(tl.float32)
+            wk = wk.to(tl.float32)
+        acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _linear_logprob_fwd_tma_kernel(
+    # pointers (the TMA path: 16-byte aligned bases and row strides, checked by the launcher)
+    h_ptr,          # [N, H] hidden, row stride stride_hn, unit column stride
+    w_ptr,          # [V, H] weight, row stride stride_wv, unit column stride
+    b_ptr,          # [V] bias (never read when HAS_BIAS is False)
+    tgt_ptr,        # [N] targets, int32/int64
+    part_ptr,       # [4, SPLITS, N] fp32 partials, as _linear_logprob_fwd_kernel
+    # sizes
+    N, V, H,
+    tiles_per_split, n_splits,
+    stride_hn, stride_wv,
+    stride_part,
+    inv_temp,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """The forward of _linear_logprob_fwd_kernel with TMA loads and a persistent grid: the
+    launch has (at most) one program per SM, and program p takes work items p, p + P, p + 2P,
+    ... of the same grouped raster (a work item = one token tile x one split). Every partial
+    is computed by one program with the same sequence of operations whatever P is, so the
+    output is deterministic and the same as a launch with one program per work item."""
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H], strides=[stride_hn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_H])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[stride_wv, 1],
+                                       block_shape=[BLOCK_V, BLOCK_H])
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    for work in range(tl.program_id(0), n_tiles * n_splits, tl.num_programs(0)):
+        pid_n, pid_s = _grouped(work, n_tiles, n_splits, GROUP_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)
+
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_N], tl.float32)
+        t = tl.zeros([BLOCK_N], tl.float32)
+        zt = tl.zeros([BLOCK_N], tl.float32)
+        v_lo = pid_s * tiles_per_split * BLOCK_V
+        v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, V)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < V
+            acc = _logit_tile_tma(h_desc, w_desc, b_ptr, pid_n * BLOCK_N, v0, offs_v, mask_v, H,
+                                  BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, DOT_F32, PRECISION)
+            z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
+            m, s, t, zt = _online_lse(z, offs_v, tgt, m, s, t, zt)
+
+        out = part_ptr + pid_s * N + offs_n
+        tl.store(out, m, mask=mask_n)
+        tl.store(out + stride_part, s, mask=mask_n)
+        tl.store(out + 2 * stride_part, t, mask=mask_n)
+        tl.store(out + 3 * stride_part, zt, mask=mask_n)
 
 
 @triton.jit
@@ -348,6 +453,16 @@ _DH_CONFIGS = {
 for _bits, _al in (("32", True), ("16", False), ("32", False)):
     _DH_CONFIGS[(90, _bits, _al)] = _DH_CONFIGS[(80, _bits, _al)]
 
+# The TMA forward (sm_90, 16-bit operands): the aligned sm_90 tiles; TMA zero-fills the K tail,
+# so H need only give 16-byte row strides, not H % BLOCK_H == 0. One program per SM, the
+# persistent grid: at 169-182 registers x 256 threads a second CTA would not fit an SM's 64k.
+_TMA_CONFIG = {**_LOGIT_CONFIGS[(90, "16", True)], "CTAS_PER_SM": 1}
+# Device-side descriptors (h and W) live in a global scratch the launcher allocates through
+# triton.set_allocator: 128 bytes each per program.
+_TMA_SCRATCH_PER_PROGRAM = 256
+# STAGED_LOGPROB_TMA=1: the TMA forward where it applies (see fused_linear_logprob's ``tma``).
+_TMA_ENV = "STAGED_LOGPROB_TMA"
+
 _GROUP = 8                # token tiles per raster group, forward, recompute and dH
 FWD_SPLIT_TILES = 32      # vocab tiles per forward split: 4096 columns at BLOCK_V = 128
 _FWD_MIN_PROGRAMS = 1024  # small N: more splits, so that >= ~8 waves of 132 SMs still run
@@ -427,6 +542,27 @@ def _register_all() -> None:
 _register_all()
 
 
+def _register_tma() -> None:
+    """The TMA forward, sm_90 bf16, with and without bias; and the launch where the row strides
+    are 16-byte but not 32-byte multiples (H % 16 == 8, e.g. 72: the JIT drops the strides'
+    divisibility), which TMA still takes."""
+    sig = {k: v.format(t="bf16") for k, v in _FWD_SIG.items()}
+    common = {"DOT_F32": False, "PRECISION": "tf32", "GROUP_N": _GROUP,
+              **{k: _TMA_CONFIG[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}}
+    launch = {"num_warps": _TMA_CONFIG["num_warps"], "num_stages": _TMA_CONFIG["num_stages"],
+              "archs": (90,)}
+    for bias in (False, True):
+        register_aot(_linear_logprob_fwd_tma_kernel, sig, {"HAS_BIAS": bias, **common},
+                     name=f"_linear_logprob_fwd_tma_kernel[sm90,bf16,bias={int(bias)}]",
+                     divisible=_divisible(sig, True), **launch)
+    register_aot(_linear_logprob_fwd_tma_kernel, sig, {"HAS_BIAS": False, **common},
+                 name="_linear_logprob_fwd_tma_kernel[sm90,bf16,bias=0,stride%16=8]",
+                 divisible=_divisible(sig, False), **launch)
+
+
+_register_tma()
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 
@@ -445,15 +581,62 @@ def _aligned(tensors, H: int, block_h: int) -> bool:
     return True
 
 
+def _tma_requested(tma) -> bool:
+    """``tma`` of fused_linear_logprob: True / False, or None = the STAGED_LOGPROB_TMA env var
+    ("1" = on; off when unset: nothing of the TMA path has run on a GPU yet)."""
+    if tma is None:
+        return os.environ.get(_TMA_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+    if not isinstance(tma, bool):
+        raise ValueError(f"tma must be None, True or False; got {tma!r}")
+    return tma
+
+
+def _tma_eligible(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the TMA forward applies: bf16 / fp16 operands (fp32 "ieee" dots are FMA work from
+    registers: nothing for TMA to feed), an sm_90+ GPU (or the interpreter, for the tests), and
+    what a TMA descriptor requires: 16-byte aligned bases and row strides (H * elem_size a
+    multiple of 16). Anything else runs the cp.async forward: the fallback, chosen silently."""
+    if hidden.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not _interpreting(hidden) and _arch(hidden.device) < 90:
+        return False
+    for t in (hidden, weight):
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1:
+            return False
+    return True
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    # triton.set_allocator's allocator: the descriptors' scratch from PyTorch's caching
+    # allocator (256-byte aligned; on the current device, where Triton launches)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a global scratch Triton obtains through
+    ``triton.set_allocator`` (a context variable: per thread). Set ours where none is set; an
+    allocator the caller set is kept."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        current = _allocator.get()
+    except (ImportError, AttributeError):   # another layout: set ours
+        current, NullAllocator = None, type(None)
+    if current is None or isinstance(current, NullAllocator):
+        triton.set_allocator(_torch_scratch)
+
+
 # Tests may override (e.g. GPU-sized tiles under the interpreter): dict merged into the config.
 _CONFIG_OVERRIDE: dict = {}
 
 # Interpreter tiles: small, so that tests at interpreter-friendly sizes cross many tile, split,
-# group and slice edges.
+# group and slice edges. TMA: the same tiles, on a pretend 3-SM machine (a persistent grid with
+# fewer programs than work items, not dividing them).
 _INTERP_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1,
                   "GROUP_N": 2, "SPLIT_TILES": 2, "MIN_PROGRAMS": 8, "MIN_SLICE": 32,
                   "DH_BLOCK_M": 16, "DH_BLOCK_N": 32, "DH_BLOCK_K": 32, "DH_num_warps": 4,
                   "DH_num_stages": 1}
+_INTERP_TMA_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1,
+                      "PROGRAMS": 3, "SCRATCH": 0}
 
 
 def _arch(device: torch.device) -> int:
@@ -469,14 +652,46 @@ def _gpu_config(arch: int, bits: str, aligned: bool) -> dict:
             **{f"DH_{k}": v for k, v in d.items()}}
 
 
-def _config(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
-    """Tiles, warps, stages and dot flags for this launch."""
+def _config(hidden: torch.Tensor, weight: torch.Tensor, tma=False) -> dict:
+    """Tiles, warps, stages and dot flags for this launch. ``cfg["TMA"]``: None, or the TMA
+    forward's tiles and persistent program count when ``tma`` asks for it and it applies
+    (_tma_eligible); the backward never reads it."""
+    cfg = _base_config(hidden, weight)
+    cfg["TMA"] = None
+    if _tma_requested(tma) and _tma_eligible(hidden, weight):
+        if _interpreting(hidden):
+            cfg["TMA"] = dict(_INTERP_TMA_CONFIG)
+        else:
+            cfg["TMA"] = {k: _TMA_CONFIG[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps",
+                                                       "num_stages")}
+            cfg["TMA"]["PROGRAMS"] = _sm_count(hidden.device) * _TMA_CONFIG["CTAS_PER_SM"]
+            cfg["TMA"]["SCRATCH"] = _TMA_SCRATCH_PER_PROGRAM
+        cfg["TMA"].update(_CONFIG_OVERRIDE.get("TMA") or {})
+    return cfg
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:  # a device property: no sync, cached
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _fwd_config(cfg: dict) -> dict:
+    """The forward's view of a config: the TMA tiles when the TMA forward runs."""
+    return {**cfg, **cfg["TMA"]} if cfg.get("TMA") else cfg
+
+
+def _base_config(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
     if _interpreting(hidden):
         # The interpreter's bf16 tl.dot multiplies the raw uint16 storage (triton 3.9), so
         # operands are upcast to fp32: the same products, exact in fp32, that tensor cores form.
         cfg = {**_INTERP_CONFIG, "DOT_F32": True, "PRECISION": "ieee",
                "RNE_BF16": hidden.dtype == torch.bfloat16}
-        cfg.update(_CONFIG_OVERRIDE)
+        cfg.update({k: v for k, v in _CONFIG_OVERRIDE.items() if k != "TMA"})
         cfg["ALIGNED"] = _aligned((hidden, weight), hidden.shape[1], cfg["BLOCK_H"])
         return cfg
     bits = "32" if hidden.dtype == torch.float32 else "16"
@@ -488,7 +703,7 @@ def _config(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
     prec = "tf32" if (bits == "16" or torch.backends.cuda.matmul.allow_tf32) else "ieee"
     cfg = {**_gpu_config(arch, bits, aligned), "DOT_F32": False, "PRECISION": prec,
            "ALIGNED": aligned, "RNE_BF16": False}
-    cfg.update(_CONFIG_OVERRIDE)
+    cfg.update({k: v for k, v in _CONFIG_OVERRIDE.items() if k != "TMA"})
     return cfg
 
 
@@ -518,10 +733,12 @@ def _plan(N: int, H: int, V: int, dtype: torch.dtype, cfg: dict, *, has_bias: bo
     """Slice width and the transient bytes of every buffer forward and backward allocate
     (beyond inputs, outputs and gradients). The launchers allocate exactly these."""
     elem = torch.empty((), dtype=dtype).element_size()
-    splits, _ = _fwd_splits(N, V, cfg)
+    splits, _ = _fwd_splits(N, V, _fwd_config(cfg))
     saved = 8 * N                                  # lse, entropy: forward -> backward
     # Forward: the partials, and the merge's [SPLITS, N] fp32 temporaries (<= 4 alive at once).
     fwd = {"partials": 16 * splits * N, "merge": 16 * splits * N + 24 * N}
+    if cfg.get("TMA") and cfg["TMA"]["SCRATCH"]:   # the descriptors' (GPU; interpreter: none)
+        fwd["tma_scratch"] = cfg["TMA"]["SCRATCH"] * cfg["TMA"]["PROGRAMS"]
     bwd = {"grad_copies": 8 * N}                   # fp32 upstream grads
     if need_h and dtype != torch.float32:
         bwd["dh_lo"] = N * H * elem
@@ -562,21 +779,35 @@ def fused_linear_logprob_workspace(n_tokens: int, hidden: int, vocab: int,
     return int(_plan(n_tokens, hidden, vocab, dtype, cfg, has_bias=bias)["total"])
 
 
-def _triton_forward(hidden, weight, bias, targets, inv_temp):
-    """(logp, entropy, lse), each [N] fp32, from the fused kernel plus the split merge."""
+def _triton_forward(hidden, weight, bias, targets, inv_temp, tma=False):
+    """(logp, entropy, lse), each [N] fp32, from the fused kernel plus the split merge. ``tma``:
+    as fused_linear_logprob's (the TMA forward where it applies, else the cp.async one)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _config(hidden, weight)
+    cfg = _fwd_config(_config(hidden, weight, tma))
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits, tps = _fwd_splits(N, V, cfg)
     part = _workspace((4, splits, N), torch.float32, hidden.device, "partials")
-    _linear_logprob_fwd_kernel[(triton.cdiv(N, bn) * splits,)](
-        hidden, weight, bias if bias is not None else hidden, targets, part,
-        N, V, H, tps, splits, hidden.stride(0), weight.stride(0), splits * N, inv_temp,
-        HAS_BIAS=bias is not None, DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
-        ALIGNED=cfg["ALIGNED"], BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
-        GROUP_N=cfg["GROUP_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args = (hidden, weight, bias if bias is not None else hidden, targets, part,
+            N, V, H, tps, splits, hidden.stride(0), weight.stride(0), splits * N, inv_temp)
+    work = triton.cdiv(N, bn) * splits
+    if cfg["TMA"]:
+        if not _interpreting(hidden):
+            _ensure_allocator()
+        if _ALLOC_LOG is not None and cfg["SCRATCH"]:
+            _ALLOC_LOG.append(("tma_scratch", cfg["SCRATCH"] * min(work, cfg["PROGRAMS"])))
+        # persistent: min(work items, programs) programs walk the work items in raster order
+        _linear_logprob_fwd_tma_kernel[(min(work, cfg["PROGRAMS"]),)](
+            *args, HAS_BIAS=bias is not None, DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    else:
+        _linear_logprob_fwd_kernel[(work,)](
+            *args, HAS_BIAS=bias is not None, DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
+            ALIGNED=cfg["ALIGNED"], BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
+            GROUP_N=cfg["GROUP_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     m, s, t, zt = part.unbind(0)
     # Merge the splits' partials: every m is finite (each split has a valid column).
     mx = m.max(dim=0).values
@@ -649,8 +880,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
     """Triton forward (online log-sum-exp over vocab tiles) and recompute-in-backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp):
-        logp, ent, lse = _triton_forward(hidden, weight, bias, targets, inv_temp)
+    def forward(ctx, hidden, weight, bias, targets, inv_temp, tma=False):
+        logp, ent, lse = _triton_forward(hidden, weight, bias, targets, inv_temp, tma)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.inv_temp = inv_temp
         ctx.set_materialize_grads(False)
@@ -665,10 +896,10 @@ class _FusedLinearLogprob(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2])
         if (g_logp is None and g_ent is None) or not any(needs):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         dh, dw, db = _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
                                       ctx.inv_temp, needs)
-        return dh, dw, db, None, None
+        return dh, dw, db, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,7 +973,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          temperature: float = 1.0, bias: torch.Tensor | None = None,
                          return_entropy: bool = False, backend: str = "auto",
-                         logit_dtype: torch.dtype | None = None):
+                         logit_dtype: torch.dtype | None = None, tma: bool | None = None):
     """Log-probability of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden [..., H] and weight [V, H] share a dtype (bf16, fp16, fp32; fp64 on the torch
@@ -759,7 +990,14 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     (TRL's under ``bf16=True``). The torch path also rounds the logits and the logits' gradient to
     it, as TRL's does; the Triton path keeps its fp32 logit tile. Gradients come back in the
     inputs' dtypes.
+
+    ``tma`` (Triton path, forward only): True runs the forward with TMA descriptor loads on a
+    persistent grid where that applies (sm_90+, bf16 / fp16, 16-byte aligned bases and row
+    strides) and the cp.async forward elsewhere; False always the cp.async forward; None (the
+    default) reads STAGED_LOGPROB_TMA ("1" = True), off when unset: the TMA forward compiles for
+    sm_90 on triton 3.6 and 3.9 and passes the interpreter tests, but has not run on a GPU yet.
     """
+    use_tma = _tma_requested(tma)   # (validates tma)
     if logit_dtype is not None and logit_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"logit_dtype must be None, torch.bfloat16 or torch.float16; got {logit_dtype}")
     _check_inputs(hidden, weight, targets, temperature, bias, backend)
@@ -787,7 +1025,7 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         if logit_dtype is not None:
             h2, w2 = h2.to(logit_dtype), w2.to(logit_dtype)
             b1 = b1.to(logit_dtype) if b1 is not None else None
-        logp, ent = _FusedLinearLogprob.apply(h2, w2, b1, t1, 1.0 / float(temperature))
+        logp, ent = _FusedLinearLogprob.apply(h2, w2, b1, t1, 1.0 / float(temperature), use_tma)
     else:
         logp, ent = chunked_linear_logprob(h2, w2, t1, temperature=float(temperature), bias=b1,
                                            with_entropy=return_entropy,

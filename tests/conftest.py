@@ -67,11 +67,11 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("AOT compile: registers / spills / shared memory per kernel")
     tr.write_line(f"{'kernel':64s} {'sm':>3s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s} "
-                  f"{'dots':>8s}")
+                  f"{'dots':>8s} {'tma':>4s}")
     for r in AOT_REPORT:
         tr.write_line(f"{r['kernel'][:64]:64s} {r['cc']:>3d} {r['registers']:>5d} "
                       f"{r['spill_stores'] + r['spill_loads']:>8d} {r['shared_bytes']:>7d} "
-                      f"{r.get('dots', ''):>8s}")
+                      f"{r.get('dots', ''):>8s} {'yes' if r.get('tma') else '-':>4s}")
 
 
 def pytest_report_header(config):

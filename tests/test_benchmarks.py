@@ -151,3 +151,17 @@ def test_quick_rollout_benchmark_runs_every_engine():
     assert all(r["completion_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["prefill_ms"] > 0 and rows[0]["decode_ms"] > 0 and rows[0]["cache_mb"] > 0
     assert rows[0]["completion_tokens"] == rows[1]["completion_tokens"] == rows[2]["completion_tokens"]
+
+
+def test_gpu_check_headline_puts_the_tma_forward_beside_cp_async():
+    """On sm_90 the log-prob benchmark times tma=True beside the cp.async forward; the summary
+    line carries the ratio the first GPU session decides the default by."""
+    from benchmarks.gpu_check import bench_headline
+
+    rows = [{"impl": "staged", "pass": "fwd+bwd", "x_gemm": 1.9},
+            {"impl": "staged (tma)", "pass": "fwd", "vs_cp_async": 0.9},
+            {"impl": "staged (tma)", "pass": "fwd+bwd", "vs_cp_async": 0.95},
+            {"impl": "staged (tma)", "pass": "fwd+bwd", "vs_cp_async": 1.05}]
+    head = bench_headline(rows)
+    assert "x_gemm 1.9x" in head
+    assert "tma/cp.async fwd 0.9x" in head and "tma/cp.async fwd+bwd 0.95-1.05x" in head

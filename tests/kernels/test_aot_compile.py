@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 with no GPU, without spills,
 with the JIT's divisibility-16 attributes, for every configuration its launcher can pick; bf16
-dots of the fused log-prob lower to wgmma on sm_90 and mma.sync on sm_80.
+dots of the fused log-prob lower to wgmma on sm_90 and mma.sync on sm_80; its TMA forward
+(sm_90) loads through cp.async.bulk.tensor, and nothing else does.
 
 Runs ``python -m staged.kernels.aot --json`` in a subprocess without TRITON_INTERPRET (the
 interpreter's jit functions cannot be lowered). The per-kernel register/spill/shared-memory
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+SM90_ONLY = {"_linear_logprob_fwd_tma_kernel"}
 
 
 def _jit_kernels() -> set[str]:
@@ -52,7 +54,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90(aot_result, request):
     archs = {}
     for row in aot_result["compiled"]:   # per kernel, over its configurations (some per arch)
         archs.setdefault(row["kernel"].split("[")[0], set()).add(row["cc"])
-    missing = {k: sorted({80, 90} - v) for k, v in archs.items() if {80, 90} - v}
+    # Hopper-only by design: TMA descriptors; the launcher picks them on sm_90+ only
+    want = {k: {90} if k in SM90_ONLY else {80, 90} for k in archs}
+    missing = {k: sorted(want[k] - v) for k, v in archs.items() if want[k] - v}
     assert not missing, f"kernels not compiled for every arch: {missing}"
 
 
@@ -107,3 +111,29 @@ def test_every_launch_config_is_registered():
                                                        cfg["BLOCK_H"], cfg["num_warps"],
                                                        cfg["num_stages"]), s.name
             assert ("stride_wv" in s.divisible) == aligned, s.name
+
+
+def test_tma_forward_uses_tma_and_wgmma(aot_result):
+    """The TMA forward's loads are TMA bulk tensor copies and its dots wgmma (sm_90), with and
+    without bias and for 16-byte (not 32-byte) row strides; no other kernel uses TMA."""
+    rows = [r for r in aot_result["compiled"] if r["kernel"].startswith("_linear_logprob_fwd_tma")]
+    assert len(rows) == 3, [r["kernel"] for r in rows]
+    assert all(r["cc"] == 90 and r["dots"] == "wgmma" and r["tma"] for r in rows), rows
+    others = [r["kernel"] for r in aot_result["compiled"] if r["tma"] and r not in rows]
+    assert not others, others
+
+
+def test_tma_launch_config_is_registered():
+    """The TMA forward's AOT entries carry the launcher's tiles, warps and stages, sm_90 only."""
+    import staged.kernels.aot as aot
+    import staged.kernels.linear_logprob as LL
+
+    specs = [s for s in aot.registered() if s.name.startswith("_linear_logprob_fwd_tma")]
+    cfg = LL._TMA_CONFIG
+    assert specs
+    for s in specs:
+        assert s.archs == (90,), s.name
+        assert (s.constexprs["BLOCK_N"], s.constexprs["BLOCK_V"], s.constexprs["BLOCK_H"],
+                s.num_warps, s.num_stages) == (cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_H"],
+                                               cfg["num_warps"], cfg["num_stages"]), s.name
+        assert "h_ptr" in s.divisible and "w_ptr" in s.divisible, s.name

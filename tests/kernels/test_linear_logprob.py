@@ -61,9 +61,9 @@ def run_with_grads(fn, h, w, b, t, gl, ge, *, use_logp=True, use_ent=True):
     return out
 
 
-def ours(backend, T):
+def ours(backend, T, tma=None):
     return lambda h, w, b, t: fused_linear_logprob(h, w, t, temperature=T, bias=b,
-                                                   return_entropy=True, backend=backend)
+                                                   return_entropy=True, backend=backend, tma=tma)
 
 
 def ref64(T):
@@ -82,11 +82,11 @@ def max_err(a, ref):
 
 
 def check_case(backend, N, V, H, dtype, T, *, bias=False, scale=1.0, seed=0, use_logp=True,
-               use_ent=True, factor=2.0, device="cpu"):
+               use_ent=True, factor=2.0, device="cpu", tma=None):
     h, w, b, t, gl, ge = make_inputs(N, V, H, dtype, bias=bias, scale=scale, seed=seed,
                                      device=device)
     kw = dict(use_logp=use_logp, use_ent=use_ent)
-    got = run_with_grads(ours(backend, T), h, w, b, t, gl, ge, **kw)
+    got = run_with_grads(ours(backend, T, tma), h, w, b, t, gl, ge, **kw)
     truth = run_with_grads(ref64(T), h.double(), w.double(),
                            b.double() if b is not None else None, t, gl, ge, **kw)
     torch_same = run_with_grads(ref_same_precision(T, dtype), h, w, b, t, gl, ge, **kw)
@@ -193,6 +193,127 @@ def test_triton_fresh_random_shapes(device):
         except AssertionError as exc:
             raise AssertionError(f"seed {seed}: N={N} V={V} H={H} {dtype} T={T:.3f} "
                                  f"bias={bias}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The TMA forward (sm_90: tensor descriptors, persistent grid; ``tma=True``). Under the
+# interpreter on a pretend 3-SM machine: every program walks several work items.
+
+TMA_CASES = [
+    # N,  V,   H,  dtype,          T,   bias
+    (1, 1, 8, torch.bfloat16, 1.0, False),       # one token, one column, H * 2 = 16 B rows
+    (37, 300, 64, torch.bfloat16, 0.7, True),    # N, V off the tiles
+    (20, 129, 72, torch.bfloat16, 1.3, False),   # H % BLOCK_H != 0: TMA zero-fills the K tail
+    (45, 257, 40, torch.float16, 1.0, True),     # H < 2 BLOCK_H, fp16
+    (9, 31, 24, torch.bfloat16, 0.9, True),      # V < BLOCK_V, N < BLOCK_N
+]
+
+
+def _tma_inputs(N, V, H, dtype, seed=0, device="cpu"):
+    h, w, b, t, _, _ = make_inputs(N, V, H, dtype, bias=True, seed=seed, device=device)
+    return h, w, b, t
+
+
+@needs_interp
+@pytest.mark.parametrize("N,V,H,dtype,T,bias", TMA_CASES)
+def test_triton_tma_forward_matches_reference(device, N, V, H, dtype, T, bias):
+    h, w, _, _ = _tma_inputs(N, V, H, dtype, device=device)
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward runs on sm_90+ (elsewhere tma=True is the cp.async one)")
+    assert LL._config(h, w, True)["TMA"] is not None            # the TMA forward runs
+    check_case("triton", N, V, H, dtype, T, bias=bias, seed=N * 1000 + V, device=device, tma=True)
+
+
+@needs_interp
+def test_triton_tma_fresh_random_shapes(device):
+    """Fresh random shapes (rows of 16-byte multiples, as TMA needs) on every run."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward runs on sm_90+")
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        N, V, H8 = (int(torch.randint(lo, hi, (1,), generator=rng)) for lo, hi in
+                    ((1, 60), (1, 400), (1, 11)))
+        H = 8 * H8
+        T = float(torch.empty(()).uniform_(0.5, 1.5, generator=rng))
+        bias = bool(torch.randint(0, 2, (1,), generator=rng))
+        try:
+            check_case("triton", N, V, H, torch.bfloat16, T, bias=bias, seed=seed, device=device,
+                       tma=True)
+        except AssertionError as exc:
+            raise AssertionError(f"seed {seed}: N={N} V={V} H={H} T={T:.3f} bias={bias}: "
+                                 f"{exc}") from None
+
+
+@needs_interp
+def test_triton_tma_persistent_grid_is_a_plain_launch_bitwise(monkeypatch, device):
+    """1 program, 3 (work items not divisible), and one per work item (non-persistent): the
+    same partials bit for bit (every work item is done whole by one program, in one order)."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward runs on sm_90+")
+    h, w, b, t = _tma_inputs(37, 300, 72, torch.bfloat16, seed=2, device=device)
+    outs = []
+    for programs in (1, 3, 1 << 30):
+        monkeypatch.setattr(LL, "_CONFIG_OVERRIDE", {"TMA": {"PROGRAMS": programs}})
+        outs.append(LL._triton_forward(h, w, b, t, 1 / 0.7, tma=True))
+    for o in outs[1:]:
+        for a, c in zip(outs[0], o):
+            assert torch.equal(a, c)
+
+
+@needs_interp
+def test_triton_tma_gpu_tiles(monkeypatch):
+    """The sm_90 TMA tiles (128 x 128 x 64) run by the interpreter: H = 72 leaves a K tail of 8
+    that the descriptor zero-fills; N and V are off the tiles."""
+    if not INTERPRET:
+        pytest.skip("the GPU tiles are what a CUDA run uses anyway")
+    tiles = {k: LL._TMA_CONFIG[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+    monkeypatch.setattr(LL, "_CONFIG_OVERRIDE", {"TMA": {**tiles, "PROGRAMS": 2}})
+    check_case("triton", 130, 300, 72, torch.bfloat16, 0.7, bias=True, seed=6, tma=True)
+
+
+def _misaligned(x):
+    # same values, data pointer 2 bytes past a 16-byte boundary, row stride unchanged
+    buf = torch.empty(x.numel() + 8, dtype=x.dtype, device=x.device)
+    y = buf[1:1 + x.numel()].view_as(x)
+    y.copy_(x)
+    return y
+
+
+@needs_interp
+@pytest.mark.parametrize("case", ["H*2 % 16 != 0", "fp32", "misaligned base", "strided rows"])
+def test_tma_falls_back_to_cp_async(device, case):
+    """tma=True where a descriptor cannot take the tensors (row strides or bases not 16-byte
+    aligned) or where it does not apply (fp32): the cp.async forward runs, silently, and gives
+    what tma=False gives, bit for bit."""
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    H = 59 if case == "H*2 % 16 != 0" else 64
+    h, w, b, t = _tma_inputs(29, 150, H, dtype, seed=3, device=device)
+    if case == "misaligned base":
+        h = _misaligned(h)
+        assert h.data_ptr() % 16
+    if case == "strided rows":
+        w = torch.cat([w, w[:, :4]], 1)[:, :H]    # row stride 68 elements = 136 B
+    assert LL._config(h, w, True)["TMA"] is None
+    a = LL._triton_forward(h, w, b, t, 1.0, tma=True)
+    c = LL._triton_forward(h, w, b, t, 1.0, tma=False)
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+    check_case("triton", 29, 150, H, dtype, 1.0, bias=True, seed=3, device=device, tma=True)
+
+
+def test_tma_switch(monkeypatch):
+    """tma=None reads STAGED_LOGPROB_TMA (off when unset); True / False override it; anything
+    else is a ValueError."""
+    monkeypatch.delenv("STAGED_LOGPROB_TMA", raising=False)
+    assert LL._tma_requested(None) is False
+    monkeypatch.setenv("STAGED_LOGPROB_TMA", "1")
+    assert LL._tma_requested(None) is True and LL._tma_requested(False) is False
+    monkeypatch.setenv("STAGED_LOGPROB_TMA", "0")
+    assert LL._tma_requested(None) is False and LL._tma_requested(True) is True
+    h, w, t = torch.zeros(2, 8), torch.zeros(3, 8), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="tma must be None, True or False"):
+        fused_linear_logprob(h, w, t, tma="yes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +573,33 @@ def test_cuda_backward_is_deterministic():
     c = run_with_grads(ours("auto", 1.0), h, w, None, t, gl, ge)
     for k in a:
         assert torch.equal(a[k], c[k]), k
+
+
+@pytest.mark.cuda
+def test_cuda_tma_forward_matches_cp_async_and_is_deterministic():
+    """sm_90: the TMA forward at the 7B head against the cp.async forward (same tiles, same
+    fp32 accumulation: equal up to the MMA order) and the float64 reference; twice and with one
+    program per work item (non-persistent): bit for bit."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward runs on sm_90+")
+    torch.manual_seed(2)
+    N, V, H = 1000, 152064, 3584
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(V, H, device="cuda") * H ** -0.5).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), device="cuda")
+    assert LL._config(h, w, True)["TMA"] is not None
+    tma = LL._triton_forward(h, w, None, t, 1.0, tma=True)
+    cp = LL._triton_forward(h, w, None, t, 1.0, tma=False)
+    ref = linear_logprob_reference(h.double(), w.double(), t)
+    for a, c, r in zip(tma[:2], cp[:2], ref):
+        assert max_err(a, r) <= 2 * max_err(c, r) + 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(tma, LL._triton_forward(h, w, None, t, 1.0, tma=True)))
+    LL._CONFIG_OVERRIDE["TMA"] = {"PROGRAMS": 1 << 30}
+    try:
+        plain = LL._triton_forward(h, w, None, t, 1.0, tma=True)
+    finally:
+        LL._CONFIG_OVERRIDE.pop("TMA")
+    assert all(torch.equal(a, b) for a, b in zip(tma, plain))
 
 
 @pytest.mark.cuda
