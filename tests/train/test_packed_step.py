@@ -302,12 +302,18 @@ def test_reference_tower_runs_once_per_distinct_image_and_step(model, packing, r
     ref = [img for call in runs[True]["reference"] for img in call]
     assert len(ref) == prompts and len(set(ref)) == prompts, [len(c) for c in runs[True]["reference"]]
     assert sum(len(c) for c in runs[False]["reference"]) == G * prompts  # today's path, per row
-    # the policy: the rollout's prefill once per prompt, then each training forward once per distinct image
-    train_calls = runs[True]["policy"][1:]
-    assert len(runs[True]["policy"][0]) == prompts and train_calls
+    # the policy: the rollout's prefill once per prompt (one prompt per forward on a CPU), then
+    # each training forward once per distinct image
+    def rollout_and_training(calls):
+        k = next(i for i in range(1, len(calls) + 1) if sum(map(len, calls[:i])) >= prompts)
+        return [img for c in calls[:k] for img in c], calls[k:]
+
+    rollout, train_calls = rollout_and_training(runs[True]["policy"])
+    assert len(rollout) == prompts and len(set(rollout)) == prompts and train_calls
     assert all(len(set(c)) == len(c) for c in train_calls), [len(c) for c in train_calls]
-    assert sum(map(len, train_calls)) < sum(map(len, runs[False]["policy"][1:]))
-    assert any(len(set(c)) < len(c) for c in runs[False]["policy"][1:])  # the check above has teeth
+    per_row = rollout_and_training(runs[False]["policy"])[1]
+    assert sum(map(len, train_calls)) < sum(map(len, per_row))
+    assert any(len(set(c)) < len(c) for c in per_row)  # the check above has teeth
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
