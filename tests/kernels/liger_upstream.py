@@ -12,7 +12,8 @@ the two) and runs pytest on it in a subprocess.
 
 ``--all`` runs the whole file, ``--heavy`` only what the subsample leaves out (its complement);
 extra arguments go to pytest as they are (node ids are ``test/chunked_loss/test_grpo_loss.py::...``,
-relative to the temporary tree). ``--log FILE`` streams pytest's output there as it runs.
+relative to the temporary tree; given node ids, only those run, within the selection).
+``--log FILE`` streams pytest's output there as it runs.
 
 Every failure must be one of ``DOCUMENTED_FAILURES`` — the differences the README's table lists
 (``Using the fused loss in your trainer``); anything else is a bug.
@@ -90,7 +91,9 @@ def run(src: str | os.PathLike, extra=(), subsample=True, timeout=None, select=N
         test = build_tree(Path(src), tmp)
         env = dict(os.environ, PYTHONPATH=str(tmp) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.setdefault("TRITON_INTERPRET", "1")
-        cmd = [sys.executable, "-m", "pytest", str(test), "-q", "-rf", "-p", "no:cacheprovider",
+        # node ids among the extra arguments select by themselves: the file would add all of it
+        files = [] if any("::" in a for a in extra) else [str(test)]
+        cmd = [sys.executable, "-m", "pytest", *files, "-q", "-rf", "-p", "no:cacheprovider",
                "--rootdir", str(tmp), "-o", "addopts=", *select, *extra]
         log_path = Path(log) if log else tmp / "pytest.log"
         with open(log_path, "w") as f:
