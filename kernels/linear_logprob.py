@@ -95,6 +95,8 @@ from staged.kernels.linear_logprob_chunked import chunked_linear_logprob
 BWD_WORKSPACE_FRACTION = float(os.environ.get("STAGED_LOGPROB_WORKSPACE_PCT", "2")) / 100
 # Below ~1k columns the per-slice GEMMs (M = VS for dW, K = VS for dH) stop filling the GPU.
 _MIN_SLICE_COLS = 1024
+# torch.mm(..., out_dtype=torch.float32, out=...) from 16-bit operands (CUDA, torch >= 2.8)
+_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads()
 
 # ---------------------------------------------------------------------------------------------
 # kernels
@@ -104,9 +106,10 @@ _MIN_SLICE_COLS = 1024
 def _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                ALIGNED: tl.constexpr):
+                ALIGNED: tl.constexpr, LOGIT_ROUND: tl.constexpr, RNE_BF16: tl.constexpr):
     """One [BLOCK_N, BLOCK_V] tile of hidden @ weight^T (+ bias) in fp32: the forward computes
-    it and the backward recomputes it, so both must run exactly this loop."""
+    it and the backward recomputes it, so both must run exactly this loop. LOGIT_ROUND (1 bf16,
+    2 fp16, 0 off) rounds it as an lm_head under autocast does (see _round_logits)."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for k0 in range(0, H, BLOCK_H):
         offs_k = k0 + tl.arange(0, BLOCK_H)
@@ -126,8 +129,10 @@ def _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H,
             hk = hk.to(tl.float32)
             wk = wk.to(tl.float32)
         acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
+    acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
     return acc
 
 
@@ -138,6 +143,22 @@ def _bf16_rne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_logits(x, LOGIT_ROUND: tl.constexpr, RNE_BF16: tl.constexpr):
+    """fp32 -> fp32 holding x rounded to nearest even in bf16 (LOGIT_ROUND = 1) or fp16 (2); x
+    itself for 0. An lm_head under autocast (TRL's ChunkedLogProbFunction, a plain nn.Linear)
+    writes its GEMM's fp32 sums into a half-precision tile, and adds the bias in it: the same two
+    roundings here, before the temperature and the log-sum-exp, in forward and backward alike."""
+    if LOGIT_ROUND == 1:
+        if RNE_BF16:
+            x = _bf16_rne(x)
+        else:
+            x = x.to(tl.bfloat16).to(tl.float32)
+    elif LOGIT_ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -195,6 +216,8 @@ def _linear_logprob_fwd_kernel(
     DOT_F32: tl.constexpr,     # upcast dot operands to fp32 (interpreter: its bf16 dot is wrong)
     PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands ("ieee" or "tf32")
     ALIGNED: tl.constexpr,     # H % BLOCK_H == 0 and 16-byte aligned rows: unmasked K loads
+    LOGIT_ROUND: tl.constexpr,  # 0 fp32 logits; 1 / 2: rounded to bf16 / fp16 (_round_logits)
+    RNE_BF16: tl.constexpr,    # interpreter + bf16: round explicitly (see _bf16_rne)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,     # token tiles that sweep the splits together (L2 reuse of W, h)
 ):
@@ -216,7 +239,7 @@ def _linear_logprob_fwd_kernel(
         mask_v = offs_v < V
         w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
         acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
-                          HAS_BIAS, DOT_F32, PRECISION, ALIGNED)
+                          HAS_BIAS, DOT_F32, PRECISION, ALIGNED, LOGIT_ROUND, RNE_BF16)
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
         m, s, t, zt = _online_lse(z, offs_v, tgt, m, s, t, zt)
 
@@ -230,10 +253,11 @@ def _linear_logprob_fwd_kernel(
 @triton.jit
 def _logit_tile_tma(h_desc, w_desc, b_ptr, off_n, off_v, offs_v, mask_v, H,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                    LOGIT_ROUND: tl.constexpr, RNE_BF16: tl.constexpr):
     """_logit_tile with the h and W tiles brought in through tensor descriptors (TMA on sm_90):
-    the same K loop and dots. The descriptors zero-fill rows past N and V and columns past H,
-    so there are no masks and H need not be a multiple of BLOCK_H."""
+    the same K loop, dots and roundings. The descriptors zero-fill rows past N and V and columns
+    past H, so there are no masks and H need not be a multiple of BLOCK_H."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for k0 in range(0, H, BLOCK_H):
         hk = h_desc.load([off_n, k0])         # [BLOCK_N, BLOCK_H]
@@ -242,8 +266,10 @@ def _logit_tile_tma(h_desc, w_desc, b_ptr, off_n, off_v, offs_v, mask_v, H,
             hk = hk.to(tl.float32)
             wk = wk.to(tl.float32)
         acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+    acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
     return acc
 
 
@@ -264,7 +290,7 @@ def _linear_logprob_fwd_tma_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr,
+    GROUP_N: tl.constexpr, LOGIT_ROUND: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
     """The forward of _linear_logprob_fwd_kernel with TMA loads and a persistent grid: the
     launch has (at most) one program per SM, and program p takes work items p, p + P, p + 2P,
@@ -292,7 +318,8 @@ def _linear_logprob_fwd_tma_kernel(
             offs_v = v0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < V
             acc = _logit_tile_tma(h_desc, w_desc, b_ptr, pid_n * BLOCK_N, v0, offs_v, mask_v, H,
-                                  BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, DOT_F32, PRECISION)
+                                  BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, DOT_F32, PRECISION,
+                                  LOGIT_ROUND, RNE_BF16)
             z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
             m, s, t, zt = _online_lse(z, offs_v, tgt, m, s, t, zt)
 
@@ -323,6 +350,7 @@ def _linear_logprob_bwd_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    LOGIT_ROUND: tl.constexpr,  # the forward's: the recomputed tile must be the same
     RNE_BF16: tl.constexpr,  # interpreter + bf16: round dz explicitly (see _bf16_rne)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,   # token tiles that walk the slice together (L2 reuse of W tiles)
@@ -338,7 +366,8 @@ def _linear_logprob_bwd_kernel(
     w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
 
     acc = _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H, BLOCK_N, BLOCK_V, BLOCK_H,
-                      HAS_BIAS, DOT_F32, PRECISION, ALIGNED)   # the forward's tile, recomputed
+                      HAS_BIAS, DOT_F32, PRECISION, ALIGNED, LOGIT_ROUND,
+                      RNE_BF16)   # the forward's tile, recomputed
 
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     # log p_j; rows past N are zeroed so that their (unstored) lanes never overflow exp.
@@ -507,36 +536,46 @@ def _register_all() -> None:
         t, prec = ("bf16", "tf32") if bits == "16" else ("fp32", "ieee")
         blocks = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
         common = {"DOT_F32": False, "PRECISION": prec, "ALIGNED": aligned, **blocks,
-                  "GROUP_N": _GROUP}
+                  "GROUP_N": _GROUP, "RNE_BF16": False}
         tag = f"sm{arch},{t},{'aligned' if aligned else 'unaligned'}"
         launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "archs": (arch,)}
         fwd_sig = {k: v.format(t=t) for k, v in _FWD_SIG.items()}
         bwd_sig = {k: v.format(t=t) for k, v in _BWD_SIG.items()}
-        for bias in (False, True):
-            register_aot(_linear_logprob_fwd_kernel, fwd_sig, {"HAS_BIAS": bias, **common},
-                         name=f"_linear_logprob_fwd_kernel[{tag},bias={int(bias)}]",
-                         divisible=_divisible(fwd_sig, aligned), **launch)
-        # logp only (plain GRPO), logp + entropy (entropy bonus / metrics), entropy only.
-        for bias, gl, ge in ((False, True, False), (False, True, True), (True, True, True),
-                             (False, False, True)):
-            register_aot(_linear_logprob_bwd_kernel, bwd_sig,
-                         {"HAS_BIAS": bias, "HAS_GLOGP": gl, "HAS_GENT": ge, "RNE_BF16": False,
-                          **common},
-                         name=f"_linear_logprob_bwd_kernel[{tag},bias={int(bias)},"
-                              f"logp={int(gl)},ent={int(ge)}]",
-                         divisible=_divisible(bwd_sig, aligned), **launch)
+        # bf16 operands also with their logits rounded to bf16 (logit_dtype: an autocast lm_head)
+        for rnd in ((0, 1) if bits == "16" else (0,)):
+            rtag = ",round=bf16" if rnd else ""
+            for bias in (False, True):
+                register_aot(_linear_logprob_fwd_kernel, fwd_sig,
+                             {"HAS_BIAS": bias, "LOGIT_ROUND": rnd, **common},
+                             name=f"_linear_logprob_fwd_kernel[{tag},bias={int(bias)}{rtag}]",
+                             divisible=_divisible(fwd_sig, aligned), **launch)
+            # logp only (plain GRPO), logp + entropy (entropy bonus / metrics), entropy only.
+            for bias, gl, ge in ((False, True, False), (False, True, True), (True, True, True),
+                                 (False, False, True)):
+                register_aot(_linear_logprob_bwd_kernel, bwd_sig,
+                             {"HAS_BIAS": bias, "HAS_GLOGP": gl, "HAS_GENT": ge,
+                              "LOGIT_ROUND": rnd, **common},
+                             name=f"_linear_logprob_bwd_kernel[{tag},bias={int(bias)},"
+                                  f"logp={int(gl)},ent={int(ge)}{rtag}]",
+                             divisible=_divisible(bwd_sig, aligned), **launch)
         dcfg = _DH_CONFIGS[(arch, bits, aligned)]
         dh_sig = {k: v.format(t=t) for k, v in _DH_SIG.items()}
         if bits == "32":
             dh_sig["lo_ptr"] = "*fp32"
-        for first in (True, False):
-            register_aot(_linear_logprob_dh_kernel, dh_sig,
-                         {"FIRST": first, "COMPENSATED": bits == "16", "RNE_BF16": False,
-                          "DOT_F32": False, "PRECISION": prec, "GROUP_M": _GROUP,
-                          **{k: dcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
-                         name=f"_linear_logprob_dh_kernel[{tag},first={int(first)}]",
-                         divisible=_divisible(dh_sig, aligned), num_warps=dcfg["num_warps"],
-                         num_stages=dcfg["num_stages"], archs=(arch,))
+        # 16-bit operands: dH in hi + lo planes of their dtype, or (logit_dtype with fp32
+        # inputs: autocast) one fp32 plane, as TRL accumulates it
+        for dh_f32 in ((False, True) if bits == "16" else (False,)):
+            sig = {**dh_sig, "hi_ptr": "*fp32", "lo_ptr": "*fp32"} if dh_f32 else dh_sig
+            for first in (True, False):
+                register_aot(_linear_logprob_dh_kernel, sig,
+                             {"FIRST": first, "COMPENSATED": bits == "16" and not dh_f32,
+                              "RNE_BF16": False, "DOT_F32": False, "PRECISION": prec,
+                              "GROUP_M": _GROUP,
+                              **{k: dcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+                             name=f"_linear_logprob_dh_kernel[{tag},first={int(first)}"
+                                  f"{',dh=fp32' if dh_f32 else ''}]",
+                             divisible=_divisible(sig, aligned), num_warps=dcfg["num_warps"],
+                             num_stages=dcfg["num_stages"], archs=(arch,))
 
 
 _register_all()
@@ -547,15 +586,17 @@ def _register_tma() -> None:
     are 16-byte but not 32-byte multiples (H % 16 == 8, e.g. 72: the JIT drops the strides'
     divisibility), which TMA still takes."""
     sig = {k: v.format(t="bf16") for k, v in _FWD_SIG.items()}
-    common = {"DOT_F32": False, "PRECISION": "tf32", "GROUP_N": _GROUP,
+    common = {"DOT_F32": False, "PRECISION": "tf32", "GROUP_N": _GROUP, "RNE_BF16": False,
               **{k: _TMA_CONFIG[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}}
     launch = {"num_warps": _TMA_CONFIG["num_warps"], "num_stages": _TMA_CONFIG["num_stages"],
               "archs": (90,)}
-    for bias in (False, True):
-        register_aot(_linear_logprob_fwd_tma_kernel, sig, {"HAS_BIAS": bias, **common},
-                     name=f"_linear_logprob_fwd_tma_kernel[sm90,bf16,bias={int(bias)}]",
-                     divisible=_divisible(sig, True), **launch)
-    register_aot(_linear_logprob_fwd_tma_kernel, sig, {"HAS_BIAS": False, **common},
+    for rnd in (0, 1):  # 1: logits rounded to bf16 (logit_dtype: an autocast lm_head)
+        for bias in (False, True):
+            register_aot(_linear_logprob_fwd_tma_kernel, sig, {"HAS_BIAS": bias, "LOGIT_ROUND": rnd, **common},
+                         name=f"_linear_logprob_fwd_tma_kernel[sm90,bf16,bias={int(bias)}"
+                              f"{',round=bf16' if rnd else ''}]",
+                         divisible=_divisible(sig, True), **launch)
+    register_aot(_linear_logprob_fwd_tma_kernel, sig, {"HAS_BIAS": False, "LOGIT_ROUND": 0, **common},
                  name="_linear_logprob_fwd_tma_kernel[sm90,bf16,bias=0,stride%16=8]",
                  divisible=_divisible(sig, False), **launch)
 
@@ -779,9 +820,10 @@ def fused_linear_logprob_workspace(n_tokens: int, hidden: int, vocab: int,
     return int(_plan(n_tokens, hidden, vocab, dtype, cfg, has_bias=bias)["total"])
 
 
-def _triton_forward(hidden, weight, bias, targets, inv_temp, tma=False):
-    """(logp, entropy, lse), each [N] fp32, from the fused kernel plus the split merge. ``tma``:
-    as fused_linear_logprob's (the TMA forward where it applies, else the cp.async one)."""
+def _triton_forward(hidden, weight, bias, targets, inv_temp, logit_round=0, tma=False):
+    """(logp, entropy, lse), each [N] fp32, from the fused kernel plus the split merge.
+    ``logit_round``: the kernels' LOGIT_ROUND (0 none, 1 bf16, 2 fp16). ``tma``: as
+    fused_linear_logprob's (the TMA forward where it applies, else the cp.async one)."""
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = _fwd_config(_config(hidden, weight, tma))
@@ -800,13 +842,15 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp, tma=False):
         _linear_logprob_fwd_tma_kernel[(min(work, cfg["PROGRAMS"]),)](
             *args, HAS_BIAS=bias is not None, DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+            LOGIT_ROUND=logit_round, RNE_BF16=cfg["RNE_BF16"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     else:
         _linear_logprob_fwd_kernel[(work,)](
             *args, HAS_BIAS=bias is not None, DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"],
             ALIGNED=cfg["ALIGNED"], BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
-            GROUP_N=cfg["GROUP_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            GROUP_N=cfg["GROUP_N"], LOGIT_ROUND=logit_round, RNE_BF16=cfg["RNE_BF16"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     m, s, t, zt = part.unbind(0)
     # Merge the splits' partials: every m is finite (each split has a valid column).
@@ -821,26 +865,42 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp, tma=False):
     return logp, ent, lse
 
 
-def _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, needs):
-    """(dhidden, dweight, dbias), one vocabulary slice at a time (see the module docstring)."""
+def _mm_into(a, b, out):
+    """out = a @ b with fp32 accumulation, written in out's dtype (which may be fp32 while the
+    operands are 16-bit: the gradients of an autocast lm_head's fp32 inputs, as TRL forms them)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32 and a.is_cuda and _MM_OUT_DTYPE:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(torch.mm(a.float(), b.float()))
+
+
+def _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_temp, needs,
+                     logit_round=0, grad_dtypes=None):
+    """(dhidden, dweight, dbias), one vocabulary slice at a time (see the module docstring).
+    ``grad_dtypes``: the gradients' dtypes (default the operands'); fp32 ones for 16-bit
+    operands are accumulated in fp32 (dH in one fp32 plane instead of hi + lo)."""
     need_h, need_w, need_b = needs
     N, H = hidden.shape
     V = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
+    hd, wd, bd = grad_dtypes or (dt, weight.dtype, bias.dtype if bias is not None else None)
+    dh_dt = hd if hd in (dt, torch.float32) else torch.float32   # the dH kernel's plane
+    compensated = dh_dt != torch.float32
     cfg = _config(hidden, weight)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    plan = _plan(N, H, V, dt, cfg, has_bias=need_b, need_h=need_h)
+    plan = _plan(N, H, V, dt, cfg, has_bias=need_b, need_h=need_h and compensated)
     vs = plan["slice_cols"]
-    compensated = dt != torch.float32
 
     g_logp = g_logp.float().contiguous() if g_logp is not None else None
     g_ent = g_ent.float().contiguous() if g_ent is not None else None
     if _ALLOC_LOG is not None:
         _ALLOC_LOG.append(("grad_copies", 8 * N))
     dz_buf = _workspace((N, vs), dt, dev, "dz")     # vs: a multiple of 32 columns, rows 16 B
-    dh = torch.empty(N, H, device=dev, dtype=dt) if need_h else None
+    dh = torch.empty(N, H, device=dev, dtype=dh_dt) if need_h else None
     lo = _workspace((N, H), dt, dev, "dh_lo") if need_h and compensated else None
-    dw = torch.empty(V, H, device=dev, dtype=weight.dtype) if need_w else None
+    dw = torch.empty(V, H, device=dev, dtype=wd) if need_w else None
     db32 = _workspace((V,), torch.float32, dev, "db32") if need_b else None
     dh_grid = (triton.cdiv(N, cfg["DH_BLOCK_M"]) * triton.cdiv(H, cfg["DH_BLOCK_N"]),)
 
@@ -854,12 +914,13 @@ def _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv
             dz, N, V, H, v0, cols, hidden.stride(0), weight.stride(0), dz.stride(0), inv_temp,
             HAS_BIAS=bias is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
             DOT_F32=cfg["DOT_F32"], PRECISION=cfg["PRECISION"], ALIGNED=cfg["ALIGNED"],
-            RNE_BF16=cfg["RNE_BF16"], BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
+            LOGIT_ROUND=logit_round, RNE_BF16=cfg["RNE_BF16"],
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"],
             GROUP_N=cfg["GROUP_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if need_w:
             # K = N: each slice of dW is one GEMM, written once, never accumulated.
-            torch.mm(dz.t(), hidden, out=dw[v0:v0 + cols])
+            _mm_into(dz.t(), hidden, dw[v0:v0 + cols])
         if need_h:
             _linear_logprob_dh_kernel[dh_grid](
                 dz, weight, dh, lo if lo is not None else dh, N, H, cols, v0,
@@ -872,16 +933,25 @@ def _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv
             )
         if need_b:
             torch.sum(dz, 0, dtype=torch.float32, out=db32[v0:v0 + cols])
-    db = db32.to(bias.dtype) if need_b else None
-    return dh, dw, db
+    db = db32.to(bd) if need_b else None
+    return (dh.to(hd) if need_h else None), dw, db
 
 
 class _FusedLinearLogprob(torch.autograd.Function):
     """Triton forward (online log-sum-exp over vocab tiles) and recompute-in-backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp, tma=False):
-        logp, ent, lse = _triton_forward(hidden, weight, bias, targets, inv_temp, tma)
+    def forward(ctx, hidden, weight, bias, targets, inv_temp, logit_dtype=None, tma=False):
+        ctx.grad_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.logit_round = 0
+        if logit_dtype is not None:
+            # The lm_head as autocast runs it: operands in logit_dtype, fp32 sums rounded to it
+            # (in the kernels); the gradients come back in the inputs' own dtypes, accumulated
+            # in fp32 (TRL's ChunkedLogProbFunction). The cast copies are what is saved.
+            hidden, weight = hidden.to(logit_dtype), weight.to(logit_dtype)
+            bias = bias.to(logit_dtype) if bias is not None else None
+            ctx.logit_round = _LOGIT_ROUND[logit_dtype]
+        logp, ent, lse = _triton_forward(hidden, weight, bias, targets, inv_temp, ctx.logit_round, tma)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.inv_temp = inv_temp
         ctx.set_materialize_grads(False)
@@ -896,16 +966,17 @@ class _FusedLinearLogprob(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2])
         if (g_logp is None and g_ent is None) or not any(needs):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dh, dw, db = _triton_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
-                                      ctx.inv_temp, needs)
-        return dh, dw, db, None, None, None
+                                      ctx.inv_temp, needs, ctx.logit_round, ctx.grad_dtypes)
+        return dh, dw, db, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
 # public function
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LOGIT_ROUND = {torch.bfloat16: 1, torch.float16: 2}   # logit_dtype -> the kernels' LOGIT_ROUND
 
 
 def _check_inputs(hidden, weight, targets, temperature, bias, backend) -> None:
@@ -987,9 +1058,11 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     ``logit_dtype`` (bf16 / fp16, default None): run the lm_head as it runs under autocast —
     operands in that dtype, fp32 accumulation — so that the log-probs match ones computed that way
-    (TRL's under ``bf16=True``). The torch path also rounds the logits and the logits' gradient to
-    it, as TRL's does; the Triton path keeps its fp32 logit tile. Gradients come back in the
-    inputs' dtypes.
+    (TRL's under ``bf16=True``). Both paths also round the logits to it (after the GEMM and again
+    after adding the bias, before the temperature) and the logits' gradient, as TRL's tile does:
+    the Triton kernels in their shared logit-tile helper (``_round_logits``), so the forward and
+    the backward's recompute agree. Gradients come back in the inputs' dtypes, accumulated in
+    fp32 (fp32 inputs under autocast get fp32 gradients, as TRL's).
 
     ``tma`` (Triton path, forward only): True runs the forward with TMA descriptor loads on a
     persistent grid where that applies (sm_90+, bf16 / fp16, 16-byte aligned bases and row
@@ -1022,10 +1095,7 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         logp = zero.expand(0).reshape(lead)
         return (logp, logp.clone()) if return_entropy else logp
     if kind == "triton":
-        if logit_dtype is not None:
-            h2, w2 = h2.to(logit_dtype), w2.to(logit_dtype)
-            b1 = b1.to(logit_dtype) if b1 is not None else None
-        logp, ent = _FusedLinearLogprob.apply(h2, w2, b1, t1, 1.0 / float(temperature), use_tma)
+        logp, ent = _FusedLinearLogprob.apply(h2, w2, b1, t1, 1.0 / float(temperature), logit_dtype, use_tma)
     else:
         logp, ent = chunked_linear_logprob(h2, w2, t1, temperature=float(temperature), bias=b1,
                                            with_entropy=return_entropy,

@@ -38,8 +38,9 @@ vespo), reduced across processes as TRL does.
 Precision: the lm_head runs as TRL runs it. Under ``bf16=True`` / ``fp16=True`` (autocast; the
 usual GPU setting with fp32 weights) and with a half-precision model, TRL's fused head computes the
 logits in the half dtype (fp32 accumulation, logits rounded to it) and its gradient GEMMs from
-half operands: so does ours (``logit_dtype``), so that the current log-probs are those TRL computes
-for its old / reference ones (on-policy ratio 1, KL 0). With ``cast_lm_head_to_fp32=True`` both run
+half operands: so does ours (``logit_dtype``; the torch path and, on CUDA, the Triton kernels,
+which round their logit tile in-kernel), so that the current log-probs are those TRL computes for
+its old / reference ones (on-policy ratio 1, KL 0). With ``cast_lm_head_to_fp32=True`` both run
 the lm_head in fp32 with autocast off.
 
 Not supported — ``patch_grpo_trainer`` raises ``ValueError`` naming the setting rather than train

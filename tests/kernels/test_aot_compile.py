@@ -115,9 +115,10 @@ def test_every_launch_config_is_registered():
 
 def test_tma_forward_uses_tma_and_wgmma(aot_result):
     """The TMA forward's loads are TMA bulk tensor copies and its dots wgmma (sm_90), with and
-    without bias and for 16-byte (not 32-byte) row strides; no other kernel uses TMA."""
+    without bias, with logits rounded to bf16 or not, and for 16-byte (not 32-byte) row strides;
+    no other kernel uses TMA."""
     rows = [r for r in aot_result["compiled"] if r["kernel"].startswith("_linear_logprob_fwd_tma")]
-    assert len(rows) == 3, [r["kernel"] for r in rows]
+    assert len(rows) == 5, [r["kernel"] for r in rows]
     assert all(r["cc"] == 90 and r["dots"] == "wgmma" and r["tma"] for r in rows), rows
     others = [r["kernel"] for r in aot_result["compiled"] if r["tma"] and r not in rows]
     assert not others, others

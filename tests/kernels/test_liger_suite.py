@@ -137,9 +137,10 @@ def _assert_liger_luspo_differs(c, gen, liger_fn, ours_fn, *, bias, vllm, num_it
     assert worst > 2e-4, f"Liger's luspo agrees ({worst:.1e}): the README's difference row no longer holds"
 
 
-def _close(a, b, what, rtol=1e-4):
+def _close(a, b, what, rtol=1e-4, floor=0.0):
     s = b.abs().max().item()
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=1e-5 * s + 1e-7, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=1e-5 * s + 1e-7 + floor,
+                               msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("case", range(len(GRID)), ids=[f"{lt}-{lvl}-beta={k['beta']}-bias_kl="
@@ -169,7 +170,11 @@ def test_parity_with_installed_liger(case, gen):
     if diff is not None:
         # we follow TRL there: our float64 reference
         want, gh, gw = _trl_reference(c, bias=bias, vllm=ratio, num_items=num_items, opts=opts)
-        _close(ours[0], want, "loss vs TRL reference")
+        # fp32 against float64: the loss sums terms of size |advantage| of both signs and can
+        # cancel to ~1e-3 of them, so its error scales with the advantages, not with the loss
+        # (fp32 log-prob rounding: <= 2.4e-6 x max |A| over 4200 draws; seed 941627330 gave
+        # 3.1e-7 x max |A| on a loss of 2e-3, past a tolerance relative to the loss alone)
+        _close(ours[0], want, "loss vs TRL reference", floor=1e-5 * c["adv"].abs().max().item())
         _close(ours[2], gh, "grad hidden vs TRL reference")
         _close(ours[3], gw, "grad weight vs TRL reference")
         if diff == "luspo":

@@ -262,6 +262,23 @@ def test_triton_tma_persistent_grid_is_a_plain_launch_bitwise(monkeypatch, devic
 
 
 @needs_interp
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_tma_forward_rounds_logits_as_the_cp_async_one(device, bias):
+    """logit_dtype (an autocast lm_head) through the TMA forward: the same roundings as the
+    cp.async forward, so the same partials bit for bit -- and not those of unrounded logits."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward runs on sm_90+")
+    h, w, b, t = _tma_inputs(37, 300, 72, torch.bfloat16, seed=4, device=device)
+    b = b if bias else None
+    tma = LL._triton_forward(h, w, b, t, 1 / 0.7, logit_round=1, tma=True)
+    cp = LL._triton_forward(h, w, b, t, 1 / 0.7, logit_round=1, tma=False)
+    for a, c in zip(tma, cp):
+        assert torch.equal(a, c)
+    plain = LL._triton_forward(h, w, b, t, 1 / 0.7, logit_round=0, tma=True)
+    assert not torch.equal(plain[0], tma[0])
+
+
+@needs_interp
 def test_triton_tma_gpu_tiles(monkeypatch):
     """The sm_90 TMA tiles (128 x 128 x 64) run by the interpreter: H = 72 leaves a K tail of 8
     that the descriptor zero-fills; N and V are off the tiles."""
@@ -382,6 +399,93 @@ def test_triton_matches_chunked_torch(device):
     c = run_with_grads(ours("torch", 0.9), h, w, b, t, gl, ge)
     for k in a:
         torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit_dtype: the lm_head as an autocast one runs it (TRL under bf16=True, on CUDA and CPU)
+
+
+def dyadic_inputs(N, V, H, *, bias, seed):
+    """fp32 inputs exact in bf16 whose products and sums are exact in fp32 (h = k/16, w = k/32,
+    |logit| < 2^6 on a 2^-9 grid): every way of summing gives the same logit, so the bf16
+    rounding of the logits is decided exactly, ties included, and the reference can be exact."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-16, 17, (N, H), generator=g).float() / 16
+    w = torch.randint(-16, 17, (V, H), generator=g).float() / 32
+    b = torch.randint(-64, 65, (V,), generator=g).float() / 32 if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    t[0] = V - 1
+    gl = torch.randn(N, generator=g, dtype=torch.float64)
+    ge = torch.randn(N, generator=g, dtype=torch.float64)
+    return h, w, b, t, gl, ge
+
+
+def rounded_logits_ref(ld, T, round_logits=True):
+    """float64 reference: logits rounded to ``ld`` after the GEMM and after the bias (as an
+    autocast lm_head writes them), then a float64 log-softmax / entropy of logits / T."""
+    rnd = (lambda z: z.to(ld).double()) if round_logits else (lambda z: z)  # noqa: E731
+
+    def fn(h, w, b, t):
+        z = rnd(h.double() @ w.double().t())
+        if b is not None:
+            z = rnd(z + b.double())
+        lp = torch.log_softmax(z / T, dim=-1)
+        return lp.gather(-1, t[:, None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
+    return fn
+
+
+LOGIT_DTYPE_CASES = [
+    # N, V,   H,  T,   bias, logit dtype
+    (1, 61, 19, 1.0, True, torch.bfloat16),
+    (7, 97, 37, 0.7, False, torch.bfloat16),
+    (33, 130, 70, 1.3, True, torch.bfloat16),
+    (20, 257, 64, 1.0, True, torch.bfloat16),     # aligned K path
+    (18, 75, 45, 0.9, True, torch.float16),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("N,V,H,T,bias,ld", LOGIT_DTYPE_CASES)
+def test_logit_dtype_rounds_logits_like_autocast(device, backend, N, V, H, T, bias, ld):
+    """With ``logit_dtype`` both paths round the logit tile to it (after the GEMM and after the
+    bias) before the log-sum-exp, in the forward and in the backward's recompute: log-probs and
+    entropy match a float64 log-softmax of the rounded logits to fp32 accuracy, and not the
+    unrounded ones. The gradients (fp32 inputs: fp32 gradients, as TRL's) are the float64 ones
+    from the rounded logits with the logits' gradient rounded to ``ld``, as TRL's tile holds it."""
+    h, w, b, t, gl, ge = dyadic_inputs(N, V, H, bias=bias, seed=N * 7 + V)
+    fn = lambda h_, w_, b_, t_: fused_linear_logprob(  # noqa: E731
+        h_, w_, t_, temperature=T, bias=b_, return_entropy=True, backend=backend, logit_dtype=ld)
+    dev = lambda x: x.to(device) if x is not None else None  # noqa: E731
+    got = run_with_grads(fn, dev(h), dev(w), dev(b), dev(t), dev(gl), dev(ge))
+    got = {k: v.cpu() for k, v in got.items()}
+    want_logp, want_ent = rounded_logits_ref(ld, T)(h, w, b, t)
+    unrounded_logp, _ = rounded_logits_ref(ld, T, round_logits=False)(h, w, b, t)
+    torch.testing.assert_close(got["logp"].double(), want_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got["ent"].double(), want_ent, rtol=0, atol=2e-5)
+    assert (unrounded_logp - want_logp).abs().max() > 10 * 2e-5   # the rounding is visible
+
+    # gradients: dz in float64 from the rounded logits, rounded to ld, then the GEMMs
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    bd = b.double().requires_grad_() if b is not None else None
+    z = (hd @ wd.t()).detach().to(ld).double()
+    if b is not None:
+        z = (z + bd.detach()).to(ld).double()
+    z.requires_grad_()
+    lp_all = torch.log_softmax(z / T, dim=-1)
+    lp = lp_all.gather(-1, t[:, None]).squeeze(-1)
+    ent = -(lp_all.exp() * lp_all).sum(-1)
+    (dz,) = torch.autograd.grad((lp * gl).sum() + (ent * ge).sum(), z)
+    dz = dz.to(ld).double()
+    want = {"dh": dz @ w.double(), "dw": dz.t() @ h.double()}
+    if b is not None:
+        want["db"] = dz.sum(0)
+    for k, ref in want.items():
+        assert got[k].dtype == torch.float32, (k, got[k].dtype)
+        # a dz element may round the other way (fp32 vs float64 softmax at a bf16 tie): a
+        # few bf16 ulps of one term, far below the percent-level error of unrounded logits
+        torch.testing.assert_close(got[k].double(), ref, rtol=1e-3,
+                                   atol=1e-3 * ref.abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,11 +251,16 @@ def test_importing_the_adapter_does_not_import_trl():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32_weights", "bf16_weights"])
-def test_lm_head_precision_matches_trl_chunked_logprob(weight_dtype, bias):
+def test_lm_head_precision_matches_trl_chunked_logprob(weight_dtype, bias, backend):
     """The lm_head as TRL's fused head runs it under bf16 autocast (trl.kernels.ChunkedLogProbFunction,
-    its CPU path): log-probs, entropy and the gradients to hidden / weight / bias, on odd sizes."""
+    its CPU path; on CUDA its tile is the same bf16 GEMM output): log-probs, entropy and the gradients
+    to hidden / weight / bias, on odd sizes. ``triton``: our kernels (the CUDA path; here under
+    TRITON_INTERPRET), which round their logit tile to bf16 in-kernel."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1")
     from trl.kernels import ChunkedLogProbFunction
 
     from staged.kernels import fused_linear_logprob
@@ -276,7 +281,7 @@ def test_lm_head_precision_matches_trl_chunked_logprob(weight_dtype, bias):
                 lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, b, t, temp, 64, None, 1.0, ("entropy",))
             else:
                 lp, ent = fused_linear_logprob(h.to(w.dtype), w, t, temperature=temp, bias=b, return_entropy=True,
-                                               backend="torch", logit_dtype=torch.bfloat16)
+                                               backend=backend, logit_dtype=torch.bfloat16)
         ((lp * gl).sum() + (ent * ge).sum()).backward()
         outs.append((lp.detach(), ent.detach(), h.grad, w.grad, b.grad if bias else None))
     (l1, e1, gh1, gw1, gb1), (l2, e2, gh2, gw2, gb2) = outs
