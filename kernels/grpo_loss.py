@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from .aot import register_aot
+from .device import sm_count
 from .grpo_options import GRPOLossOptions, check_num_items, resolve_call
 from .reference.grpo_loss import EXP_CLAMP, KL_EXP_CLAMP, grpo_loss_reference
 
@@ -753,14 +754,6 @@ register_aot(_grpo_loss_bwd_kernel, {**_BWD_SIG, "DLOGP": "*bf16"},
 # Host side
 
 _S_MAX = 4096  # programs per sequence at most (a longer row loops over more tiles per program)
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:  # a device property: no sync, cached
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _launch_config(inp, block_size, device=None):
@@ -774,7 +767,7 @@ def _launch_config(inp, block_size, device=None):
     if block_size is None:
         block_size = min(max(triton.next_power_of_2(L), 16), 1024)
         if device is not None and device.type == "cuda":
-            target = 4 * _sm_count(device)
+            target = 4 * sm_count(device)
             while block_size > 256 and inp.B * -(-L // block_size) < target:
                 block_size //= 2
     elif block_size < 16 or block_size & (block_size - 1):

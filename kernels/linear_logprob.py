@@ -88,6 +88,7 @@ import triton
 import triton.language as tl
 
 from staged.kernels.aot import register_aot
+from staged.kernels.device import sm_count
 from staged.kernels.linear_logprob_chunked import chunked_linear_logprob
 
 # Transient device memory of forward + backward, as a fraction of the fp32 logits N * V * 4 B
@@ -129,6 +130,14 @@ def _logit_tile(h_rows, w_cols, b_ptr, offs_v, mask_n, mask_v, H,
             hk = hk.to(tl.float32)
             wk = wk.to(tl.float32)
         acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
+    return _add_bias_rounded(acc, b_ptr, offs_v, mask_v, HAS_BIAS, LOGIT_ROUND, RNE_BF16)
+
+
+@triton.jit
+def _add_bias_rounded(acc, b_ptr, offs_v, mask_v, HAS_BIAS: tl.constexpr, LOGIT_ROUND: tl.constexpr,
+                      RNE_BF16: tl.constexpr):
+    """The GEMM's fp32 sums -> the logit tile: rounded (LOGIT_ROUND), plus the bias, rounded
+    again, as an autocast lm_head writes and biases its output (see _round_logits)."""
     acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
@@ -171,6 +180,23 @@ def _grouped(pid, num_pid_a, num_pid_b, GROUP_A: tl.constexpr):
     pid_a = first_a + (pid % per_group) % group_size
     pid_b = (pid % per_group) // group_size
     return pid_a, pid_b
+
+
+@triton.jit
+def _lse_start(BLOCK_N: tl.constexpr):
+    """The running (max m, sum s, entropy term t, target logit zt) of BLOCK_N rows before the
+    first vocab tile; t = sum exp(z - m) (z - m), kept relative to m: entropy without cancelling."""
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    return m, tl.zeros([BLOCK_N], tl.float32), tl.zeros([BLOCK_N], tl.float32), tl.zeros([BLOCK_N], tl.float32)
+
+
+@triton.jit
+def _store_partials(out, mask_n, stride_part, m, s, t, zt):
+    """One split's (m, s, t, zt) of its rows into the [4, SPLITS, N] partials."""
+    tl.store(out, m, mask=mask_n)
+    tl.store(out + stride_part, s, mask=mask_n)
+    tl.store(out + 2 * stride_part, t, mask=mask_n)
+    tl.store(out + 3 * stride_part, zt, mask=mask_n)
 
 
 @triton.jit
@@ -227,10 +253,7 @@ def _linear_logprob_fwd_kernel(
     tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)
     h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn      # int64: N*H may pass 2^31
 
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    t = tl.zeros([BLOCK_N], tl.float32)      # sum exp(z - m) (z - m): entropy without cancelling
-    zt = tl.zeros([BLOCK_N], tl.float32)
+    m, s, t, zt = _lse_start(BLOCK_N)
 
     v_lo = pid_s * tiles_per_split * BLOCK_V
     v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, V)   # every split starts inside V
@@ -243,11 +266,7 @@ def _linear_logprob_fwd_kernel(
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
         m, s, t, zt = _online_lse(z, offs_v, tgt, m, s, t, zt)
 
-    out = part_ptr + pid_s * N + offs_n
-    tl.store(out, m, mask=mask_n)
-    tl.store(out + stride_part, s, mask=mask_n)
-    tl.store(out + 2 * stride_part, t, mask=mask_n)
-    tl.store(out + 3 * stride_part, zt, mask=mask_n)
+    _store_partials(part_ptr + pid_s * N + offs_n, mask_n, stride_part, m, s, t, zt)
 
 
 @triton.jit
@@ -266,11 +285,7 @@ def _logit_tile_tma(h_desc, w_desc, b_ptr, off_n, off_v, offs_v, mask_v, H,
             hk = hk.to(tl.float32)
             wk = wk.to(tl.float32)
         acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
-    acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        acc = _round_logits(acc, LOGIT_ROUND, RNE_BF16)
-    return acc
+    return _add_bias_rounded(acc, b_ptr, offs_v, mask_v, HAS_BIAS, LOGIT_ROUND, RNE_BF16)
 
 
 @triton.jit
@@ -308,10 +323,7 @@ def _linear_logprob_fwd_tma_kernel(
         mask_n = offs_n < N
         tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)
 
-        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_N], tl.float32)
-        t = tl.zeros([BLOCK_N], tl.float32)
-        zt = tl.zeros([BLOCK_N], tl.float32)
+        m, s, t, zt = _lse_start(BLOCK_N)
         v_lo = pid_s * tiles_per_split * BLOCK_V
         v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, V)
         for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -323,11 +335,7 @@ def _linear_logprob_fwd_tma_kernel(
             z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
             m, s, t, zt = _online_lse(z, offs_v, tgt, m, s, t, zt)
 
-        out = part_ptr + pid_s * N + offs_n
-        tl.store(out, m, mask=mask_n)
-        tl.store(out + stride_part, s, mask=mask_n)
-        tl.store(out + 2 * stride_part, t, mask=mask_n)
-        tl.store(out + 3 * stride_part, zt, mask=mask_n)
+        _store_partials(part_ptr + pid_s * N + offs_n, mask_n, stride_part, m, s, t, zt)
 
 
 @triton.jit
@@ -705,20 +713,10 @@ def _config(hidden: torch.Tensor, weight: torch.Tensor, tma=False) -> dict:
         else:
             cfg["TMA"] = {k: _TMA_CONFIG[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps",
                                                        "num_stages")}
-            cfg["TMA"]["PROGRAMS"] = _sm_count(hidden.device) * _TMA_CONFIG["CTAS_PER_SM"]
+            cfg["TMA"]["PROGRAMS"] = sm_count(hidden.device) * _TMA_CONFIG["CTAS_PER_SM"]
             cfg["TMA"]["SCRATCH"] = _TMA_SCRATCH_PER_PROGRAM
         cfg["TMA"].update(_CONFIG_OVERRIDE.get("TMA") or {})
     return cfg
-
-
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:  # a device property: no sync, cached
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _fwd_config(cfg: dict) -> dict:
