@@ -16,18 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from staged.kernels import grpo_loss
-from train_helpers import child_env, deterministic, read_records, run_train, train_cmd
+from train_helpers import child_env, deterministic, read_records, run_header, run_train, train_cmd
 
-TOML = """
-model = "{model}"
-output_dir = "{out}"
-seed = 3
-checkpoint_every = 1
-keep_checkpoints = 0
-tensorboard = false
-plot = false
-progress = false
-packing = {{ enabled = true }}
+TOML = run_header(seed=3, checkpoint_every=1) + """packing = {{ enabled = true }}
 
 [eval]
 synthetic = ["perception"]

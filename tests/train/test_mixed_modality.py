@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from train_helpers import assert_exports_match, assert_runs_match, read_records, run_train
+from train_helpers import assert_exports_match, assert_runs_match, read_records, run_header, run_train
 
 
 # An sft stage and a GRPO stage with a KL reference (beta > 0: the reference's vision tower is
@@ -19,16 +19,7 @@ from train_helpers import assert_exports_match, assert_runs_match, read_records,
 # from the warm checkpoint, at lr 1e-5. G = 4 so that the GRPO stage earns rewards: with none,
 # its gradient would be rounding noise that Adam turns into lr-sized steps of random sign,
 # different on 1 and 2 ranks (the drift tolerance assumes real gradients).
-MIXED_TOML = """
-model = "{model}"
-output_dir = "{out}"
-seed = 1
-checkpoint_every = 0
-keep_checkpoints = 0
-tensorboard = false
-plot = false
-progress = false
-
+MIXED_TOML = run_header(seed=1, checkpoint_every=0) + """
 [[stages]]
 name = "mixed-sft"
 type = "sft"

@@ -14,18 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import read_records, run_train
+from train_helpers import read_records, run_header, run_train
 
-QWEN3_TOML = """
-model = "{model}"
-output_dir = "{out}"
-seed = 3
-checkpoint_every = 0
-keep_checkpoints = 0
-tensorboard = false
-plot = false
-progress = false
-
+QWEN3_TOML = run_header(seed=3, checkpoint_every=0) + """
 [packing]
 enabled = true
 
@@ -120,16 +111,7 @@ def test_a_model_id_resolves_to_its_local_hf_cache_snapshot(tmp_path, monkeypatc
         local_checkpoint("Org/Missing")
 
 
-MIXED_TOML = """
-model = "{model}"
-output_dir = "{out}"
-seed = 1
-checkpoint_every = 0
-keep_checkpoints = 0
-tensorboard = false
-plot = false
-progress = false
-
+MIXED_TOML = run_header(seed=1, checkpoint_every=0) + """
 [[stages]]
 name = "mixed-grpo"
 data = {{ synthetic = ["perception", "textual"], num_samples = 32 }}

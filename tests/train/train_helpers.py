@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 
+def run_header(seed: int, checkpoint_every: int = 0) -> str:
+    """The top of a test run's TOML (``model`` and ``out`` filled in by .format later): no
+    tensorboard, plot or progress bar, no checkpoints kept beyond the run."""
+    return (f'model = "{{model}}"\noutput_dir = "{{out}}"\nseed = {seed}\n'
+            f"checkpoint_every = {checkpoint_every}\nkeep_checkpoints = 0\n"
+            "tensorboard = false\nplot = false\nprogress = false\n")
+
+
 # The compared runs start from a *warm* checkpoint: the embedded model after a short caption
 # SFT at a high lr (WARMUP_TOML, run once, on one process) so that GRPO earns non-zero rewards.
 # The warm-up is not part of the runs that 1-vs-2-rank tests compare: Adam turns the last-bit
@@ -41,16 +49,7 @@ batch = {{ prompts_per_step = 8, group_size = 1, micro_batch_size = 4 }}
 # (beta > 0) and several micro-batches (first, so that the first compared step is a GRPO step
 # from identical weights), GRPO with dapo's global token normaliser and no std normalisation on
 # a frozen vision tower, and an sft stage. Small lrs keep the drift between runs small.
-TINY_TOML = """
-model = "{model}"
-output_dir = "{out}"
-seed = 3
-checkpoint_every = 3
-keep_checkpoints = 0
-tensorboard = false
-plot = false
-progress = false
-
+TINY_TOML = run_header(seed=3, checkpoint_every=3) + """
 [[stages]]
 name = "perception"
 data = {{ synthetic = "perception", num_samples = 64 }}
