@@ -45,7 +45,12 @@ def _packed_forward(module: nn.Linear):
                 or type(w) not in (torch.Tensor, nn.Parameter)):  # a DTensor shard: not gathered
             return own(x)
         if held[0] is not w or held[1] != w._version:
-            held[:] = [w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), _ROWS_HINT)]
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _ROWS_HINT)
+            except RuntimeError:  # a build or CPU whose oneDNN refuses it: the module's own, from now on
+                module.forward = own
+                return own(x)
+            held[:] = [w, w._version, packed]
         return torch.ops.mkldnn._linear_pointwise(x, held[2], module.bias, "none", [], "")
     return forward
 

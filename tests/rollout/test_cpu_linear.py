@@ -52,3 +52,21 @@ def test_grad_other_dtypes_and_devices_use_the_modules_own_forward():
             assert torch.equal(lin64(x), torch.nn.functional.linear(x, lin64.weight, lin64.bias))
     with cpu_linear.packed_linears([lin], torch.device("meta")):
         assert "forward" not in vars(lin)
+
+
+def test_a_refused_reorder_falls_back_to_the_modules_forward(monkeypatch):
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+
+    calls = []
+
+    def refuse(*a):
+        calls.append(a)
+        raise RuntimeError("oneDNN: unsupported")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse, raising=False)
+    with torch.no_grad(), cpu_linear.packed_linears([lin], torch.device("cpu")):
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert len(calls) == 1  # asked once, then the module's own forward
+    assert "forward" not in vars(lin)
