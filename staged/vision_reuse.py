@@ -179,6 +179,17 @@ class StepVisionFeatures:
         out.backward(grad.to(out.dtype))
 
 
+def per_row_features(model, feats: torch.Tensor, grid_thw: torch.Tensor, num_images: list[int]) -> list:
+    """A tower call's output over several rows' images (in order) cut back into rows: row i's
+    ``num_images[i]`` images' features as one tensor, None for a row without an image."""
+    per_img = feats.split(tokens_per_image(model, grid_thw))
+    out, start = [], 0
+    for n in num_images:
+        out.append(torch.cat(per_img[start:start + n]) if n else None)
+        start += n
+    return out
+
+
 def rows_features(per_prompt, prompts: list[int]) -> torch.Tensor | None:
     """The features of rows showing ``prompts``' images (one prompt per row, the rows' order):
     ``per_prompt[p]`` [Nv_p, ...] (None: no image) repeated for each of its rows; None when no row
@@ -205,16 +216,10 @@ class PromptImages:
         """{distinct prompt: its images' features (None: no image)} from one ``tower`` call
         (``tower_features``: the unit itself, inside a root forward; ``image_features``: through
         the root's forward method); no call when no prompt has an image."""
-        out = dict.fromkeys(self.distinct)
         if self.pixel_values is None:
-            return out
-        per_img = tower(model, self.pixel_values, self.grid_thw).split(tokens_per_image(model, self.grid_thw))
-        start = 0
-        for p, n in zip(self.distinct, self.num_images):
-            if n:
-                out[p] = torch.cat(per_img[start:start + n])
-            start += n
-        return out
+            return dict.fromkeys(self.distinct)
+        feats = tower(model, self.pixel_values, self.grid_thw)
+        return dict(zip(self.distinct, per_row_features(model, feats, self.grid_thw, self.num_images)))
 
     def per_row(self, model) -> torch.Tensor | None:
         """The rows' features (``tower_features``' layout, the rows' order), the tower called once

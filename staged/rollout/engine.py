@@ -39,7 +39,7 @@ from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges,
                                       select_rows)
 from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled
 from staged.rollout.sampler import sample_tokens, suppress_index, uniform_from_seed
-from staged.vision_reuse import image_features, injected_image_features, supports_reuse, tokens_per_image
+from staged.vision_reuse import image_features, injected_image_features, per_row_features, supports_reuse
 
 CPU_CACHE_CAP_BYTES = 4 << 30
 
@@ -309,12 +309,8 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         feats = None
         if reuse and "pixel_values" in inputs:  # the tower once per distinct prompt, kept for training
             feats = image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
-            per_img = feats.split(tokens_per_image(model, inputs["image_grid_thw"]))
-            n_img = images_per_row(sub)
-            starts = [sum(n_img[:i]) for i in range(len(gs) + 1)]
-            for i, g in enumerate(gs):
-                if n_img[i]:
-                    sched.prompts[g].vision = torch.cat(per_img[starts[i]:starts[i + 1]])
+            for g, f in zip(gs, per_row_features(model, feats, inputs["image_grid_thw"], images_per_row(sub))):
+                sched.prompts[g].vision = f
         with injected_image_features(model, feats) if feats is not None else contextlib.nullcontext():
             out = model(**inputs, use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
         logits = out.logits[:, -1].float()
