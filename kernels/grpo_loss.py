@@ -97,6 +97,16 @@ def _row_bounds(CU, b, T, N, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _program_row(CU, S, T, N, PACKED: tl.constexpr):
+    """(program id, row b, slice sp, the row's first token, its length) of this program: B * S
+    programs, program pid = (b, sp) taking tiles sp, sp + S, ... of row b."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // S
+    start, end = _row_bounds(CU, b, T, N, PACKED)
+    return pid, b, pid - b * S, start, end - start
+
+
+@triton.jit
 def _load_mask(MASK, offs, inb, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         m = tl.load(MASK + offs, mask=inb, other=0).to(tl.float32)
@@ -209,11 +219,7 @@ def _grpo_loss_rows_kernel(
     sums tiles sp, sp + S, ... of row b. Slots: 0 sum m x, 1 sum m, 2 sum of the vLLM log-ratio,
     3 VESPO sum of clamped m x, 4 VESPO summed log vLLM ratio, 5 max y (y = ref - logp),
     6 sum m e^(y - slot 5), 7 sum m y (5-7: sequence-level bias-corrected KL only)."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // S
-    sp = pid - b * S
-    start, end = _row_bounds(CU, b, T, N, PACKED)
-    n = end - start
+    pid, b, sp, start, n = _program_row(CU, S, T, N, PACKED)
     cols = tl.arange(0, BLOCK)
     acc_x = tl.zeros([BLOCK], tl.float32)
     acc_m = tl.zeros([BLOCK], tl.float32)
@@ -291,11 +297,7 @@ def _grpo_loss_fwd_kernel(
 ):
     # program (b, sp) handles tiles sp, sp + S, sp + 2S, ... of sequence b: a long sequence is
     # spread over S programs (S ~ its length / BLOCK), so few long sequences still fill the GPU
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // S
-    sp = pid - b * S
-    start, end = _row_bounds(CU, b, T, N, PACKED)
-    n = end - start
+    pid, b, sp, start, n = _program_row(CU, S, T, N, PACKED)
     cols = tl.arange(0, BLOCK)
     adv = tl.load(ADV + b).to(tl.float32)
     lo = 1.0 - eps_low
@@ -655,11 +657,7 @@ def _grpo_loss_bwd_kernel(
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DIRECT: tl.constexpr,
     SEQ_LEVEL: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // S
-    sp = pid - b * S
-    start, end = _row_bounds(CU, b, T, N, PACKED)
-    n = end - start
+    pid, b, sp, start, n = _program_row(CU, S, T, N, PACKED)
     cols = tl.arange(0, BLOCK)
     w = tl.load(WB) * tl.load(DLOSS).to(tl.float32)
     if PER_ROW or SEQ_LEVEL:
