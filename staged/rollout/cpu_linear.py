@@ -8,7 +8,10 @@ Two reasons, both measured (1 thread, fp32, the benchmark's V = 151,936, H = 256
 * batch invariance: MKL picks its kernel by row count (below 17 rows another kernel, another
   summation order), so a row's logits changed with the number of live rows beside it -- a 1e-6
   wobble that could flip a sampled token. oneDNN's reordered-weight kernel gives every row the
-  same bits for 1..64 rows. With every linear of the decode step through it (the rest of the
+  same bits for any row count in fp32 -- but for one: with a fan-in over 1,024 it runs a single
+  row through another kernel (a gemv: other bits), so a lone row is computed as two copies of
+  itself; in bf16 the kernel also changes above 32 rows, so bf16 rows go 32 at a time.
+  With every linear of the decode step through it (the rest of the
   step -- norms, rotary, paged attention, the sampler -- is per row), a row's completion depends
   on its prompt and seed only, exactly.
 
@@ -25,6 +28,9 @@ from torch import nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _ROWS_HINT = 64  # the reorder's batch-size hint: any row count works with the result
+# bf16 kernels switch with the row count above 32 (measured: 33-36 and 37+ rows each another
+# summation order at K = 1536), so bf16 rows go through in chunks of at most this many.
+BF16_ROWS = 32
 
 
 def available() -> bool:
@@ -51,8 +57,24 @@ def _packed_forward(module: nn.Linear):
                 module.forward = own
                 return own(x)
             held[:] = [w, w._version, packed]
-        return torch.ops.mkldnn._linear_pointwise(x, held[2], module.bias, "none", [], "")
+        return _rows_invariant(x, held[2], module.bias)
     return forward
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _rows_invariant(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The linear on rows ``x`` [..., K], each row's result independent of the row count."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:  # one row: doubled, so that it takes the many-row kernel
+        y = _linear(torch.cat([rows, rows]), packed, bias)[:1]
+    elif x.dtype == torch.bfloat16 and rows.shape[0] > BF16_ROWS:
+        y = torch.cat([_linear(c, packed, bias) for c in rows.split(BF16_ROWS)])
+    else:
+        return _linear(x, packed, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @contextlib.contextmanager

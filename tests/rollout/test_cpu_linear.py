@@ -9,7 +9,8 @@ from staged.rollout import cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch has no oneDNN linear ops")
 
-SHAPES = [(64, 64, True), (24, 100, False), (256, 151_936, False), (37, 5, True)]
+# Fan-ins over 1,024: oneDNN runs a lone row through another kernel (a gemv) unless it is doubled.
+SHAPES = [(64, 64, True), (24, 100, False), (256, 151_936, False), (37, 5, True), (1280, 96, True), (1536, 40, False)]
 
 
 @pytest.mark.parametrize("fan_in,fan_out,bias", SHAPES)
@@ -22,9 +23,25 @@ def test_rows_do_not_depend_on_the_row_count(fan_in, fan_out, bias):
         full = lin(x)
         for n in (1, 2, 3, 7, 16, 17, 33):
             assert torch.equal(lin(x[:n].contiguous()), full[:n]), n
+        assert torch.equal(lin(x[5, 0]), full[5, 0])  # one row without a batch dimension
+        many = x.repeat(20, 1, 1)[:700]  # a prefill's many rows
+        assert torch.equal(lin(many), full.repeat(20, 1, 1)[:700])
         perm = torch.randperm(40, generator=gen)
         assert torch.equal(lin(x[perm]), full[perm])
     torch.testing.assert_close(full.double(), ref, atol=1e-5 * fan_in ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in,fan_out", [(1536, 640), (1024, 96), (64, 48)])
+def test_bf16_rows_do_not_depend_on_the_row_count(fan_in, fan_out):
+    gen = torch.Generator().manual_seed(fan_in)
+    lin = nn.Linear(fan_in, fan_out).bfloat16()
+    x = torch.randn(100, fan_in, generator=gen).bfloat16()
+    with torch.no_grad(), cpu_linear.packed_linears([lin], torch.device("cpu")):
+        full = lin(x)
+        for n in (1, 2, 31, 32, 33, 36, 37, 64, 99):
+            assert torch.equal(lin(x[:n]), full[:n]), n
+    ref = x.double() @ lin.weight.double().t() + lin.bias.double()
+    torch.testing.assert_close(full.double(), ref, atol=2e-2 * fan_in ** 0.5 / 16, rtol=1e-2)
 
 
 def test_weight_changes_are_seen_and_the_forward_is_restored():

@@ -304,18 +304,21 @@ def test_end_tokens_default_to_the_models_generation_config(models):
         model.generation_config.eos_token_id = EOS
 
 
-def test_a_rows_completion_ignores_its_neighbours_at_the_real_vocabulary():
+@pytest.mark.parametrize("V,hidden", [(151_936, 64), (32_768, 1152)])
+def test_a_rows_completion_ignores_its_neighbours_at_the_real_vocabulary(V, hidden):
     """At 151,936 tokens a random model's distribution is nearly flat: an inverse-CDF draw moves to
     another token for a logit wobble of ~1e-6 at a few percent of the steps, so any dependence of a
     row's numbers on the rows beside it shows up as other tokens here (it did before the decode
-    step became batch invariant on a CPU)."""
+    step became batch invariant on a CPU). Hidden 1,152: oneDNN runs a lone row of a fan-in over
+    1,024 through another kernel (the last live row of a rollout, a single-row sub-batch)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    V = 151_936
-    cfg = tf.Qwen2_5_VLConfig(text_config=dict(TEXT, vocab_size=V, intermediate_size=64, num_hidden_layers=1), vision_config=dict(
+    text = dict(TEXT, vocab_size=V, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=hidden // 16)  # head_dim 16: the mrope sections' size
+    cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=dict(
         depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0], out_hidden_size=64), **IDS)
+        temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0], out_hidden_size=hidden), **IDS)
     model = tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.config.get_text_config()._attn_implementation_internal = "sdpa"
     gen = torch.Generator().manual_seed(11)
