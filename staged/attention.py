@@ -406,10 +406,22 @@ def vision_row_mask(batch) -> torch.Tensor:
 
 def packed_text_forward(model, batch, embeds: torch.Tensor, position_ids: torch.Tensor, *,
                         deepstack: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The text model on a packed micro-batch's rows (``text_forward_varlen`` over its
+    ``table.cu_seqlens``; Qwen3-VL's deepstack into its vision rows). Returns [T, H]."""
+    t = batch.table
+    return text_forward_varlen(model, embeds, position_ids, t.cu_seqlens, batch.seqlens, t.max_seqlen,
+                               deepstack=deepstack, vision_rows=vision_row_mask(batch) if len(deepstack) else None)
+
+
+def text_forward_varlen(model, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                        seqlens: Sequence[int], max_seqlen: int, *, deepstack: Sequence[torch.Tensor] = (),
+                        vision_rows: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """The text model on packed rows: ``embeds`` [T, H], ``position_ids`` [4, T] (row 0 the
-    per-sample arange, rows 1-3 mrope), varlen attention over ``batch.table.cu_seqlens``, and
-    for Qwen3-VL the ``deepstack`` features [Nv, H] (span order) added to the vision rows after
-    the first ``len(deepstack)`` decoder layers. Returns the final hidden states [T, H].
+    per-sample arange, rows 1-3 mrope), varlen attention over ``cu_seqlens`` (host lengths
+    ``seqlens``), and for Qwen3-VL the ``deepstack`` features [Nv, H] (span order) added to the
+    ``vision_rows`` ([T] bool) after the first ``len(deepstack)`` decoder layers. ``cache``: a
+    DynamicCache to fill with every layer's keys / values (the rollout's prefill), or None.
+    Returns the final hidden states [T, H]. The text model's attention must be ``staged_varlen``.
 
     Masks: Qwen2-VL / Qwen2.5-VL's text model takes a ready mask per layer type (a dict of
     None: nothing is built). Qwen3-VL's text model always calls ``create_causal_mask``, which
@@ -419,13 +431,12 @@ def packed_text_forward(model, batch, embeds: torch.Tensor, position_ids: torch.
 
     Deepstack goes through the text model's own ``visual_pos_masks`` /
     ``deepstack_visual_embeds`` arguments (transformers >= 4.57, 5.x): the features of the
-    micro-batch's vision rows in packed order, which is span order. Host sync: transformers
-    indexes the hidden states with the boolean row mask (one ``nonzero`` per deepstack layer,
-    on CUDA)."""
+    vision rows in packed order, which is span order. Host sync: transformers indexes the
+    hidden states with the boolean row mask (one ``nonzero`` per deepstack layer, on CUDA)."""
+    from staged.rollout.interface import cache_kwarg
+
     inner, _ = _vl_parts(model)
-    t = batch.table
-    cu = t.cu_seqlens
-    register_seqlens(cu, batch.seqlens)  # host lengths for the sdpa loop: no readback
+    register_seqlens(cu_seqlens, seqlens)  # host lengths for the sdpa loop: no readback
     text = inner.language_model
     kw = {}
     if _text_takes_deepstack(text):
@@ -435,16 +446,17 @@ def packed_text_forward(model, batch, embeds: torch.Tensor, position_ids: torch.
             if len(deepstack) > n_layers:
                 raise ValueError(f"packed_text_forward: {len(deepstack)} deepstack feature sets for "
                                  f"{n_layers} decoder layers")
-            kw = dict(visual_pos_masks=vision_row_mask(batch)[None],
-                      deepstack_visual_embeds=list(deepstack))
+            kw = dict(visual_pos_masks=vision_rows[None], deepstack_visual_embeds=list(deepstack))
     else:
         if len(deepstack):
             raise ValueError(f"packed_text_forward: {type(text).__name__} takes no deepstack features")
         layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
         mask = {k: None for k in set(layer_types) | {"full_attention"}}
+    if cache is not None:
+        kw[cache_kwarg(text)] = cache
     out = text(inputs_embeds=embeds[None], position_ids=position_ids[:, None, :], attention_mask=mask,
-               use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=t.max_seqlen,
-               max_length_k=t.max_seqlen, **kw)
+               use_cache=cache is not None, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+               max_length_q=max_seqlen, max_length_k=max_seqlen, **kw)
     return out.last_hidden_state[0]
 
 

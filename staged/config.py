@@ -409,7 +409,7 @@ class RolloutConfig:
     kv_cache_memory_fraction: float = 0.3
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
-    """Prompt tokens per prefill forward (at least one prompt); on a CPU one prompt per forward."""
+    """Prompt tokens per prefill forward (at least one prompt; packed on a CPU, padded elsewhere)."""
     cuda_graphs: bool = True
     """Engine paged on CUDA: decode steps at static shapes (rows padded to power-of-two buckets),
     each shape captured once per rollout as a CUDA graph and replayed (staged.rollout.graphs);

@@ -43,6 +43,7 @@ from staged.models.loading import (decoder_layers, input_embeddings, language_mo
                                    load_processor, vision_module)
 from staged.rewards import compute_rewards
 from staged.rollout import SamplingParams, generate, model_inputs, position_ids, row_seed, select_rows
+from staged.rollout import prefill as rollout_prefill
 from staged.vision_reuse import StepVisionFeatures
 
 LOGPROBS = "staged_logprobs"  # the FSDP forward method bound onto the policy and reference models
@@ -98,6 +99,7 @@ def build_model(path: Path, cfg: TrainConfig, d: parallel.Dist, freeze: list[str
     parallel.bind_forward_method(model, LOGPROBS, token_logprobs)
     parallel.bind_forward_method(model, packed_step.PACKED_LOGPROBS, packed_step.packed_token_logprobs)
     parallel.bind_forward_method(model, vision_reuse.FORWARD_METHOD, vision_reuse.tower_features)
+    parallel.bind_forward_method(model, rollout_prefill.PREFILL_METHOD, rollout_prefill.packed_prefill)
     model.train(trainable)
     return model, processor
 

@@ -38,6 +38,7 @@ from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
                                       select_rows)
 from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled
+from staged.rollout.prefill import run_packed_prefill, supports_packed_prefill
 from staged.rollout.sampler import sample_tokens, suppress_index, uniform_from_seed
 from staged.vision_reuse import image_features, injected_image_features, per_row_features, supports_reuse
 
@@ -291,10 +292,56 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     t_of = [0] * S
     cur_tok = torch.zeros(S + 1, dtype=torch.long, device=device)
 
+    # On a CPU the prompts of a prefill go packed (no padding: a prompt's K/V and logits are the
+    # same bits whatever prompts share the forward; staged.rollout.prefill), elsewhere left-padded.
+    packed = device.type == "cpu" and supports_packed_prefill(model)
+    has_images = images_per_row(batch)
+
     def prefill(gs: list[int]) -> None:
+        t0 = time.perf_counter()
+        (prefill_packed if packed else prefill_padded)(gs)
+        stats["prefill_s"] += time.perf_counter() - t0
+        stats["prefill_tokens"] += sum(sched.prompts[g].length for g in gs)
+        stats["prefill_forwards"] += 1
+
+    def store_prefix(g: int, k_of, v_of, logits: torch.Tensor) -> None:
+        """Prompt ``g``'s K/V (``k_of(layer)`` / ``v_of(layer)``: [P, kv_heads, head_dim]) into
+        its blocks, its last logits kept for its rows' first tokens."""
+        blocks = sched.take_prefix(g)
+        for layer in range(n_layers):
+            cache.write_prompt(layer, blocks, k_of(layer).to(kv_dtype), v_of(layer).to(kv_dtype))
+        sched.prompts[g].logits = logits
+
+    def prefill_packed(gs: list[int]) -> None:
+        """Distinct prompts ``gs`` as one packed sequence (staged.rollout.prefill); the tower once
+        per prompt, its features kept for training."""
+        from transformers import DynamicCache
+
+        ids, pos, feats = [], [], []
+        for g in gs:
+            r = sched.prompts[g].rows[0]
+            keep = batch["attention_mask"][r].bool()
+            ids.append(batch["input_ids"][r][keep].to(device))
+            pos.append(batch["position_ids"][:, r][:, keep].to(device))
+            f = None
+            if has_images[r]:
+                inputs = model_inputs(select_rows(batch, [r]), device, dtype)
+                f = image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
+            feats.append(f)
+            if reuse:
+                sched.prompts[g].vision = f
+        dc = DynamicCache(config=model.config)
+        logits = run_packed_prefill(model, ids, pos, feats, dc)
+        start = 0
+        for i, g in enumerate(gs):
+            a, b = start, start + sched.prompts[g].length
+            store_prefix(g, lambda layer: _layer_kv(dc, layer)[0][0, :, a:b].transpose(0, 1),
+                         lambda layer: _layer_kv(dc, layer)[1][0, :, a:b].transpose(0, 1), logits[i])
+            start = b
+
+    def prefill_padded(gs: list[int]) -> None:
         """Distinct prompts ``gs`` through the full model once (left-padded to the longest), their
         K/V into the pool, their last logits kept for their rows' first tokens."""
-        t0 = time.perf_counter()
         rows = [sched.prompts[g].rows[0] for g in gs]
         sub = select_rows(batch, rows)
         keep = int(max(prompt_lens[r] for r in rows))
@@ -315,16 +362,9 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             out = model(**inputs, use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
         logits = out.logits[:, -1].float()
         for i, g in enumerate(gs):
-            p = sched.prompts[g]
-            blocks = sched.take_prefix(g)
-            for layer in range(n_layers):
-                k, v = _layer_kv(dc, layer)
-                cache.write_prompt(layer, blocks, k[i, :, keep - p.length:].transpose(0, 1).to(kv_dtype),
-                                   v[i, :, keep - p.length:].transpose(0, 1).to(kv_dtype))
-            p.logits = logits[i]
-        stats["prefill_s"] += time.perf_counter() - t0
-        stats["prefill_tokens"] += sum(sched.prompts[g].length for g in gs)
-        stats["prefill_forwards"] += 1
+            a = keep - sched.prompts[g].length
+            store_prefix(g, lambda layer: _layer_kv(dc, layer)[0][i, :, a:].transpose(0, 1),
+                         lambda layer: _layer_kv(dc, layer)[1][i, :, a:].transpose(0, 1), logits[i])
 
     def emit(rows: torch.Tensor, t: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Sample token t of each of ``rows`` and record it (nothing recorded once a row is done)."""
@@ -356,9 +396,9 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
                 continue
             live = sched.admit(s)
             if live is None and sched.pending:
-                # On a CPU one prompt per forward: no padding to a neighbour's length, so a prompt's
-                # K/V (and vision features) are the same bits whatever prompts share the step.
-                gs = sched.prompts_to_prefill(params.prefill_tokens if device.type != "cpu" else 1)
+                # A padded prefill on a CPU (a model the packed one cannot run) goes one prompt per
+                # forward: no padding to a neighbour's length, so a prompt's K/V stay its own bits.
+                gs = sched.prompts_to_prefill(params.prefill_tokens if packed or device.type != "cpu" else 1)
                 if gs:
                     prefill(gs)
                     live = sched.admit(s)

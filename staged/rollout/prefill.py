@@ -1,0 +1,84 @@
+"""The paged engine's prefill of several distinct prompts as ONE packed forward (varlen).
+
+The prompts are concatenated without padding into one [1, T] sequence; the text model runs with
+``staged_varlen`` attention (each prompt attends within itself: staged.attention) and a
+DynamicCache that collects every layer's keys / values, which the engine then cuts per prompt
+into its paged cache. The vision tower runs once per prompt, as in the one-prompt-per-forward
+prefill it replaces, and its features are scattered into the image tokens' rows.
+
+Why packed: a padded batch makes a prompt's numbers depend on its neighbours' lengths (the pad
+changes the attention's key count and, through the rows count, the GEMM kernels), and one
+forward per prompt pays the model's whole Python overhead per prompt and a memory-bound
+one-row lm_head each. Packed, every op is per row (oneDNN linears on a CPU give a row the same
+bits whatever the row count: staged.rollout.cpu_linear) or per prompt (attention), so a prompt's
+K/V and logits are the same bits whichever prompts share the forward, at one forward's cost.
+
+Under FSDP2 the trainer binds ``packed_prefill`` as a root forward method (``PREFILL_METHOD``):
+the embeddings, final norm and lm_head are gathered the FSDP way before it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from staged import attention
+from staged.models.loading import base_model
+from staged.vision_reuse import split_features, supports_reuse
+
+PREFILL_METHOD = "staged_packed_prefill"
+
+
+def supports_packed_prefill(model) -> bool:
+    """A Qwen-VL model whose image features can be computed apart and injected (the tower per
+    prompt; staged.vision_reuse) -- the same models the packed training forward runs."""
+    return supports_reuse(model)
+
+
+@contextlib.contextmanager
+def varlen_attention_enabled(text_config):
+    """The text model's layers call ``staged_varlen`` while this is open (restored on exit)."""
+    attention.register_attention()
+    old = text_config._attn_implementation_internal
+    text_config._attn_implementation_internal = attention.ATTN_NAME
+    try:
+        yield
+    finally:
+        text_config._attn_implementation_internal = old
+
+
+def packed_prefill(model, input_ids: list[torch.Tensor], position_ids: list[torch.Tensor],
+                   features: list[torch.Tensor | None], cache) -> torch.Tensor:
+    """Prompts ``input_ids`` (each [L] int64, unpadded), their mrope ``position_ids`` ([3, L]) and
+    image ``features`` (``tower_features``' layout, [Nv, H * (1 + deepstack)], or None), all on the
+    model's device, through the text model as one packed sequence. ``cache``: a DynamicCache that
+    receives every layer's keys / values [1, kv_heads, sum L, head_dim], the prompts in order.
+    Returns the logits after each prompt's last token [P, V] fp32."""
+    inner = base_model(model)
+    text = inner.language_model
+    lengths = [int(x.shape[0]) for x in input_ids]
+    ids = torch.cat(input_ids)
+    rows = [torch.arange(n, device=ids.device) for n in lengths]
+    pos = torch.cat([torch.cat([r[None], p]) for r, p in zip(rows, position_ids)], dim=1)  # [4, T]: row 0 text
+    embeds = text.embed_tokens(ids)
+    feats = [f for f in features if f is not None]
+    deepstack, vision_rows = (), None
+    if feats:
+        merged, deepstack = split_features(model, torch.cat(feats))
+        vision_rows = ids == model.config.image_token_id
+        if int(vision_rows.sum()) != merged.shape[0]:
+            raise ValueError(f"packed prefill: {int(vision_rows.sum())} image tokens but {merged.shape[0]} image "
+                             f"features")
+        embeds = embeds.masked_scatter(vision_rows[:, None], merged.to(embeds.dtype))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=ids.device)
+    with varlen_attention_enabled(text.config):
+        hidden = attention.text_forward_varlen(model, embeds, pos, cu, lengths, max(lengths),
+                                               deepstack=deepstack, vision_rows=vision_rows, cache=cache)
+    last = hidden[cu[1:].long() - 1]
+    return model.get_output_embeddings()(last).float()
+
+
+def run_packed_prefill(model, *args) -> torch.Tensor:
+    """``packed_prefill`` through the root's FSDP forward method when the trainer bound one."""
+    fn = getattr(model, PREFILL_METHOD, None)
+    return fn(*args) if fn is not None else packed_prefill(model, *args)
