@@ -169,7 +169,26 @@ def normalize_batch(model, batch: dict) -> dict:
             raise ValueError("images_per_row missing and the rows' image tokens do not match image_grid_thw's "
                              "images in order; pass images_per_row")
         batch["images_per_row"] = out
+    _check_image_tokens(model, batch)
     return batch
+
+
+def _check_image_tokens(model, batch: dict) -> None:
+    """Each row's image placeholders must be as many as its images' tokens: otherwise the
+    features land on the wrong tokens (or transformers fails deep inside with a shape error)."""
+    grid = batch.get("image_grid_thw")
+    cfg = model.config
+    image_token = getattr(cfg, "image_token_id", None)
+    if image_token is None:
+        return
+    merge = getattr(getattr(cfg, "vision_config", cfg), "spatial_merge_size", 2)
+    per_image = (grid.prod(-1) // (merge * merge)).tolist() if grid is not None else []
+    tokens = ((batch["input_ids"] == image_token) & batch["attention_mask"].bool()).sum(-1).tolist()
+    for r, ((a, b), n) in enumerate(zip(image_ranges(batch)[0], tokens)):
+        if sum(per_image[a:b]) != n:
+            raise ValueError(f"rollout batch row {r}: {n} image tokens in its input_ids but its {b - a} image(s) "
+                             f"give {sum(per_image[a:b])} features (image_grid_thw / images_per_row do not match "
+                             f"the prompt)")
 
 
 def image_ranges(batch: dict) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

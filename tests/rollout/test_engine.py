@@ -334,3 +334,13 @@ def test_a_rows_completion_ignores_its_neighbours_at_the_real_vocabulary(V, hidd
         ro = generate(model, select_rows(batch, rows), dataclasses.replace(p, batch_size=slots), seeds=seeds[rows])
         assert torch.equal(ro.completion_ids, ref.completion_ids[rows]), (rows, slots)
         assert torch.equal(ro.logprobs, ref.logprobs[rows]), (rows, slots)
+
+
+def test_image_tokens_that_do_not_match_the_images_are_an_error_naming_the_row(models):
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(4)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    col = int((batch["input_ids"][0] == IMG).nonzero()[0])
+    batch["input_ids"][0, col] = 5  # one of row 0's 4 image tokens turned into text
+    with pytest.raises(ValueError, match=r"row 0: 3 image tokens in its input_ids but its 1 image\(s\) give 4 features"):
+        generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
