@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from staged.models.loading import base_model
+from staged.models.loading import base_model, vision_module
 from staged.rollout.cache import PagedKVCache, blocks_for
 from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
@@ -238,9 +238,13 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     """(ids, mask, logps) [B, Tc], engine stats, the distinct prompts' image features (None
     without reuse) and row -> distinct prompt; see the module doc. ``dtype``: what pixel values
     are cast to (the cache takes the decoder weights' dtype)."""
-    # On a CPU the decoder's and lm_head's linears run with reordered weights: faster, and a row's
-    # numbers do not depend on how many rows share a step (staged.rollout.cpu_linear).
-    with packed_linears([base_model(model).language_model, model.get_output_embeddings()], device):
+    # On a CPU the decoder's, lm_head's and vision tower's linears run with reordered weights:
+    # faster, and a row's numbers do not depend on how many rows share a step, nor an image's
+    # features on the images beside it in a tower call (staged.rollout.cpu_linear).
+    modules = [base_model(model).language_model, model.get_output_embeddings()]
+    if supports_packed_prefill(model):
+        modules.append(vision_module(model))
+    with packed_linears(modules, device):
         return _generate_paged(model, batch, params, seeds, device, dtype)
 
 
@@ -314,21 +318,22 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
 
     def prefill_packed(gs: list[int]) -> None:
         """Distinct prompts ``gs`` as one packed sequence (staged.rollout.prefill); the tower once
-        per prompt, its features kept for training."""
+        over their images, the features kept for training."""
         from transformers import DynamicCache
 
-        ids, pos, feats = [], [], []
-        for g in gs:
-            r = sched.prompts[g].rows[0]
+        rows = [sched.prompts[g].rows[0] for g in gs]
+        ids, pos = [], []
+        for r in rows:
             keep = batch["attention_mask"][r].bool()
             ids.append(batch["input_ids"][r][keep].to(device))
             pos.append(batch["position_ids"][:, r][:, keep].to(device))
-            f = None
-            if has_images[r]:
-                inputs = model_inputs(select_rows(batch, [r]), device, dtype)
-                f = image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
-            feats.append(f)
-            if reuse:
+        feats = [None] * len(gs)
+        if any(has_images[r] for r in rows):  # one tower call for all their images
+            inputs = model_inputs(select_rows(batch, rows), device, dtype)
+            feats = per_row_features(model, image_features(model, inputs["pixel_values"], inputs["image_grid_thw"]),
+                                     inputs["image_grid_thw"], [has_images[r] for r in rows])
+        if reuse:
+            for g, f in zip(gs, feats):
                 sched.prompts[g].vision = f
         dc = DynamicCache(config=model.config)
         logits = run_packed_prefill(model, ids, pos, feats, dc)

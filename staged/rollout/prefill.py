@@ -3,8 +3,9 @@
 The prompts are concatenated without padding into one [1, T] sequence; the text model runs with
 ``staged_varlen`` attention (each prompt attends within itself: staged.attention) and a
 DynamicCache that collects every layer's keys / values, which the engine then cuts per prompt
-into its paged cache. The vision tower runs once per prompt, as in the one-prompt-per-forward
-prefill it replaces, and its features are scattered into the image tokens' rows.
+into its paged cache. The vision tower runs once over the prompts' images (the caller's job; its
+linears on reordered weights make an image's features independent of the images beside it) and
+the features are scattered into the image tokens' rows.
 
 Why packed: a padded batch makes a prompt's numbers depend on its neighbours' lengths (the pad
 changes the attention's key count and, through the rows count, the GEMM kernels), and one

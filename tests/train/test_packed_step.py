@@ -302,7 +302,7 @@ def test_reference_tower_runs_once_per_distinct_image_and_step(model, packing, r
     ref = [img for call in runs[True]["reference"] for img in call]
     assert len(ref) == prompts and len(set(ref)) == prompts, [len(c) for c in runs[True]["reference"]]
     assert sum(len(c) for c in runs[False]["reference"]) == G * prompts  # today's path, per row
-    # the policy: the rollout's prefill once per prompt (the tower per prompt), then
+    # the policy: the rollout's prefill once per prompt (one tower call per prefill forward), then
     # each training forward once per distinct image
     def rollout_and_training(calls):
         k = next(i for i in range(1, len(calls) + 1) if sum(map(len, calls[:i])) >= prompts)
