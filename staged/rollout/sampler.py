@@ -20,6 +20,8 @@ _M32 = 0xFFFFFFFF
 TILE = 1024
 # On a CPU the vocabulary is processed in chunks of this many columns (a multiple of TILE): a
 # [40, 8,192] fp32 chunk is 1.3 MB, in L2 while the passes over it run (see _chunk_weights).
+# Fixed, not sized from the row count: a row's weights depend on its chunks' maxes, and so would
+# then depend on how many rows share its step.
 CHUNK = 8 * TILE
 _LOWEST = torch.finfo(torch.float32).min
 
@@ -81,9 +83,10 @@ def _tile_sums(weights: torch.Tensor) -> torch.Tensor:
     """[B, ceil(V / TILE)] fp32 sums of ``weights`` [B, V] per TILE-token tile."""
     B, V = weights.shape
     full = V // TILE
+    if not V % TILE:
+        return weights.view(B, full, TILE).sum(-1)
     sums = [weights[:, :full * TILE].view(B, full, TILE).sum(-1)] if full else []
-    if V % TILE:
-        sums.append(weights[:, full * TILE:].sum(-1, keepdim=True))
+    sums.append(weights[:, full * TILE:].sum(-1, keepdim=True))
     return torch.cat(sums, dim=1)
 
 
@@ -137,7 +140,9 @@ def _chunk_weights(e: torch.Tensor, temperature: float, suppress: torch.Tensor |
         sums.append(_tile_sums(z))
     maxes = torch.cat(maxes, 1)
     top = maxes.amax(-1, keepdim=True)
-    tile_scale = (maxes - top).exp_().repeat_interleave(-(-width // TILE), 1)[:, :-(-V // TILE)]
+    per_chunk = -(-width // TILE)
+    tile_scale = (maxes - top).exp_()[:, :, None].expand(B, maxes.shape[1], per_chunk).reshape(B, -1)
+    tile_scale = tile_scale[:, :-(-V // TILE)]
     return maxes, torch.cat(sums, 1) * tile_scale, tile_scale, top, width
 
 
