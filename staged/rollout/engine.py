@@ -37,7 +37,7 @@ from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
                                       select_rows)
-from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled
+from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled, token_index
 from staged.rollout.prefill import run_packed_prefill, supports_packed_prefill
 from staged.rollout.sampler import sample_tokens, suppress_index, uniform_from_seed
 from staged.vision_reuse import image_features, injected_image_features, per_row_features, supports_reuse
@@ -468,6 +468,9 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device)
     one int64 buffer and one copy -- pinned and asynchronous on CUDA), then the device's. Returns
     the cache tokens the step's attention read."""
     bs = sched.bs
+    eager_cpu = graphs is None and device.type == "cpu"
+    if eager_cpu:  # rows of one length side by side: each length group's attention takes a slice
+        live_slots = sorted(live_slots, key=lambda s: sched.slots[s].length)
     slot_idx, rows, pos, writes, lens, tables = [], [], [], [], [], []
     for s in live_slots:
         live = sched.slots[s]
@@ -492,12 +495,7 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device)
         n = len(slot_idx)
         host = torch.tensor([x for c in cols for x in c] + [x for b in tables for x in b + [0] * (widest - len(b))],
                             dtype=torch.long)
-        by_length = None
-        if device.type == "cpu":  # one attention call per row length (staged.rollout.paged_attention)
-            at: dict[int, list[int]] = {}
-            for i, L in enumerate(lens):
-                at.setdefault(L, []).append(i)
-            by_length = [(torch.tensor(ix), L) for L, ix in at.items()]
+        by_length = _length_groups(lens) if eager_cpu else None
         if device.type == "cuda":
             host = host.pin_memory()
         device_step(host.to(device, non_blocking=True), n, widest, by_length)
@@ -506,14 +504,23 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device)
     return sum(lens)
 
 
+def _length_groups(lens: list[int]) -> list[tuple[int, int, int]]:
+    """[(first row, end row, length)] of the runs of equal length in ``lens`` (sorted): one
+    attention call per row length (staged.rollout.paged_attention)."""
+    starts = [i for i in range(len(lens)) if i == 0 or lens[i] != lens[i - 1]]
+    return [(a, b, lens[a]) for a, b in zip(starts, starts[1:] + [len(lens)])]
+
+
 def _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit, by_length=None):
     """The decode step's device work, static in (n, mb): embed each row's current token, run the
     decoder layers with paged attention, lm_head, sample. No host reads (capturable), except for
     ``by_length`` (eager CPU steps: attention per row length, staged.rollout.paged_attention)."""
     write, seqlens, pos_t, rows_t, t, idx = buf[:6 * n].view(6, n)
-    table = buf[6 * n:6 * n + n * mb].view(n, mb).int()
-    step = DecodeStep(cache=cache, slot=write, block_table=table, seqlens=seqlens.int(), backend=backend,
+    table = buf[6 * n:6 * n + n * mb].view(n, mb)
+    step = DecodeStep(cache=cache, slot=write, block_table=table.int(), seqlens=seqlens.int(), backend=backend,
                       by_length=by_length)
+    if by_length is not None:  # shared by every layer's gather
+        step.token_index = token_index(table, seqlens, cache.block_size)
     if backend == "torch" and by_length is None:
         step.mask = (torch.arange(mb * cache.block_size, device=buf.device)[None] < seqlens[:, None])[:, None, None]
     h = text.embed_tokens(cur_tok[idx][:, None])

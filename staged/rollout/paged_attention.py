@@ -11,7 +11,9 @@ pool in place and attends over the row's blocks:
   torch   gathers the rows' blocks into [S, kv_heads, L, head_dim] and calls
           ``scaled_dot_product_attention`` (GQA native) with a length mask: exact, any device.
           Eager steps (a CPU) call it once per distinct row length instead, over exactly that
-          many keys: a row's result is then the same bits whatever rows share its step.
+          many keys: a row's result is then the same bits whatever rows share its step. The
+          step's rows come grouped by length, and each layer gathers every row's keys / values
+          with one ``index_select`` over a token index built once per step (``token_index``).
 
 query [S, heads, 1, head_dim], key / value [S, kv_heads, 1, head_dim]; returns [S, 1, heads, head_dim].
 """
@@ -41,8 +43,19 @@ class DecodeStep:
     backend: str                # "flash" | "torch"
     mask: torch.Tensor | None = None  # [S, 1, 1, MB * block_size] bool (torch backend)
     # torch backend, eager steps: rows of equal length attend together over exactly that many
-    # keys, [(row positions [k] int64, length)]; see paged_attention.
+    # keys, [(first row, end row, length)] (rows grouped by length), and the cache slots of every
+    # row's keys in row order (token_index); see paged_attention.
     by_length: list | None = None
+    token_index: torch.Tensor | None = None
+
+
+def token_index(block_table: torch.Tensor, seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[sum(seqlens)] int64: block * block_size + offset of each row's tokens, row after row;
+    block_table [S, MB] int64, seqlens [S]."""
+    S, MB = block_table.shape
+    offsets = torch.arange(block_size, device=block_table.device)
+    slots = (block_table[:, :, None] * block_size + offsets).view(S, MB * block_size)
+    return slots[torch.arange(MB * block_size, device=block_table.device) < seqlens[:, None]]
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
@@ -66,26 +79,34 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                                      softmax_scale=scaling, causal=True)
         return out, None
     c.write_token(layer, paged.slot, key[:, :, 0], value[:, :, 0])
-    bt = paged.block_table.long()
     if paged.by_length is not None:
-        # Each row over exactly its own keys, no mask: its numbers then do not depend on the
-        # longest row beside it (SDPA's CPU kernel sums a row's keys in an order set by the key
-        # count, so padding to the batch's width moves the rounding: enough to flip a sampled
-        # token among 152k near-equal probabilities). Rows of one prompt share a length.
-        out = query.new_empty(query.shape)
-        for rows, L in paged.by_length:
-            nb = -(-L // c.block_size)
-            k = c.keys[layer][bt[rows, :nb]].flatten(1, 2)[:, :L].transpose(1, 2)
-            v = c.values[layer][bt[rows, :nb]].flatten(1, 2)[:, :L].transpose(1, 2)
-            out[rows] = F.scaled_dot_product_attention(query[rows], k, v, scale=scaling,
-                                                       enable_gqa=k.shape[1] != query.shape[1])
-        return out.transpose(1, 2), None
+        return _attend_by_length(query, c.keys[layer], c.values[layer], paged, scaling), None
+    bt = paged.block_table.long()
     S, MB = paged.block_table.shape
     k = c.keys[layer][bt].view(S, MB * c.block_size, *c.keys[layer].shape[2:]).transpose(1, 2)
     v = c.values[layer][bt].view(S, MB * c.block_size, *c.values[layer].shape[2:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=paged.mask, scale=scaling,
                                          enable_gqa=k.shape[1] != query.shape[1])
     return out.transpose(1, 2), None
+
+
+def _attend_by_length(query, keys, values, paged: DecodeStep, scaling):
+    """Each row over exactly its own keys, no mask: its numbers then do not depend on the longest
+    row beside it (SDPA's CPU kernel sums a row's keys in an order set by the key count, so padding
+    to the batch's width moves the rounding: enough to flip a sampled token among 152k near-equal
+    probabilities). One gather per pool for all rows; each length group attends over its slice."""
+    kv = keys.shape[2:]
+    k_all = keys.view(-1, *kv).index_select(0, paged.token_index)
+    v_all = values.view(-1, *kv).index_select(0, paged.token_index)
+    outs, at = [], 0
+    for start, stop, L in paged.by_length:
+        n = stop - start
+        k = k_all[at:at + n * L].view(n, L, *kv).transpose(1, 2)
+        v = v_all[at:at + n * L].view(n, L, *kv).transpose(1, 2)
+        outs.append(F.scaled_dot_product_attention(query[start:stop], k, v, scale=scaling,
+                                                   enable_gqa=k.shape[1] != query.shape[1]))
+        at += n * L
+    return torch.cat(outs).transpose(1, 2)
 
 
 _registered = False

@@ -8,7 +8,9 @@ The draw is an inverse CDF over the tempered distribution, in two levels so that
 runs over the whole vocabulary: the unnormalised probabilities are summed per tile of ``TILE``
 tokens (fp32 sums; an fp64 cumsum over the ~V/1024 tile sums picks the tile), then an fp64 cumsum
 inside the chosen tile picks the token. Same distribution and the same uniform as a full cumsum;
-one pass over the row plus ~V/TILE + TILE scan work, instead of V in fp64.
+one pass over the row plus ~V/TILE + TILE scan work, instead of V in fp64. On a CPU the passes
+over the [B, V] logits run chunk by chunk of the vocabulary (each chunk against its own max, its
+tile sums rescaled to the row's), so that a chunk stays in L2 while they run.
 """
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ import torch
 
 _M32 = 0xFFFFFFFF
 TILE = 1024
+# On a CPU the vocabulary is processed in chunks of this many columns (a multiple of TILE): a
+# [40, 8,192] fp32 chunk is 1.3 MB, in L2 while the passes over it run (see _chunk_weights).
+# Fixed, not sized from the row count: a row's weights depend on its chunks' maxes, and so would
+# then depend on how many rows share its step.
+CHUNK = 8 * TILE
+_LOWEST = torch.finfo(torch.float32).min
 
 
 def row_seed(*keys: int) -> int:
@@ -71,16 +79,25 @@ def suppress_index(token_ids, vocab: int, device) -> torch.Tensor | None:
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def _draw(weights: torch.Tensor, u: torch.Tensor, with_log_total: bool = False):
-    """Index i of each row with cdf[i-1] < u * total <= cdf[i], the cdf of ``weights`` [B, V] >= 0
-    (fp32) taken in two levels: fp32 sums of TILE-token tiles, their fp64 cumsum picks the tile,
-    an fp64 cumsum inside the tile picks the token. No [B, V] fp64 copy, no padded copy. u [B] fp64."""
+def _tile_sums(weights: torch.Tensor) -> torch.Tensor:
+    """[B, ceil(V / TILE)] fp32 sums of ``weights`` [B, V] per TILE-token tile."""
     B, V = weights.shape
     full = V // TILE
+    if not V % TILE:
+        return weights.view(B, full, TILE).sum(-1)
     sums = [weights[:, :full * TILE].view(B, full, TILE).sum(-1)] if full else []
-    if V % TILE:
-        sums.append(weights[:, full * TILE:].sum(-1, keepdim=True))
-    tile_cdf = torch.cat(sums, dim=1).double().cumsum(-1)                          # [B, n_tiles]
+    sums.append(weights[:, full * TILE:].sum(-1, keepdim=True))
+    return torch.cat(sums, dim=1)
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor, tile_sums: torch.Tensor, tile_scale: torch.Tensor | None = None):
+    """Index i of each row with cdf[i-1] < u * total <= cdf[i], the cdf of ``weights`` [B, V] >= 0
+    (fp32) taken in two levels: the fp64 cumsum of the tiles' fp32 sums ``tile_sums`` [B, n_tiles]
+    picks the tile, an fp64 cumsum inside the tile picks the token. No [B, V] fp64 copy, no padded
+    copy. u [B] fp64. ``tile_scale`` [B, n_tiles]: a tile's weights are ``weights`` times its
+    scale (``tile_sums`` are scaled already). Returns (tokens [B], log of the total weight [B] fp32)."""
+    B, V = weights.shape
+    tile_cdf = tile_sums.double().cumsum(-1)                                        # [B, n_tiles]
     n_tiles = tile_cdf.shape[1]
     target = (u * tile_cdf[:, -1])[:, None]
     tile = torch.searchsorted(tile_cdf, target).clamp_(max=n_tiles - 1)             # [B, 1]
@@ -88,13 +105,45 @@ def _draw(weights: torch.Tensor, u: torch.Tensor, with_log_total: bool = False):
     cols = tile * TILE + torch.arange(TILE, device=weights.device)                 # [B, TILE]
     inside = cols < V
     in_tile = weights.gather(1, cols.clamp(max=V - 1)) * inside
+    if tile_scale is not None:
+        in_tile *= tile_scale.gather(1, tile)
     cdf = in_tile.double().cumsum(-1)
     j = torch.searchsorted(cdf, target - before).clamp_(max=TILE - 1)
     # Past the tile's last non-zero weight (rounding between the two levels): step back onto it.
     last = ((in_tile > 0).long() * torch.arange(1, TILE + 1, device=weights.device)).amax(-1, keepdim=True) - 1
     j = torch.minimum(j, last.clamp_(min=0))
     tokens = (tile * TILE + j).squeeze(-1).clamp_(max=V - 1)
-    return (tokens, tile_cdf[:, -1].log().float()) if with_log_total else tokens
+    return tokens, tile_cdf[:, -1].log().float()
+
+
+def _chunk_weights(e: torch.Tensor, temperature: float, suppress: torch.Tensor | None):
+    """``e`` [B, V] (logits) <- exp(e / T - m) in place, m the row's max within each chunk of CHUNK
+    columns (on a CPU; one chunk elsewhere), every pass over a chunk done before the next chunk:
+    it stays in L2 across its passes instead of each pass streaming the whole [B, V] block.
+    Returns (the chunks' maxes [B, n_chunks], tile sums [B, n_tiles] rescaled to the row's max,
+    the tiles' scales [B, n_tiles], the row's max [B, 1], the chunk width)."""
+    B, V = e.shape
+    width = CHUNK if e.device.type == "cpu" else V
+    if suppress is not None and suppress.dtype != torch.bool:
+        e.index_fill_(1, suppress, float("-inf"))  # a few columns: no pass over the block
+    maxes, sums = [], []
+    for c0 in range(0, V, width):
+        z = e[:, c0:c0 + width]
+        if temperature != 1.0:
+            z.div_(temperature)
+        if suppress is not None and suppress.dtype == torch.bool:
+            z.masked_fill_(suppress[c0:c0 + width], float("-inf"))
+        # finite even for a chunk of suppressed tokens only: its weights 0, not NaN
+        m = z.amax(-1, keepdim=True).clamp_(min=_LOWEST)
+        z.sub_(m).exp_()
+        maxes.append(m)
+        sums.append(_tile_sums(z))
+    maxes = torch.cat(maxes, 1)
+    top = maxes.amax(-1, keepdim=True)
+    per_chunk = -(-width // TILE)
+    tile_scale = (maxes - top).exp_()[:, :, None].expand(B, maxes.shape[1], per_chunk).reshape(B, -1)
+    tile_scale = tile_scale[:, :-(-V // TILE)]
+    return maxes, torch.cat(sums, 1) * tile_scale, tile_scale, top, width
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float,
@@ -109,26 +158,31 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
     # The sampler is a memory-bound pass over B x V floats per token: one buffer, shifted and
     # exponentiated in place (exp(z - max): unnormalised probabilities), no softmax output.
     e = logits if inplace else logits.clone()
-    if temperature != 1.0:
-        e.div_(temperature)
-    if suppress is not None:
-        if suppress.dtype == torch.bool:
-            e.masked_fill_(suppress, float("-inf"))
-        else:
-            e.index_fill_(1, suppress, float("-inf"))
-    e.sub_(e.amax(-1, keepdim=True)).exp_()
     if top_p < 1.0:
+        if temperature != 1.0:
+            e.div_(temperature)
+        if suppress is not None:
+            if suppress.dtype == torch.bool:
+                e.masked_fill_(suppress, float("-inf"))
+            else:
+                e.index_fill_(1, suppress, float("-inf"))
+        e.sub_(e.amax(-1, keepdim=True)).exp_()
         # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches
         # top_p (the first token always stays); draw within it (sorting needs the whole row).
         sp, order = torch.sort(e, dim=-1, descending=True)
         total = sp.sum(-1, keepdim=True)
         before = torch.cumsum(sp, dim=-1) - sp
         sp.masked_fill_(before >= top_p * total, 0.0)
-        tokens = order.gather(-1, _draw(sp, u)[:, None]).squeeze(-1)
-        log_total = total.squeeze(-1).log()
+        tokens = order.gather(-1, _draw(sp, u, _tile_sums(sp))[0][:, None]).squeeze(-1)
+        log_total, shift = total.squeeze(-1).log(), 0.0
     else:
-        tokens, log_total = _draw(e, u, with_log_total=True)
-    # log p of the drawn token from its unnormalised weight exp(z_t - max) (relative error ~1e-7):
-    # a drawn token has weight > 0; one rare enough to be denormal (log p < -87) is drawn about never.
-    logp = e.gather(-1, tokens[:, None]).squeeze(-1).log() - log_total
+        # Each chunk's weights relative to the chunk's own max; its tiles rescaled to the row's max.
+        maxes, tile_sums, tile_scale, top, width = _chunk_weights(e, temperature, suppress)
+        tokens, log_total = _draw(e, u, tile_sums, tile_scale)
+        shift = (maxes.gather(1, (tokens // width)[:, None]) - top).squeeze(-1)
+    # log p of the drawn token from its unnormalised weight exp(z_t - max) (relative error ~1e-7)
+    # -- its chunk's max, then the chunk's offset: the rescaled weight could underflow where this
+    # does not. A drawn token has weight > 0; one rare enough to be denormal (log p < -87) is
+    # drawn about never.
+    logp = e.gather(-1, tokens[:, None]).squeeze(-1).log() + shift - log_total
     return tokens, logp

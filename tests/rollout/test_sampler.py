@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from staged.rollout import sampler
 from staged.rollout.sampler import TILE, row_seed, sample_tokens, uniform_from_seed
 
 
@@ -48,6 +49,30 @@ def test_draws_follow_the_distribution(V, temperature, top_p):
     logits = torch.randn(V, generator=gen) * 2.5
     suppress = torch.zeros(V, dtype=torch.bool)
     suppress[torch.randint(0, V, (5,), generator=gen)] = True
+    check_draws(logits, temperature, top_p, suppress)
+
+
+def test_vocabulary_chunks_follow_the_distribution(monkeypatch):
+    """On a CPU the sampler takes the vocabulary in chunks of CHUNK columns, each exponentiated
+    against its own max and rescaled to the row's (sampler._chunk_weights): chunks of two tiles
+    here, a later chunk's max well above the first's and a middle chunk all suppressed -- still
+    the whole distribution's draws and log-probs."""
+    monkeypatch.setattr(sampler, "CHUNK", 2 * TILE)
+    V = 5000
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(V, generator=gen) * 2.5
+    logits[4 * TILE:] += 3.0
+    suppress = torch.zeros(V, dtype=torch.bool)
+    suppress[2 * TILE:4 * TILE] = True
+    suppress[torch.randint(0, V, (5,), generator=gen)] = True
+    for temperature in (1.0, 0.7):
+        check_draws(logits, temperature, 1.0, suppress)
+
+
+def check_draws(logits, temperature, top_p, suppress):
+    """30,000 counter-based draws from one row's ``logits``: their log-probs are the full
+    distribution's, no token outside the support, and the counts pass the chi-square test."""
+    V = logits.shape[0]
     n, chunk = 30000, 6000
     counts = torch.zeros(V, dtype=torch.long)
     for c in range(0, n, chunk):
