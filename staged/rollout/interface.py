@@ -143,7 +143,9 @@ def normalize_batch(model, batch: dict) -> dict:
     count = attn.sum(-1)
     last = torch.where(attn.bool(), pos, -1).amax(-1)
     first = torch.where(attn.bool(), pos, T).amin(-1)
-    if bool(((count > 0) & (last - first + 1 != count)).any()):
+    if bool((count == 0).any()):
+        raise ValueError(f"rollout batch row {int((count == 0).nonzero()[0])}: an empty prompt (its attention_mask is all 0)")
+    if bool((last - first + 1 != count).any()):
         raise ValueError("attention_mask: each row must be one contiguous run of 1s (padding on one side only)")
     shift = torch.where(count > 0, T - 1 - last, 0)
     if bool(shift.any()):  # right- (or both-side-) padded rows: rotate their tokens to the right end

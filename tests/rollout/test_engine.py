@@ -344,3 +344,12 @@ def test_image_tokens_that_do_not_match_the_images_are_an_error_naming_the_row(m
     batch["input_ids"][0, col] = 5  # one of row 0's 4 image tokens turned into text
     with pytest.raises(ValueError, match=r"row 0: 3 image tokens in its input_ids but its 1 image\(s\) give 4 features"):
         generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
+
+
+def test_an_empty_prompt_is_an_error_naming_the_row(models):
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(5)
+    batch = make_batch([(p[0], []) for p in prompts_for(gen)], 2, gen)
+    batch["attention_mask"][3] = 0
+    with pytest.raises(ValueError, match=r"row 3: an empty prompt"):
+        generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
