@@ -312,10 +312,10 @@ def grpo_step(model, ref_model, optimizer, params, processor, stage, cfg, d, pro
     samples = [s for _, s in prompts for _ in range(G)]
     base = build_generation_batch(processor, [s for _, s in prompts], **prompt_options(stage))
     base["images_per_row"] = [len(s.images) for _, s in prompts]
+    # Positions once per prompt (transformers' get_rope_index walks rows in Python), copied to its G rows.
+    base["position_ids"] = position_ids(model, base["input_ids"], base["attention_mask"], base.get("image_grid_thw"))
     batch = select_rows(base, [j for j in range(len(prompts)) for _ in range(G)])
     batch["prompt_index"] = [j for j in range(len(prompts)) for _ in range(G)]  # G rows share one prefill
-    batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],
-                                         batch.get("image_grid_thw"))
     seeds = torch.tensor([row_seed(cfg.seed, global_step, i * G + k) for i, _ in prompts for k in range(G)])
     ro = generate(model, batch, sp, seeds=seeds, device=d.device, dtype=dtype)
     t_rollout = time.perf_counter() - t0
