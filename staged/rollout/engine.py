@@ -77,6 +77,7 @@ class Prompt:
     rows: list[int]                 # its rows, in order
     length: int                     # prompt tokens P
     blocks: list[int] = field(default_factory=list)  # its KV blocks, once prefilled
+    hidden: torch.Tensor | None = None               # [H] after the last prompt token, until its logits are in
     logits: torch.Tensor | None = None               # [V] fp32 after the last prompt token
     vision: torch.Tensor | None = None               # [Nv, H] its images' features (reused in training)
     admitted: int = 0
@@ -293,7 +294,7 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
 
     def prefill(gs: list[int]) -> None:
         """Distinct prompts ``gs`` through the full model once (left-padded to the longest), their
-        K/V into the pool, their last logits kept for their rows' first tokens."""
+        K/V into the pool, their last hidden states kept for their rows' first tokens (prompt_logits)."""
         t0 = time.perf_counter()
         rows = [sched.prompts[g].rows[0] for g in gs]
         sub = select_rows(batch, rows)
@@ -311,9 +312,11 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             feats = image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
             for g, f in zip(gs, per_row_features(model, feats, inputs["image_grid_thw"], images_per_row(sub))):
                 sched.prompts[g].vision = f
-        with injected_image_features(model, feats) if feats is not None else contextlib.nullcontext():
-            out = model(**inputs, use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
-        logits = out.logits[:, -1].float()
+        last: list[torch.Tensor] = []
+        with (injected_image_features(model, feats) if feats is not None else contextlib.nullcontext(),
+              _lm_head_input(lm_head, last)):
+            model(**inputs, use_cache=True, logits_to_keep=1, **{model_cache_kw: dc})
+        hidden = last[0][:, -1]
         for i, g in enumerate(gs):
             p = sched.prompts[g]
             blocks = sched.take_prefix(g)
@@ -321,7 +324,7 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
                 k, v = _layer_kv(dc, layer)
                 cache.write_prompt(layer, blocks, k[i, :, keep - p.length:].transpose(0, 1).to(kv_dtype),
                                    v[i, :, keep - p.length:].transpose(0, 1).to(kv_dtype))
-            p.logits = logits[i]
+            p.hidden = hidden[i]
         stats["prefill_s"] += time.perf_counter() - t0
         stats["prefill_tokens"] += sum(sched.prompts[g].length for g in gs)
         stats["prefill_forwards"] += 1
@@ -348,6 +351,19 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
                               scratch_block=cache.scratch_block, device=device,
                               capture=params.cuda_graphs and device.type == "cuda", fixed_width=backend == "flash")
 
+    def prompt_logits(prompts: list[Prompt]) -> None:
+        """The lm_head once over the last hidden states of the prompts not given logits yet: one
+        read of its weight for all the prompts of a fill instead of one per prefill forward (on a
+        CPU, one prompt each: a memory-bound ~150 MB read at the benchmark's shape, for one row).
+        A row's logits are the same bits either way there (staged.rollout.cpu_linear)."""
+        todo = list({id(p): p for p in prompts if p.logits is None}.values())
+        if todo:
+            t0 = time.perf_counter()
+            logits = lm_head(torch.stack([p.hidden for p in todo])).float()
+            for p, row in zip(todo, logits):
+                p.logits, p.hidden = row, None
+            stats["prefill_s"] += time.perf_counter() - t0
+
     def fill_slots() -> int:
         """Pending rows into free slots (prefilling their prompts as needed); their first tokens."""
         new = []
@@ -367,6 +383,7 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             new.append(s)
         if new:
             lives = [sched.slots[s] for s in new]
+            prompt_logits([sched.prompts[lv.prompt] for lv in lives])
             logits = torch.stack([sched.prompts[lv.prompt].logits for lv in lives])  # a copy: sampled in place
             rows = torch.tensor([lv.row for lv in lives], device=device)
             cur_tok[torch.tensor(new, device=device)] = emit(rows, torch.zeros_like(rows), logits)
@@ -416,6 +433,26 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     Tc = max(1, int(n_out.max()))
     mask = (torch.arange(T, device=device)[None] < n_out[:, None]).long()
     return out_ids[:B, :Tc], mask[:, :Tc], out_logp[:B, :Tc], stats, vision, groups
+
+
+@contextlib.contextmanager
+def _lm_head_input(lm_head, into: list):
+    """Inside, ``lm_head`` appends its input to ``into`` and returns no logits ([..., 0]): the
+    prefill runs the model's own forward (so FSDP gathers the root's parameters as for any forward)
+    and leaves the lm_head to prompt_logits."""
+    had = lm_head.__dict__.get("forward")  # packed_linears' forward, if on
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        into.append(x)
+        return x[..., :0]
+    lm_head.forward = forward
+    try:
+        yield
+    finally:
+        if had is None:
+            del lm_head.forward
+        else:
+            lm_head.forward = had
 
 
 def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device):
