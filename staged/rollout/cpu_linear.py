@@ -10,7 +10,9 @@ Two reasons, both measured (1 thread, fp32, the benchmark's V = 151,936, H = 256
   wobble that could flip a sampled token. oneDNN's reordered-weight kernel gives every row the
   same bits for any row count in fp32 -- but for one: with a fan-in over 1,024 it runs a single
   row through another kernel (a gemv: other bits), so a lone row is computed as two copies of
-  itself; in bf16 the kernel also changes above 32 rows, so bf16 rows go 32 at a time.
+  itself; in bf16 the kernel also changes above 32 rows, so bf16 rows go 32 at a time (a lone
+  leftover doubled too). The vision tower's patch embedding, a convolution whose kernel is its
+  stride, runs as the linear it is: oneDNN's bf16 convolution picks its kernel by patch count.
   With every linear of the decode step through it (the rest of the
   step -- norms, rotary, paged attention, the sampler -- is per row), a row's completion depends
   on its prompt and seed only, exactly.
@@ -38,53 +40,67 @@ def available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _packed_forward(module: nn.Linear):
-    """``module``'s forward from a reordered copy of its weight, remade whenever the weight
-    tensor is replaced or written in place (FSDP2 swaps in the gathered weight at the first
-    forward; the optimizer writes in place between rollouts)."""
+def _is_patch_conv(module: nn.Module) -> bool:
+    """A convolution whose kernel is its stride and whose input is one patch per batch entry
+    (the Qwen-VL towers' patch embedding): a linear over flattened patches."""
+    return (isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size == module.stride
+            and module.groups == 1 and all(p == 0 for p in module.padding) and all(d == 1 for d in module.dilation))
+
+
+def _packed_forward(module: nn.Module):
+    """``module``'s forward (an ``nn.Linear``, or a patch convolution run as the linear it is)
+    from a reordered copy of its weight, remade whenever the weight tensor is replaced or written
+    in place (FSDP2 swaps in the gathered weight at the first forward; the optimizer writes in
+    place between rollouts)."""
     own = module.forward
     held: list = [None, -1, None]  # weight tensor, its version, the reordered copy
+    conv = not isinstance(module, nn.Linear)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = module.weight
         if (torch.is_grad_enabled() or x.dtype != w.dtype or w.dtype not in _DTYPES or x.device.type != "cpu"
-                or type(w) not in (torch.Tensor, nn.Parameter)):  # a DTensor shard: not gathered
+                or type(w) not in (torch.Tensor, nn.Parameter)  # a DTensor shard: not gathered
+                or (conv and tuple(x.shape[2:]) != tuple(module.kernel_size))):  # not one patch per entry
             return own(x)
         if held[0] is not w or held[1] != w._version:
             try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _ROWS_HINT)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().reshape(w.shape[0], -1), _ROWS_HINT)
             except RuntimeError:  # a build or CPU whose oneDNN refuses it: the module's own, from now on
                 module.forward = own
                 return own(x)
             held[:] = [w, w._version, packed]
+        if conv:  # [N, C, *kernel] patches -> [N, out, 1, ...]: oneDNN picks its conv kernels by N
+            y = _rows_invariant(x.reshape(x.shape[0], -1), held[2], module.bias)
+            return y.reshape(y.shape[0], y.shape[1], *([1] * len(module.kernel_size)))
         return _rows_invariant(x, held[2], module.bias)
     return forward
 
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.shape[0] == 1:  # one row: doubled, so that it takes the many-row kernel
+        return torch.ops.mkldnn._linear_pointwise(torch.cat([x, x]), packed, bias, "none", [], "")[:1]
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _rows_invariant(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The linear on rows ``x`` [..., K], each row's result independent of the row count."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1:  # one row: doubled, so that it takes the many-row kernel
-        y = _linear(torch.cat([rows, rows]), packed, bias)[:1]
-    elif x.dtype == torch.bfloat16 and rows.shape[0] > BF16_ROWS:
+    if x.dtype == torch.bfloat16 and rows.shape[0] > BF16_ROWS:
         y = torch.cat([_linear(c, packed, bias) for c in rows.split(BF16_ROWS)])
     else:
-        return _linear(x, packed, bias)
+        y = _linear(rows, packed, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @contextlib.contextmanager
 def packed_linears(modules, device: torch.device):
-    """Within the block, each plain ``nn.Linear`` in ``modules`` (searched recursively) runs its
-    no-grad CPU forwards through oneDNN with a reordered weight; a no-op off the CPU."""
+    """Within the block, each plain ``nn.Linear`` and patch convolution in ``modules`` (searched
+    recursively) runs its no-grad CPU forwards through oneDNN with a reordered weight; a no-op off
+    the CPU."""
     if device.type != "cpu" or not available():
         yield
         return
-    linears = {id(m): m for root in modules for m in root.modules() if type(m) is nn.Linear}
+    linears = {id(m): m for root in modules for m in root.modules() if type(m) is nn.Linear or _is_patch_conv(m)}
     for m in linears.values():
         m.forward = _packed_forward(m)
     try:

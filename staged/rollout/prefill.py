@@ -31,9 +31,13 @@ PREFILL_METHOD = "staged_packed_prefill"
 
 
 def supports_packed_prefill(model) -> bool:
-    """A Qwen-VL model whose image features can be computed apart and injected (the tower per
-    prompt; staged.vision_reuse) -- the same models the packed training forward runs."""
-    return supports_reuse(model)
+    """A Qwen-VL model whose image features can be computed apart and injected (staged.vision_reuse)
+    and whose text layers all attend fully (``staged_varlen`` has no sliding window) -- the models
+    the packed training forward runs."""
+    text = model.config.get_text_config()
+    sliding = getattr(text, "use_sliding_window", False) or any(
+        t != "full_attention" for t in (getattr(text, "layer_types", None) or []))
+    return supports_reuse(model) and not sliding
 
 
 @contextlib.contextmanager

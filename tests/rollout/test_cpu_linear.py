@@ -31,17 +31,39 @@ def test_rows_do_not_depend_on_the_row_count(fan_in, fan_out, bias):
     torch.testing.assert_close(full.double(), ref, atol=1e-5 * fan_in ** 0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fan_in,fan_out", [(1536, 640), (1024, 96), (64, 48)])
+# 18,944: Qwen2.5-VL-7B's MLP width, where a lone bf16 row takes another kernel (here: 3 of 32 rows differ).
+@pytest.mark.parametrize("fan_in,fan_out", [(1536, 640), (1024, 96), (64, 48), (18944, 256)])
 def test_bf16_rows_do_not_depend_on_the_row_count(fan_in, fan_out):
     gen = torch.Generator().manual_seed(fan_in)
     lin = nn.Linear(fan_in, fan_out).bfloat16()
     x = torch.randn(100, fan_in, generator=gen).bfloat16()
     with torch.no_grad(), cpu_linear.packed_linears([lin], torch.device("cpu")):
         full = lin(x)
-        for n in (1, 2, 31, 32, 33, 36, 37, 64, 99):
+        for n in (1, 2, 31, 32, 33, 36, 37, 64, 65, 99):
             assert torch.equal(lin(x[:n]), full[:n]), n
+        for r in range(32):  # each row as the lone 33rd of a call (a chunk of 32, then one row)
+            assert torch.equal(lin(torch.cat([x[64:96], x[r:r + 1]]))[32], full[r]), r
     ref = x.double() @ lin.weight.double().t() + lin.bias.double()
     torch.testing.assert_close(full.double(), ref, atol=2e-2 * fan_in ** 0.5 / 16, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("conv", [nn.Conv3d(3, 1152, (2, 16, 16), (2, 16, 16), bias=True),  # Qwen3-VL's
+                                  nn.Conv2d(3, 40, (14, 14), (14, 14), bias=False)])
+def test_a_patch_embedding_does_not_depend_on_the_patches_beside_it(conv, dtype):
+    """A Qwen-VL tower's patch embedding (kernel = stride) runs as the linear it is: oneDNN's bf16
+    convolution picks its kernel by how many patches are in the call."""
+    gen = torch.Generator().manual_seed(7)
+    conv = conv.to(dtype)
+    x = torch.randn(68, conv.in_channels, *conv.kernel_size, generator=gen).to(dtype)
+    with torch.no_grad():
+        ref = conv(x)
+        with cpu_linear.packed_linears([nn.Sequential(conv)], torch.device("cpu")):
+            full = conv(x)
+            for n in (1, 4, 8, 12, 33):
+                assert torch.equal(conv(x[:n]), full[:n]), n
+    assert full.shape == ref.shape
+    torch.testing.assert_close(full.float(), ref.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=2e-2)
 
 
 def test_weight_changes_are_seen_and_the_forward_is_restored():

@@ -353,3 +353,24 @@ def test_an_empty_prompt_is_an_error_naming_the_row(models):
     batch["attention_mask"][3] = 0
     with pytest.raises(ValueError, match=r"row 3: an empty prompt"):
         generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
+
+
+def test_a_sliding_window_text_model_keeps_the_padded_prefill():
+    """staged_varlen has no sliding window: such a model (not a shipped Qwen-VL config) is prefilled
+    one prompt per forward by transformers' own attention instead of failing."""
+    import transformers as tf
+
+    from staged.rollout.prefill import supports_packed_prefill
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen2_5_VLConfig(text_config=dict(TEXT, use_sliding_window=True, sliding_window=6, max_window_layers=0),
+                              vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                 patch_size=2, spatial_merge_size=2, temporal_patch_size=2,
+                                                 window_size=8, fullatt_block_indexes=[0], out_hidden_size=64), **IDS)
+    model = tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.config.get_text_config()._attn_implementation_internal = "sdpa"
+    assert not supports_packed_prefill(model)
+    gen = torch.Generator().manual_seed(6)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    ro = generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
+    assert ro.stats["prefill_forwards"] == 4 and int(ro.completion_mask.sum()) > 0
