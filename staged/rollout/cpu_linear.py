@@ -11,8 +11,9 @@ Two reasons, both measured (1 thread, fp32, the benchmark's V = 151,936, H = 256
   same bits for any row count in fp32 -- but for one: with a fan-in over 1,024 it runs a single
   row through another kernel (a gemv: other bits), so a lone row is computed as two copies of
   itself; in bf16 the kernel also changes above 32 rows, so bf16 rows go 32 at a time (a lone
-  leftover doubled too). The vision tower's patch embedding, a convolution whose kernel is its
-  stride, runs as the linear it is: oneDNN's bf16 convolution picks its kernel by patch count.
+  leftover doubled too). In bf16 the vision tower's patch embedding, a convolution whose kernel
+  is its stride, runs as the linear it is: oneDNN's bf16 convolution picks its kernel by patch
+  count (its fp32 one gives every patch the same bits: kept).
   With every linear of the decode step through it (the rest of the
   step -- norms, rotary, paged attention, the sampler -- is per row), a row's completion depends
   on its prompt and seed only, exactly.
@@ -60,7 +61,8 @@ def _packed_forward(module: nn.Module):
         w = module.weight
         if (torch.is_grad_enabled() or x.dtype != w.dtype or w.dtype not in _DTYPES or x.device.type != "cpu"
                 or type(w) not in (torch.Tensor, nn.Parameter)  # a DTensor shard: not gathered
-                or (conv and tuple(x.shape[2:]) != tuple(module.kernel_size))):  # not one patch per entry
+                or (conv and (x.dtype != torch.bfloat16  # oneDNN's fp32 conv is row invariant: kept
+                              or tuple(x.shape[2:]) != tuple(module.kernel_size)))):  # not one patch per entry
             return own(x)
         if held[0] is not w or held[1] != w._version:
             try:

@@ -51,8 +51,9 @@ def test_bf16_rows_do_not_depend_on_the_row_count(fan_in, fan_out):
 @pytest.mark.parametrize("conv", [nn.Conv3d(3, 1152, (2, 16, 16), (2, 16, 16), bias=True),  # Qwen3-VL's
                                   nn.Conv2d(3, 40, (14, 14), (14, 14), bias=False)])
 def test_a_patch_embedding_does_not_depend_on_the_patches_beside_it(conv, dtype):
-    """A Qwen-VL tower's patch embedding (kernel = stride) runs as the linear it is: oneDNN's bf16
-    convolution picks its kernel by how many patches are in the call."""
+    """A Qwen-VL tower's patch embedding (kernel = stride) in bf16 runs as the linear it is: oneDNN's
+    bf16 convolution picks its kernel by how many patches are in the call (its fp32 one, kept,
+    gives each patch the same bits: checked here too)."""
     gen = torch.Generator().manual_seed(7)
     conv = conv.to(dtype)
     x = torch.randn(68, conv.in_channels, *conv.kernel_size, generator=gen).to(dtype)
