@@ -241,14 +241,17 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     # On a CPU the decoder's, lm_head's and vision tower's linears run with reordered weights:
     # faster, and a row's numbers do not depend on how many rows share a step, nor an image's
     # features on the images beside it in a tower call (staged.rollout.cpu_linear).
+    # The prompts of a CPU prefill go packed (no padding: a prompt's K/V and logits are the same
+    # bits whatever prompts share the forward; staged.rollout.prefill), elsewhere left-padded.
+    packed = device.type == "cpu" and supports_packed_prefill(model)
     modules = [base_model(model).language_model, model.get_output_embeddings()]
-    if supports_packed_prefill(model):
+    if packed:
         modules.append(vision_module(model))
     with packed_linears(modules, device):
-        return _generate_paged(model, batch, params, seeds, device, dtype)
+        return _generate_paged(model, batch, params, seeds, device, dtype, packed)
 
 
-def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype):
+def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype, packed: bool):
     t_start = time.perf_counter()
     B = batch["input_ids"].shape[0]
     groups = prompt_groups(batch)
@@ -296,9 +299,6 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     t_of = [0] * S
     cur_tok = torch.zeros(S + 1, dtype=torch.long, device=device)
 
-    # On a CPU the prompts of a prefill go packed (no padding: a prompt's K/V and logits are the
-    # same bits whatever prompts share the forward; staged.rollout.prefill), elsewhere left-padded.
-    packed = device.type == "cpu" and supports_packed_prefill(model)
     has_images = images_per_row(batch)
 
     def prefill(gs: list[int]) -> None:

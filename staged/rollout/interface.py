@@ -154,10 +154,8 @@ def normalize_batch(model, batch: dict) -> dict:
         batch.pop("position_ids", None)
     grid = batch.get("image_grid_thw")
     if batch.get("images_per_row") is None and grid is not None and len(grid):
-        cfg = model.config
-        merge = getattr(getattr(cfg, "vision_config", cfg), "spatial_merge_size", 2)
-        per_image = (grid.prod(-1) // (merge * merge)).tolist()
-        per_row_tokens = (batch["input_ids"] == cfg.image_token_id).sum(-1).tolist()
+        per_image = _image_tokens(model, grid)
+        per_row_tokens = (batch["input_ids"] == model.config.image_token_id).sum(-1).tolist()
         out, i = [], 0
         for need in per_row_tokens:
             k = 0
@@ -175,16 +173,21 @@ def normalize_batch(model, batch: dict) -> dict:
     return batch
 
 
+def _image_tokens(model, grid: torch.Tensor) -> list[int]:
+    """Image placeholders per image of ``image_grid_thw`` (patches over the merge window)."""
+    cfg = model.config
+    merge = getattr(getattr(cfg, "vision_config", cfg), "spatial_merge_size", 2)
+    return (grid.prod(-1) // (merge * merge)).tolist()
+
+
 def _check_image_tokens(model, batch: dict) -> None:
     """Each row's image placeholders must be as many as its images' tokens: otherwise the
     features land on the wrong tokens (or transformers fails deep inside with a shape error)."""
     grid = batch.get("image_grid_thw")
-    cfg = model.config
-    image_token = getattr(cfg, "image_token_id", None)
+    image_token = getattr(model.config, "image_token_id", None)
     if image_token is None:
         return
-    merge = getattr(getattr(cfg, "vision_config", cfg), "spatial_merge_size", 2)
-    per_image = (grid.prod(-1) // (merge * merge)).tolist() if grid is not None else []
+    per_image = _image_tokens(model, grid) if grid is not None else []
     tokens = ((batch["input_ids"] == image_token) & batch["attention_mask"].bool()).sum(-1).tolist()
     for r, ((a, b), n) in enumerate(zip(image_ranges(batch)[0], tokens)):
         if sum(per_image[a:b]) != n:
