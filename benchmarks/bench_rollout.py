@@ -13,7 +13,8 @@ apply to these image rows. Rows report wall time (one timed run after a warm-up;
 over the completion tokens, the paged engine's prefill / decode split, and its decode time as a
 % of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
 bandwidth measured in the same run). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
-engine with its decode steps as CUDA graphs and without.
+engine with its decode steps as CUDA graphs and without, and with the torch decode attention in
+place of the Triton kernel.
 """
 from __future__ import annotations
 
@@ -127,9 +128,9 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
         case = f"{name}: {P}x{G} rows, {vt} vis tok, {new} new, V={V}"
         sup = tuple(range(V - 10, V))
 
-        def ours(engine, slots=0, graphs=True):
+        def ours(engine, slots=0, graphs=True, attention="auto"):
             sp = SamplingParams(max_new_tokens=new, eos_token_ids=eos, pad_token_id=0, engine=engine, batch_size=slots,
-                                suppress_token_ids=sup, cuda_graphs=graphs)
+                                suppress_token_ids=sup, cuda_graphs=graphs, attention=attention)
             return lambda: generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)
 
         def hf_generate():
@@ -141,7 +142,8 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             return out[:, inputs["input_ids"].shape[1]:]
 
         impls = {"paged": ours("paged"), "simple (old loop)": ours("simple"),
-                 **({"paged, no CUDA graphs": ours("paged", graphs=False)} if dev.type == "cuda" else {}),
+                 **({"paged, no CUDA graphs": ours("paged", graphs=False),
+                     "paged, torch attention": ours("paged", attention="torch")} if dev.type == "cuda" else {}),
                  "round-1 loop": round1(ours("simple")), "transformers generate()": hf_generate}
         for impl, fn in impls.items():
             fn()  # warm-up (allocator, kernels)
@@ -165,6 +167,8 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             if stats:
                 row.update(prefill_ms=stats["prefill_s"] * 1e3, decode_ms=stats["decode_s"] * 1e3,
                            cache_mb=stats["cache_mb"])
+                if dev.type == "cuda":
+                    row["attention"] = stats["attention"]
                 if "graph_replays" in stats:
                     row["graphs"] = f'{stats["graph_captures"]} captured, {stats["graph_replays"]} replays'
                     if not stats["cuda_graphs"]:

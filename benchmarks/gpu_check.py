@@ -6,14 +6,16 @@ transformers 5.17, no flash-attn / xformers / network; liger-kernel when carried
    the real card instead of interpreted (the workspace test holds the allocator's peak to
    ``fused_linear_logprob_workspace``; the attention backends torch_varlen / flex against the
    SDPA loop); the CPU-only TRL-adapter and AOT-compile tests are left to ``make test``;
-2. the microbenchmarks (``python -m benchmarks --only linear_logprob grpo_loss packing rollout
+2. the microbenchmarks (``python -m benchmarks --only linear_logprob grpo_loss packing paged_decode rollout
    --device cuda`` with STAGED_BENCH_GPU_CHECK=1): the fused log-prob at the 7B head, N = 2048
    and 16384, as a ratio to the cuBLAS lm_head GEMMs timed in the same run (``x_gemm``) and its
    workspace as % of fp32 logits, and on sm_90 the TMA forward (``tma=True``, opt-in until
    this measures it) beside the cp.async one (``tma/cp.async`` time ratios); GRPO loss and
    pack_embed as % of the copy bandwidth measured in the same run; vs eager, torch.compile and
    Liger where installed; the rollout engines in bf16 on the short shape (paged vs the old loop
-   vs transformers' generate(), decode as % of the weight + KV read bound). Each benchmark
+   vs transformers' generate(), decode as % of the weight + KV read bound; with the Triton decode
+   attention and with the torch one), the Triton decode attention alone at the 7B layout as % of
+   the KV read bound vs the torch gather + SDPA. Each benchmark
    appends its table to benchmarks/RESULTS.md as it finishes;
 3. a short 1-GPU training run of the embedded default in bf16 (``python -m staged.train`` with
    the shipped default recipe, each stage cut to a few steps; attention flash_attention_2 when
@@ -48,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 450          # the whole check, start to summary: 7.5 minutes (< 8 with start-up)
-BENCHES = ["linear_logprob", "grpo_loss", "packing", "rollout"]
+BENCHES = ["linear_logprob", "grpo_loss", "packing", "paged_decode", "rollout"]
 TRAIN_OUT = "outputs/gpu-check"
 
 # The default recipe (staged/configs/default.toml: perception -> textual -> visual) with every
@@ -154,7 +156,8 @@ def step_tests(limit: float, dry: bool = False) -> list[dict]:
 
 
 _RATIO_KEYS = ("x_gemm", "workspace_pct_logits", "speedup_vs_eager", "mem_vs_eager", "pct_of_gemm_limit",
-               "pct_of_copy", "speedup_vs_python", "speedup_vs_transformers", "time_vs_trl", "rss_vs_trl")
+               "pct_of_copy", "speedup_vs_python", "speedup_vs_transformers", "time_vs_trl", "rss_vs_trl",
+               "pct_of_read_bound", "speedup_vs_torch")
 
 
 def bench_headline(rows: list[dict]) -> str:

@@ -39,6 +39,7 @@ KERNEL_MODULES = [
     "staged.kernels.grpo_loss",
     "staged.kernels.linear_logprob",
     "staged.kernels.packing",
+    "staged.kernels.paged_decode",
 ]
 
 

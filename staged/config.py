@@ -394,6 +394,9 @@ class FSDPConfig:
     """Free gathered block parameters after forward (ZeRO-3); False keeps them (ZeRO-2)."""
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "triton", "torch")
+
+
 @dataclass
 class RolloutConfig:
     """The rollout engine (``staged.rollout``; batch.rollout_batch_size sets its decode slots)."""
@@ -403,6 +406,11 @@ class RolloutConfig:
     simple: the plain decode loop over transformers' DynamicCache (the reference)."""
     block_size: int = 0
     """Tokens per KV-cache block; 0 = 256 with flash-attn on CUDA, else 16."""
+    attention: str = "auto"
+    """Engine paged, decode attention over the cache: flash (flash-attn's paged kernel), triton
+    (staged.kernels.paged_decode: reads each row's blocks in place, a row's output the same bits
+    whatever rows share the step), torch (gather + SDPA); auto = flash where installed, else
+    triton on CUDA, torch on a CPU."""
     kv_cache_tokens: int = 0
     """KV-cache capacity in tokens; 0 = kv_cache_memory_fraction of free memory on CUDA, or what
     a step can need at most on a CPU (capped at 4 GiB)."""
@@ -425,12 +433,14 @@ class RolloutConfig:
     once per mini-batch over its distinct images (not per row). false: the tower per row."""
 
     def __post_init__(self):
-        _check(self.engine in ("paged", "simple"), "rollout.engine", f"expected paged or simple, got {self.engine!r}")
-        _check(self.block_size >= 0, "rollout.block_size", f"must be >= 0, got {self.block_size}")
-        _check(self.kv_cache_tokens >= 0, "rollout.kv_cache_tokens", f"must be >= 0, got {self.kv_cache_tokens}")
-        _check(0.0 < self.kv_cache_memory_fraction <= 0.95, "rollout.kv_cache_memory_fraction",
+        _check(self.engine in ("paged", "simple"), "engine", f"expected paged or simple, got {self.engine!r}")
+        _check(self.block_size >= 0, "block_size", f"must be >= 0, got {self.block_size}")
+        _check(self.attention in ATTENTION_BACKENDS, "attention",
+               f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        _check(self.kv_cache_tokens >= 0, "kv_cache_tokens", f"must be >= 0, got {self.kv_cache_tokens}")
+        _check(0.0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
                f"must lie in (0, 0.95], got {self.kv_cache_memory_fraction}")
-        _check(self.prefill_tokens >= 1, "rollout.prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
+        _check(self.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
 
 
 @dataclass
@@ -451,7 +461,7 @@ class PackingTrainConfig:
     sequence on the rank (never more micro-batches than the padded path)."""
 
     def __post_init__(self):
-        _check(self.token_budget >= 0, "packing.token_budget", f"must be >= 0, got {self.token_budget}")
+        _check(self.token_budget >= 0, "token_budget", f"must be >= 0, got {self.token_budget}")
 
 
 @dataclass

@@ -37,7 +37,8 @@ from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
                                       select_rows)
-from staged.rollout.paged_attention import DecodeStep, choose_backend, paged_attention_enabled, token_index
+from staged.rollout.paged_attention import (DecodeStep, choose_backend, paged_attention_enabled, token_index,
+                                            triton_decode_agrees)
 from staged.rollout.prefill import run_packed_prefill, supports_packed_prefill
 from staged.rollout.sampler import sample_tokens, suppress_index, uniform_from_seed
 from staged.vision_reuse import image_features, injected_image_features, per_row_features, supports_reuse
@@ -260,8 +261,13 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     base = base_model(model)
     text = base.language_model
     kv_dtype = text.embed_tokens.weight.dtype  # K/V come out of the decoder layers in their weights' dtype
-    bs = params.block_size or (256 if choose_backend(device, kv_dtype, 256) == "flash" else 16)
-    backend = choose_backend(device, kv_dtype, bs)
+    want = params.attention
+    bs = params.block_size or (256 if want in ("auto", "flash") and choose_backend(device, kv_dtype, 256) == "flash"
+                               else 16)
+    backend = choose_backend(device, kv_dtype, bs, want)
+    if (backend == "triton" and device.type == "cuda"
+            and not triton_decode_agrees(device, kv_dtype, text_cfg.num_attention_heads, kv_heads, head_dim, bs)):
+        backend = "torch"
     per_token = PagedKVCache.bytes_per_token(n_layers, kv_heads, head_dim, kv_dtype)
     S = min(params.batch_size or B, B)
     sched = Scheduler(groups, prompt_lens, bs, S, params.max_new_tokens)
@@ -391,7 +397,9 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         widest = max(p.length // bs + sched.own_worst(p) for p in sched.prompts)
         graphs = DecodeGraphs(device_step, S, widest, pad_row=[cache.scratch_block * bs, 1, 0, B, 0, S],
                               scratch_block=cache.scratch_block, device=device,
-                              capture=params.cuda_graphs and device.type == "cuda", fixed_width=backend == "flash")
+                              capture=params.cuda_graphs and device.type == "cuda",
+                              fixed_width=backend in ("flash", "triton"))  # they read each row's own length only
+    per_length = graphs is None and device.type == "cpu" and backend == "torch"
 
     def fill_slots() -> int:
         """Pending rows into free slots (prefilling their prompts as needed); their first tokens."""
@@ -445,7 +453,7 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         stats["peak_blocks"] = max(stats["peak_blocks"], cache.pool.num_blocks - cache.pool.num_free)
         t0 = time.perf_counter()
         with paged_attention_enabled(text_cfg):  # prefill (in fill_slots) keeps the model's own
-            kv_read = _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device)
+            kv_read = _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length)
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += 1
         stats["decode_row_steps"] += len(live_slots)
@@ -463,13 +471,13 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     return out_ids[:B, :Tc], mask[:, :Tc], out_logp[:B, :Tc], stats, vision, groups
 
 
-def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device):
+def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length: bool):
     """One token for every live slot: the host's part (block tables, write slots, positions, in
     one int64 buffer and one copy -- pinned and asynchronous on CUDA), then the device's. Returns
-    the cache tokens the step's attention read."""
+    the cache tokens the step's attention read. ``per_length``: the torch attention once per row
+    length (eager CPU steps)."""
     bs = sched.bs
-    eager_cpu = graphs is None and device.type == "cpu"
-    if eager_cpu:  # rows of one length side by side: each length group's attention takes a slice
+    if per_length:  # rows of one length side by side: each length group's attention takes a slice
         live_slots = sorted(live_slots, key=lambda s: sched.slots[s].length)
     slot_idx, rows, pos, writes, lens, tables = [], [], [], [], [], []
     for s in live_slots:
@@ -495,7 +503,7 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device)
         n = len(slot_idx)
         host = torch.tensor([x for c in cols for x in c] + [x for b in tables for x in b + [0] * (widest - len(b))],
                             dtype=torch.long)
-        by_length = _length_groups(lens) if eager_cpu else None
+        by_length = _length_groups(lens) if per_length else None
         if device.type == "cuda":
             host = host.pin_memory()
         device_step(host.to(device, non_blocking=True), n, widest, by_length)

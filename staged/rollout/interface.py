@@ -41,6 +41,9 @@ class SamplingParams:
     "simple": the plain decode loop over transformers' DynamicCache (staged.rollout.simple)."""
     block_size: int = 0
     """Tokens per KV-cache block; 0 = 256 with flash-attn on CUDA (its paged kernel's unit), else 16."""
+    attention: str = "auto"
+    """Engine "paged", decode attention: "flash" | "triton" | "torch" | "auto" (flash where
+    installed, else triton on CUDA, torch on a CPU); staged.rollout.paged_attention."""
     kv_cache_tokens: int = 0
     """KV-cache capacity in tokens (all layers); 0 = from kv_cache_memory_fraction on CUDA, or
     what the step's rows can need at most on a CPU (capped at 4 GiB)."""

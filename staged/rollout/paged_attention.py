@@ -8,6 +8,11 @@ pool in place and attends over the row's blocks:
 
   flash   flash-attn's ``flash_attn_with_kvcache`` with ``block_table`` (CUDA, fp16/bf16, block
           size a multiple of 256): appends and attends in one kernel, reading the pool directly.
+  triton  our kernel (staged.kernels.paged_decode; CUDA, or a CPU under TRITON_INTERPRET=1):
+          writes the token, then reads each row's own blocks in place through its table. A
+          row's output is the same bits whatever rows share the step. Checked once per process
+          and geometry against the torch path on the device before first use; a kernel that
+          fails or disagrees leaves the torch path in its place, with a warning.
   torch   gathers the rows' blocks into [S, kv_heads, L, head_dim] and calls
           ``scaled_dot_product_attention`` (GQA native) with a length mask: exact, any device.
           Eager steps (a CPU) call it once per distinct row length instead, over exactly that
@@ -20,7 +25,10 @@ query [S, heads, 1, head_dim], key / value [S, kv_heads, 1, head_dim]; returns [
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +38,8 @@ from staged.rollout.cache import PagedKVCache
 
 ATTN_NAME = "staged_paged"
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+BACKENDS = ("auto", "flash", "triton", "torch")
 
 
 @dataclass
@@ -58,11 +68,68 @@ def token_index(block_table: torch.Tensor, seqlens: torch.Tensor, block_size: in
     return slots[torch.arange(MB * block_size, device=block_table.device) < seqlens[:, None]]
 
 
-def choose_backend(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
-    if (HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and block_size % 256 == 0):
+def choose_backend(device: torch.device, dtype: torch.dtype, block_size: int, want: str = "auto") -> str:
+    """The decode attention for a cache of ``dtype`` with ``block_size``-token blocks on ``device``:
+    ``want`` when it can run there (else a ValueError saying why), or for "auto" the fastest that can."""
+    if want not in BACKENDS:
+        raise ValueError(f"rollout attention: expected one of {', '.join(BACKENDS)}, got {want!r}")
+    flash = (HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+             and block_size % 256 == 0)
+    triton = HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if want == "flash" and not flash:
+        raise ValueError(f"rollout attention 'flash' needs flash-attn installed, CUDA, fp16/bf16 and a block size "
+                         f"that is a multiple of 256 (have: flash-attn {'yes' if HAS_FLASH_ATTN else 'no'}, "
+                         f"{device.type}, {dtype}, block size {block_size})")
+    if want == "triton" and not triton:
+        raise ValueError(f"rollout attention 'triton' needs triton and CUDA (or TRITON_INTERPRET=1 on a CPU, "
+                         f"for tests); have {device.type}, triton {'yes' if HAS_TRITON else 'no'}")
+    if want != "auto":
+        return want
+    if flash:
         return "flash"
-    return "torch"
+    return "triton" if triton and device.type == "cuda" else "torch"
+
+
+@functools.cache
+def triton_decode_agrees(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                         block_size: int) -> bool:
+    """Whether the Triton decode kernel compiles and runs for this geometry on ``device`` and
+    matches the torch path on random inputs (rows of awkward lengths); warns once if not."""
+    try:
+        from staged.kernels.paged_decode import paged_decode_attention
+
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        lens = [1, block_size - 1, block_size + 3, 3 * block_size + 5]
+        nb = sum(-(-n // block_size) for n in lens) + 1
+        keys = torch.randn(nb, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+        values = torch.randn(nb, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+        q = torch.randn(len(lens), heads, head_dim, generator=gen).to(device, dtype)
+        order = torch.randperm(nb, generator=gen).tolist()
+        mb = max(-(-n // block_size) for n in lens)
+        table, at = [], 0
+        for n in lens:
+            own = order[at:at + -(-n // block_size)]
+            at += len(own)
+            table.append(own + [order[-1]] * (mb - len(own)))
+        table = torch.tensor(table, dtype=torch.int32, device=device)
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+        scale = head_dim ** -0.5
+        got = paged_decode_attention(q, keys, values, table, seqlens, scale).float()
+        worst = 0.0
+        for r, n in enumerate(lens):
+            k = keys[table[r].long()].flatten(0, 1)[:n].float().transpose(0, 1)    # [kv, n, D]
+            v = values[table[r].long()].flatten(0, 1)[:n].float().transpose(0, 1)
+            want = F.scaled_dot_product_attention(q[r].float()[:, None], k, v, scale=scale,
+                                                  enable_gqa=heads != kv_heads)[:, 0]
+            worst = max(worst, float((got[r] - want).abs().max()))
+        tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+        if not worst <= tol:
+            raise RuntimeError(f"max |difference| {worst:.3g} from the torch path (tolerance {tol})")
+        return True
+    except Exception as exc:  # noqa: BLE001 - a fast path is never a reason for a rollout to fail
+        warnings.warn(f"rollout: the Triton decode attention is unusable here ({type(exc).__name__}: "
+                      f"{str(exc)[:300]}); using the torch path", RuntimeWarning, stacklevel=2)
+        return False
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, paged=None, **kwargs):
@@ -79,6 +146,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                                      softmax_scale=scaling, causal=True)
         return out, None
     c.write_token(layer, paged.slot, key[:, :, 0], value[:, :, 0])
+    if paged.backend == "triton":
+        from staged.kernels.paged_decode import paged_decode_attention
+
+        out = paged_decode_attention(query[:, :, 0], c.keys[layer], c.values[layer], paged.block_table,
+                                     paged.seqlens, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out[:, None], None
     if paged.by_length is not None:
         return _attend_by_length(query, c.keys[layer], c.values[layer], paged, scaling), None
     bt = paged.block_table.long()

@@ -374,3 +374,54 @@ def test_a_sliding_window_text_model_keeps_the_padded_prefill():
     batch = make_batch(prompts_for(gen), 2, gen)
     ro = generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
     assert ro.stats["prefill_forwards"] == 4 and int(ro.completion_mask.sum()) > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_triton_attention_matches_a_full_forward_and_ignores_the_neighbours(models, kind):
+    """attention="triton" (staged.kernels.paged_decode, interpreted on a CPU): the log-probs are a
+    full forward's, and a row's completion is the same bits in the whole batch, among a few rows
+    with two slots, and alone (the kernel walks each row's own blocks, whatever the table width)."""
+    from staged.rollout import select_rows
+
+    model = models(kind)
+    gen = torch.Generator().manual_seed(3)
+    batch = make_batch(prompts_for(gen), 3, gen)
+    B = batch["input_ids"].shape[0]
+    p = params(attention="triton")
+    ref = generate(model, batch, p, seeds=seeds_for(B))
+    assert ref.stats["attention"] == "triton"
+    assert (ref.completion_mask.sum(-1) > 4).any(), "some rows should be longer than a cache block"
+    m = ref.completion_mask.bool()
+    torch.testing.assert_close(ref.logprobs[m], full_forward_logprobs(model, ref, batch)[m], atol=1e-5, rtol=0)
+    for rows, slots in (([9, 1, 5], 2), ([10], 1)):
+        ro = generate(model, select_rows(batch, rows), dataclasses.replace(p, batch_size=slots),
+                      seeds=seeds_for(B)[rows])
+        T = ro.completion_ids.shape[1]  # completions are cut to the longest row of the call
+        assert not ref.completion_mask[rows][:, T:].any()
+        assert torch.equal(ro.completion_ids, ref.completion_ids[rows][:, :T]), (rows, slots)
+        assert torch.equal(ro.logprobs, ref.logprobs[rows][:, :T]), (rows, slots)
+
+
+def test_an_attention_backend_that_cannot_run_here_is_an_error():
+    from staged.rollout.paged_attention import choose_backend
+
+    with pytest.raises(ValueError, match="flash-attn"):
+        choose_backend(torch.device("cpu"), torch.float32, 16, "flash")
+    with pytest.raises(ValueError, match="expected one of"):
+        choose_backend(torch.device("cpu"), torch.float32, 16, "xformers")
+    assert choose_backend(torch.device("cpu"), torch.float32, 16) == "torch"
+
+
+def test_the_triton_attention_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """Before its first use on a device the engine checks the kernel against the torch path (the
+    check runs on CUDA; here it runs interpreted): a kernel that disagrees is refused, with a warning."""
+    import staged.kernels.paged_decode as kernel
+    from staged.rollout.paged_attention import triton_decode_agrees
+
+    check = triton_decode_agrees.__wrapped__  # uncached
+    assert check(torch.device("cpu"), torch.float32, 7, 1, 64, 16)
+    assert check(torch.device("cpu"), torch.bfloat16, 4, 2, 32, 4)
+    real = kernel.paged_decode_attention
+    monkeypatch.setattr(kernel, "paged_decode_attention", lambda q, *a: real(q, *a) * 1.01)
+    with pytest.warns(RuntimeWarning, match="Triton decode attention is unusable"):
+        assert not check(torch.device("cpu"), torch.float32, 4, 2, 64, 16)

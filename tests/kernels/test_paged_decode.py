@@ -1,0 +1,92 @@
+"""The paged decode-attention kernel (staged.kernels.paged_decode) against a float64 reference
+on fresh random caches: GQA groups 1-8 (padded to the dot's 16), head sizes that are and are not
+powers of two, cache blocks smaller and larger than the kernel's key step, rows of 1 token to
+several blocks, scattered block tables wider than any row, a non-contiguous query (as the decoder
+layers hand it over). And what the engine relies on: a row's output is the same bits alone, in
+any batch, in any order, with any table width. Interpreted on a CPU (tiny shapes), compiled on CUDA."""
+import pytest
+import torch
+
+from staged.kernels.paged_decode import BLOCK_N, paged_decode_attention
+
+
+def reference(q, keys, values, table, lens, scale):
+    """Per row: softmax(q k^T * scale) v over its own tokens, in float64."""
+    S, H, D = q.shape
+    kv = keys.shape[2]
+    out = torch.empty(S, H, D, dtype=torch.float64)
+    for r in range(S):
+        n = int(lens[r])
+        blocks = table[r].long().cpu()
+        k = keys.cpu()[blocks].flatten(0, 1)[:n].double().repeat_interleave(H // kv, 1)   # [n, H, D]
+        v = values.cpu()[blocks].flatten(0, 1)[:n].double().repeat_interleave(H // kv, 1)
+        s = torch.einsum("hd,nhd->hn", q[r].cpu().double(), k) * scale
+        out[r] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+    return out
+
+
+def make(gen, lens, heads, kv_heads, D, block, dtype, device, spare_cols=2):
+    """A pool with scattered blocks, one table row per length (padded with other rows' blocks)."""
+    need = [-(-n // block) for n in lens]
+    nb = sum(need) + 3
+    keys = torch.randn(nb, block, kv_heads, D, generator=gen).to(device, dtype)
+    values = torch.randn(nb, block, kv_heads, D, generator=gen).to(device, dtype)
+    order = torch.randperm(nb, generator=gen).tolist()
+    width = max(need) + spare_cols
+    rows, at = [], 0
+    for k in need:
+        own = order[at:at + k]
+        at += k
+        rows.append(own + order[-spare_cols:] + order[:width - k - spare_cols])
+    table = torch.tensor([r[:width] for r in rows], dtype=torch.int32, device=device)
+    # the layers hand over q as a transposed view: [S, 1, H, D] storage read as [S, H, D]
+    q = torch.randn(len(lens), 1, heads, D, generator=gen).to(device, dtype).transpose(1, 2)[:, :, 0]
+    return q, keys, values, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+CASES = [  # lens, heads, kv_heads, head_dim, cache block
+    ([1, 5, 17], 4, 2, 64, 16),
+    ([BLOCK_N, BLOCK_N + 1, 2 * BLOCK_N - 1], 7, 1, 128, 16),      # Qwen2.5-VL-7B's group of 7
+    ([3, 40, 71], 8, 1, 80, 8),                                      # head_dim 80: padded to 128
+    ([1, 300], 2, 2, 16, 256),                                       # no GQA, one large block
+    ([9, 33, 64, 100, 2], 6, 2, 32, 4),                              # tiny blocks: 8+ per key step
+    ([257], 16, 2, 64, 256),                                         # group of 8, past one block
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,heads,kv_heads,D,block", CASES)
+def test_matches_a_float64_reference(device, lens, heads, kv_heads, D, block, dtype):
+    gen = torch.Generator().manual_seed(len(lens) * 131 + D + block)
+    q, keys, values, table, seqlens = make(gen, lens, heads, kv_heads, D, block, dtype, device)
+    scale = D ** -0.5
+    got = paged_decode_attention(q, keys, values, table, seqlens, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = reference(q, keys, values, table, seqlens, scale)
+    # bf16: the output's own rounding (2^-9 relative) and P cast to bf16 for the P.V dot
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().double(), want, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_output_does_not_depend_on_the_batch(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    lens = [1, 15, 16, 33, 90, 7]
+    q, keys, values, table, seqlens = make(gen, lens, 8, 2, 64, 16, dtype, device, spare_cols=3)
+    full = paged_decode_attention(q, keys, values, table, seqlens, 0.125)
+    for r in range(len(lens)):  # alone, with the table trimmed to the row's own blocks
+        own = -(-lens[r] // 16)
+        alone = paged_decode_attention(q[r:r + 1], keys, values, table[r:r + 1, :own].contiguous(),
+                                       seqlens[r:r + 1], 0.125)
+        assert torch.equal(alone[0], full[r]), r
+    perm = torch.randperm(len(lens), generator=gen).to(device)
+    shuffled = paged_decode_attention(q[perm], keys, values, table[perm], seqlens[perm], 0.125)
+    assert torch.equal(shuffled, full[perm])
+
+
+def test_bad_shapes_are_an_error(device):
+    q = torch.randn(2, 6, 64, device=device)
+    keys = torch.randn(4, 16, 4, 64, device=device)
+    with pytest.raises(ValueError, match="query"):  # 6 heads over 4 kv heads
+        paged_decode_attention(q, keys, keys, torch.zeros(2, 1, dtype=torch.int32, device=device),
+                               torch.ones(2, dtype=torch.int32, device=device), 0.125)
