@@ -122,7 +122,7 @@ def triton_decode_agrees(device: torch.device, dtype: torch.dtype, heads: int, k
             want = F.scaled_dot_product_attention(q[r].float()[:, None], k, v, scale=scale,
                                                   enable_gqa=heads != kv_heads)[:, 0]
             worst = max(worst, float((got[r] - want).abs().max()))
-        tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+        tol = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3  # half: P is rounded for the P.V dot
         if not worst <= tol:
             raise RuntimeError(f"max |difference| {worst:.3g} from the torch path (tolerance {tol})")
         return True

@@ -379,8 +379,9 @@ def test_a_sliding_window_text_model_keeps_the_padded_prefill():
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
 def test_triton_attention_matches_a_full_forward_and_ignores_the_neighbours(models, kind):
     """attention="triton" (staged.kernels.paged_decode, interpreted on a CPU): the log-probs are a
-    full forward's, and a row's completion is the same bits in the whole batch, among a few rows
-    with two slots, and alone (the kernel walks each row's own blocks, whatever the table width)."""
+    full forward's, and a row's completion is the same bits in the whole batch, at the CUDA-graph
+    path's static shapes (padding rows, padded tables), among a few rows with two slots, and
+    alone (the kernel walks each row's own blocks, whatever the table width)."""
     from staged.rollout import select_rows
 
     model = models(kind)
@@ -393,6 +394,9 @@ def test_triton_attention_matches_a_full_forward_and_ignores_the_neighbours(mode
     assert (ref.completion_mask.sum(-1) > 4).any(), "some rows should be longer than a cache block"
     m = ref.completion_mask.bool()
     torch.testing.assert_close(ref.logprobs[m], full_forward_logprobs(model, ref, batch)[m], atol=1e-5, rtol=0)
+    # the CUDA-graph path's static shapes, run eagerly: padding rows, tables padded to the widest
+    static = generate(model, batch, dataclasses.replace(p, static_shapes=True, batch_size=4), seeds=seeds_for(B))
+    assert torch.equal(static.completion_ids, ref.completion_ids) and torch.equal(static.logprobs, ref.logprobs)
     for rows, slots in (([9, 1, 5], 2), ([10], 1)):
         ro = generate(model, select_rows(batch, rows), dataclasses.replace(p, batch_size=slots),
                       seeds=seeds_for(B)[rows])
