@@ -376,7 +376,7 @@ def test_a_sliding_window_text_model_keeps_the_padded_prefill():
     assert ro.stats["prefill_forwards"] == 4 and int(ro.completion_mask.sum()) > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl"])  # the kernel's own tests cover other head layouts
 def test_triton_attention_matches_a_full_forward_and_ignores_the_neighbours(models, kind):
     """attention="triton" (staged.kernels.paged_decode, interpreted on a CPU): the log-probs are a
     full forward's, and a row's completion is the same bits in the whole batch, at the CUDA-graph
