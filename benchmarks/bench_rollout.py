@@ -10,14 +10,16 @@ Shapes (prompts x G = 5 samples, one image each):
          set of ~1/128 of the vocabulary (so rows end at different steps, as real completions do).
 transformers' continuous batching (``generate_batch``) takes text-only requests: it does not
 apply to these image rows. Rows report wall time (one timed run after a warm-up; CPU), tokens/s
-over the completion tokens, the paged engine's prefill / decode split, and its decode time as a
+over the completion tokens, the paged engine's prefill / decode split, its decode time as a
 % of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
-bandwidth measured in the same run). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
+bandwidth measured in the same run), and ``same_alone``: of three rows decoded again alone, how
+many got the tokens they got in the batch (a row's completion must not depend on its neighbours). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
 engine with its decode steps as CUDA graphs and without, and with the torch decode attention in
 place of the Triton kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -106,6 +108,25 @@ def end_tokens(V: int, fraction: float, gen) -> tuple[int, ...]:
     return tuple(sorted(set(torch.randint(3, V - 20, (max(1, int(V * fraction)),), generator=gen).tolist()) | {2}))
 
 
+def same_alone(model, batch: dict, params, seeds, out, device, dtype) -> str:
+    """How many of a few rows (first, middle, last) get the same tokens decoded alone (one row, one
+    slot) as in the timed batch run ``out``: all of them when a row's completion ignores the rows
+    beside it (exact on a CPU; on CUDA, where cuBLAS picks its kernels by the row count, this
+    counts the rows whose tokens flipped)."""
+    from staged.rollout import generate, select_rows
+
+    B = out.completion_ids.shape[0]
+    rows = sorted({0, B // 2, B - 1})
+    same = 0
+    for r in rows:
+        alone = generate(model, select_rows(batch, [r]), dataclasses.replace(params, batch_size=1),
+                         seeds=seeds[[r]], device=device, dtype=dtype)
+        T = alone.completion_ids.shape[1]
+        same += int(torch.equal(alone.completion_ids[0].cpu(), out.completion_ids[r, :T].cpu())
+                    and not out.completion_mask[r, T:].any())
+    return f"{same}/{len(rows)}"
+
+
 def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
     from staged.rollout import SamplingParams, generate, row_seed
 
@@ -131,7 +152,11 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
         def ours(engine, slots=0, graphs=True, attention="auto"):
             sp = SamplingParams(max_new_tokens=new, eos_token_ids=eos, pad_token_id=0, engine=engine, batch_size=slots,
                                 suppress_token_ids=sup, cuda_graphs=graphs, attention=attention)
-            return lambda: generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)
+
+            def fn():
+                return generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)
+            fn.params = sp
+            return fn
 
         def hf_generate():
             inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "image_grid_thw")}
@@ -180,6 +205,8 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                     row["pct_of_read_bound"] = 100 * read / (limits["copy_gbps"] * 1e6) / row["decode_ms"]
             if dev.type == "cuda":
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            if impl.startswith("paged"):
+                row["same_alone"] = same_alone(model, batch, fn.params, seeds, out, dev, dtype)
             rows.append(row)
         base = {r["impl"]: r["tokens_per_s"] for r in rows if r["case"] == case}
         for r in rows:

@@ -151,6 +151,7 @@ def test_quick_rollout_benchmark_runs_every_engine():
     assert all(r["completion_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["prefill_ms"] > 0 and rows[0]["decode_ms"] > 0 and rows[0]["cache_mb"] > 0
     assert rows[0]["completion_tokens"] == rows[1]["completion_tokens"] == rows[2]["completion_tokens"]
+    assert rows[0]["same_alone"] == "3/3"  # rows decoded alone: the batch's tokens (exact on a CPU)
 
 
 def test_gpu_check_headline_puts_the_tma_forward_beside_cp_async():
