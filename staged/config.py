@@ -613,6 +613,10 @@ class TrainConfig:
         _check(self.finished_check_every >= 1, "finished_check_every",
                f"must be >= 1, got {self.finished_check_every}")
         _check(len(self.stages) >= 1, "stages", "a run needs at least one [[stages]] entry")
+        # the decode attention kernels are CUDA's (flash-attn's, our Triton one): refused up front
+        # on a CPU run rather than at its first rollout
+        _check(self.device != "cpu" or self.rollout.attention in ("auto", "torch"), "rollout.attention",
+               f"{self.rollout.attention!r} runs on CUDA only; device = 'cpu' (use 'auto' or 'torch')")
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "stages", f"stage names must be unique, repeated: {dup}")

@@ -54,6 +54,7 @@ def test_invalid_stage_field_is_named(stage, field):
     ({"eval": {"synthetic": ["perception"], "samples": 4}}, "eval.samples"),  # greedy gives one
     ({"eval": {"synthetic": ["perception"], "temperature": 0.6, "samples": 0}}, "eval.samples"),
     ({"rollout": {"attention": "xformers"}}, "rollout.attention"),
+    ({"device": "cpu", "rollout": {"attention": "triton"}}, "rollout.attention"),
     ({"rollout": {"engine": "vllm"}}, "rollout.engine"),  # once: not "rollout.rollout.engine"
     ({"rollout": {"kv_cache_memory_fraction": 2.0}}, "rollout.kv_cache_memory_fraction"),
     ({"packing": {"token_budget": -1}}, "packing.token_budget"),
