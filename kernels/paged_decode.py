@@ -27,13 +27,15 @@ import triton.language as tl
 from staged.kernels.aot import register_aot
 
 # Keys per step of a row's walk: part of the row's summation order, so fixed (never a function of
-# the batch). Each key has its own address (blocks are scattered), so the K and V tiles' pointers
-# sit in registers: 32 keys keep a head_dim-128 program at 128 registers, 64 spilled.
-BLOCK_N = 32
+# the batch). With the strides divisible by 16 as they are at real launches (the AOT entries say
+# so), the K/V loads are 16-byte cp.async ones, pipelined over NUM_STAGES steps.
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ts"])  # the table's width changes step to step without graphs
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seqlens_ptr,
     scale,
@@ -93,10 +95,6 @@ def _pad16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _warps(d_pad: int) -> int:
-    return 4 if d_pad <= 64 else 8
-
-
 # One entry per layout a bf16 Qwen-VL rollout launches with: head_dim 128 (every released
 # Qwen2/2.5/3-VL) and 64; a cache block of 16 (the engine's default without flash-attn) or 256.
 # The GQA group only sets masks within the 16-row tile (any group up to 16 compiles alike).
@@ -106,13 +104,17 @@ for _dt in ("bf16",):
             register_aot(_paged_decode_kernel,
                          {"q_ptr": f"*{_dt}", "k_ptr": f"*{_dt}", "v_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
                           "table_ptr": "*i32", "seqlens_ptr": "*i32", "scale": "fp32",
-                          "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i64", "stride_kt": "i32",
+                          "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32",
                           "stride_kh": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_ts": "i32"},
                          {"GROUP": 7, "GROUP_PAD": 16, "D": _d, "D_PAD": _d, "CACHE_BLOCK": _cb,
                           "BLOCK_N": BLOCK_N, "DOT_F32": False, "PRECISION": "tf32"},
-                         num_warps=_warps(_d), num_stages=2,
+                         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                          name=f"_paged_decode_kernel[{_dt},d{_d},block{_cb}]",
-                         divisible=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "table_ptr", "seqlens_ptr"))
+                         # every stride but the table's is a multiple of head_dim (64 / 128): the
+                         # JIT marks them divisible by 16 at a real launch, so the gate does too
+                         divisible=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "table_ptr", "seqlens_ptr",
+                                    "stride_qs", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
+                                    "stride_os", "stride_oh"))
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -139,9 +141,7 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
         return out
     group = H // kv_heads
     interp = _interpreting(query)
-    fp32 = query.dtype == torch.float32
-    # fp32 caches follow torch's matmul setting, like the rest of the model's fp32 matmuls.
-    precision = "tf32" if (not fp32 or (not interp and torch.backends.cuda.matmul.allow_tf32)) else "ieee"
+    precision = dot_precision(query.dtype, interp)
     _paged_decode_kernel[(S, kv_heads)](
         query, keys, values, out, block_table, seqlens, float(scale),
         query.stride(0), query.stride(1),
@@ -151,6 +151,23 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
         GROUP=group, GROUP_PAD=_pad16(group), D=D, D_PAD=_pad16(D),
         CACHE_BLOCK=cache_block, BLOCK_N=BLOCK_N,
         DOT_F32=interp, PRECISION="ieee" if interp else precision,
-        num_warps=_warps(_pad16(D)), num_stages=2,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
+
+
+def tf32_enabled() -> bool:
+    """Whether torch's fp32 CUDA matmuls may use TF32 (the newer fp32_precision setting where this
+    torch has it: reading allow_tf32 raises once that one has been set)."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if isinstance(prec, str):
+        return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype, interp: bool = False) -> str:
+    """The kernel's tl.dot input precision: fp32 caches follow torch's matmul setting (fp32 callers
+    get fp32 dots unless they opted into TF32), half caches are tensor-core dots anyway."""
+    if interp or (dtype == torch.float32 and not tf32_enabled()):
+        return "ieee"
+    return "tf32"

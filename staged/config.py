@@ -422,6 +422,14 @@ class RolloutConfig:
     """Engine paged on CUDA: decode steps at static shapes (rows padded to power-of-two buckets),
     each shape captured once per rollout as a CUDA graph and replayed (staged.rollout.graphs);
     a capture that fails falls back to eager decoding with a warning."""
+    invariant_rows: int = 64
+    """Engine paged on CUDA: every decode step (and first-token draw) at exactly this many rows,
+    padded, in several passes when more rows are live, and prompts prefilled one per forward: a
+    row's completion then depends on its seed and prompt only, whatever rows share its steps and
+    however many ranks (cuBLAS picks kernels by shape; these shapes never follow the batch).
+    Decode is bandwidth-bound up to a few dozen rows, so padding to 64 costs little there; more
+    slots than this pay one weight read per pass. 0: power-of-two buckets of the live rows, one
+    pass (faster with many slots; a row's tokens then agree with another batch's up to flips)."""
     reuse_vision_features: bool = True
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack features included), engine paged, padded or
     packed micro-batches: the rollout's image features (one tower pass per distinct prompt) stand
@@ -441,6 +449,7 @@ class RolloutConfig:
         _check(0.0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
                f"must lie in (0, 0.95], got {self.kv_cache_memory_fraction}")
         _check(self.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
+        _check(self.invariant_rows >= 0, "invariant_rows", f"must be >= 0, got {self.invariant_rows}")
 
 
 @dataclass

@@ -222,7 +222,7 @@ def sampling_params(stage: StageConfig, cfg: TrainConfig, model, tokenizer) -> S
                           suppress_token_ids=tuple(sorted(suppress)), engine=r.engine, block_size=r.block_size,
                           kv_cache_tokens=r.kv_cache_tokens, kv_cache_memory_fraction=r.kv_cache_memory_fraction,
                           prefill_tokens=r.prefill_tokens, reuse_vision_features=r.reuse_vision_features,
-                          cuda_graphs=r.cuda_graphs, attention=r.attention)
+                          cuda_graphs=r.cuda_graphs, attention=r.attention, invariant_rows=r.invariant_rows)
 
 
 def inject_fault(d: parallel.Dist, global_step: int, point: str = "step") -> None:

@@ -267,6 +267,9 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     backend = choose_backend(device, kv_dtype, bs, want)
     if (backend == "triton" and device.type == "cuda"
             and not triton_decode_agrees(device, kv_dtype, text_cfg.num_attention_heads, kv_heads, head_dim, bs)):
+        if want == "triton":  # asked for by name: not silently swapped
+            raise RuntimeError("rollout.attention = 'triton': the kernel failed its check on this device (see the "
+                               "warning above); use 'auto' or 'torch'")
         backend = "torch"
     per_token = PagedKVCache.bytes_per_token(n_layers, kv_heads, head_dim, kv_dtype)
     S = min(params.batch_size or B, B)
@@ -388,17 +391,35 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         done[rows] |= is_end[tok] | (t + 1 >= T)
         return tok
 
+    def first_tokens(rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``emit`` of the rows' first tokens from their prompts' logits [n, V]; with fixed shapes
+        in draws of exactly that many rows (padded with copies into the scratch row B)."""
+        n = rows.shape[0]
+        if not fixed:
+            return emit(rows, torch.zeros_like(rows), logits)
+        pad = -n % fixed
+        logits = torch.cat([logits, logits[:1].expand(pad, -1)])
+        rows = torch.cat([rows, rows.new_full((pad,), B)])
+        toks = [emit(rows[a:a + fixed], torch.zeros_like(rows[a:a + fixed]), logits[a:a + fixed])
+                for a in range(0, n + pad, fixed)]
+        return torch.cat(toks)[:n]
+
     def device_step(buf: torch.Tensor, n: int, mb: int, by_length=None) -> None:
         """One decode step of ``n`` rows on the device, its inputs in ``buf`` (see _step_inputs)."""
         _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit, by_length)
 
+    # Fixed-shape steps (CUDA, or static_shapes on a CPU for tests): exactly `fixed` rows per
+    # step and tables always the widest a row can reach, so that no shape follows the batch.
+    fixed = params.invariant_rows if device.type == "cuda" or params.static_shapes else 0
     graphs = None
-    if params.static_shapes or (params.cuda_graphs and device.type == "cuda"):
+    if params.static_shapes or (device.type == "cuda" and (params.cuda_graphs or fixed)):
         widest = max(p.length // bs + sched.own_worst(p) for p in sched.prompts)
         graphs = DecodeGraphs(device_step, S, widest, pad_row=[cache.scratch_block * bs, 1, 0, B, 0, S],
                               scratch_block=cache.scratch_block, device=device,
                               capture=params.cuda_graphs and device.type == "cuda",
-                              fixed_width=backend in ("flash", "triton"))  # they read each row's own length only
+                              # flash / triton read each row's own length only; fixed: no width
+                              # set by the longest neighbour (the torch path's reductions follow it)
+                              fixed_width=backend in ("flash", "triton") or bool(fixed), rows=fixed)
     per_length = graphs is None and device.type == "cpu" and backend == "torch"
 
     def fill_slots() -> int:
@@ -411,7 +432,10 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             if live is None and sched.pending:
                 # A padded prefill on a CPU (a model the packed one cannot run) goes one prompt per
                 # forward: no padding to a neighbour's length, so a prompt's K/V stay its own bits.
-                gs = sched.prompts_to_prefill(params.prefill_tokens if packed or device.type != "cpu" else 1)
+                # Fixed shapes: one prompt per forward too (a padded batch of prompts has shapes,
+                # and padding, set by the neighbours).
+                gs = sched.prompts_to_prefill(params.prefill_tokens if packed or (device.type != "cpu" and not fixed)
+                                              else 1)
                 if gs:
                     prefill(gs)
                     live = sched.admit(s)
@@ -422,7 +446,7 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             lives = [sched.slots[s] for s in new]
             logits = torch.stack([sched.prompts[lv.prompt].logits for lv in lives])  # a copy: sampled in place
             rows = torch.tensor([lv.row for lv in lives], device=device)
-            cur_tok[torch.tensor(new, device=device)] = emit(rows, torch.zeros_like(rows), logits)
+            cur_tok[torch.tensor(new, device=device)] = first_tokens(rows, logits)
             for s, lv in zip(new, lives):
                 t_of[s] = 1
                 p = sched.prompts[lv.prompt]
@@ -496,9 +520,12 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device,
         slot_idx.append(s)
     cols = [writes, lens, pos, rows, [t_of[s] for s in slot_idx], slot_idx]
     widest = max(len(b) for b in tables)
-    if graphs is not None:
-        shape = graphs.shape(len(slot_idx), widest)
-        graphs.run(graphs.pack(cols, tables, shape), shape)
+    if graphs is not None:  # in passes of at most graphs.pass_rows rows (fixed shapes: exactly that many)
+        step = graphs.pass_rows
+        for a in range(0, len(slot_idx), step):
+            part = tables[a:a + step]
+            shape = graphs.shape(len(part), max(len(b) for b in part))
+            graphs.run(graphs.pack([c[a:a + step] for c in cols], part, shape), shape)
     else:
         n = len(slot_idx)
         host = torch.tensor([x for c in cols for x in c] + [x for b in tables for x in b + [0] * (widest - len(b))],

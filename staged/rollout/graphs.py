@@ -4,9 +4,10 @@ A decode step at 7B is ~30 layers x a dozen small kernels for a handful of token
 GPU its launch overhead rivals its work. With static shapes the step can be captured once and
 replayed (gpt-fast, vLLM and transformers' continuous batching do the same):
 
-  rows      padded up to a bucket (1, 2, 4, ... the slot count): the padding rows decode a dummy
-            token into a scratch cache block and a scratch output row, so they never touch a
-            real row's cache, tokens or log-probs;
+  rows      padded up to a bucket (1, 2, 4, ... the slot count), or with ``rows`` always to
+            exactly that many (the engine's invariant_rows: a step of more live rows goes in
+            several passes): the padding rows decode a dummy token into a scratch cache block and
+            a scratch output row, so they never touch a real row's cache, tokens or log-probs;
   blocks    every row's block table padded with the scratch block: to the longest a row of this
             call can reach (prompt + max_new_tokens) when the attention kernel reads only each
             row's own length (flash-attn), else to a power-of-two bucket of the longest live row
@@ -46,13 +47,15 @@ class DecodeGraphs:
     ``step(buf, n, mb)`` runs one decode step of ``n`` rows with block tables ``mb`` wide, reading
     its inputs from the int64 device tensor ``buf`` laid out as ``pack`` writes it; it must only
     touch tensors that live as long as this object (the cache pool, the output buffers).
-    ``fixed_width``: tables always ``max_blocks`` wide (one graph per row bucket)."""
+    ``fixed_width``: tables always ``max_blocks`` wide (one graph per row bucket). ``rows`` > 0:
+    every step exactly that many rows (``pass_rows``), whatever the slot count."""
 
     def __init__(self, step: Callable[[torch.Tensor, int, int], None], slots: int, max_blocks: int,
                  pad_row: list[int], scratch_block: int, device: torch.device, capture: bool,
-                 fixed_width: bool):
+                 fixed_width: bool, rows: int = 0):
         self.step, self.max_blocks, self.device = step, max_blocks, device
-        self.buckets = buckets(slots)
+        self.buckets = [rows] if rows else buckets(slots)
+        self.pass_rows = rows or slots  # the most rows one step takes
         self.widths = [max_blocks] if fixed_width else buckets(max_blocks)
         self.pad_row = pad_row              # (write, seqlen, pos, row, t, slot) of a padding row
         self.scratch_block = scratch_block

@@ -56,6 +56,14 @@ class SamplingParams:
     cuda_graphs: bool = True
     """Engine "paged" on CUDA: decode steps padded to static shapes and replayed as CUDA graphs
     (staged.rollout.graphs); a capture that fails falls back to eager with a warning."""
+    invariant_rows: int = 64
+    """Engine "paged" on CUDA: every decode step and every first-token draw runs at exactly this
+    many rows (padding rows fill a short step; more live rows go in several passes) and prompts
+    are prefilled one per forward, so that no kernel sees a shape set by the rows beside a row:
+    cuBLAS and torch's reductions pick their kernels, and with them the rounding, by shape. A row's
+    completion then depends on its seed and prompt only, as on a CPU (where it is exact anyway).
+    0: steps at power-of-two buckets of the live rows instead (one pass at any row count; a
+    row's bits then move with the batch: tokens agree only up to flips)."""
     static_shapes: bool = False
     """Pad decode steps to the graphs' static shapes even where nothing is captured (a CPU):
     the graph path's padding, run eagerly; for tests."""

@@ -225,7 +225,8 @@ def test_static_shape_decode_equals_dynamic(models, kind):
     """The CUDA-graph path's decode steps (rows padded to a bucket, block tables to a width
     bucket, padding rows writing into the scratch block / row / slot), run eagerly: the same
     completions and log-probs as the dynamic steps, for slot counts whose live-row counts fall
-    between buckets."""
+    between buckets; and with invariant_rows (every step and first-token draw at exactly that many
+    rows, more live rows in several passes, one prompt per prefill -- CUDA's default): the same."""
     model = models(kind)
     gen = torch.Generator().manual_seed(5)
     batch = make_batch(prompts_for(gen), 3, gen)
@@ -233,7 +234,9 @@ def test_static_shape_decode_equals_dynamic(models, kind):
     seeds = seeds_for(B, 9)
     ref = generate(model, batch, params(), seeds=seeds)
     m = ref.completion_mask.bool()
-    for kw in (dict(), dict(batch_size=5), dict(batch_size=3, block_size=2)):
+    for kw in (dict(invariant_rows=0), dict(batch_size=5, invariant_rows=0),
+               dict(batch_size=3, block_size=2, invariant_rows=0),
+               dict(invariant_rows=5), dict(batch_size=7, invariant_rows=2), dict(invariant_rows=16)):
         ro = generate(model, batch, params(static_shapes=True, **kw), seeds=seeds)
         assert torch.equal(ro.completion_ids, ref.completion_ids), kw
         assert torch.equal(ro.completion_mask, ref.completion_mask), kw
@@ -260,7 +263,10 @@ def test_static_step_shapes_and_padding():
     assert table.tolist() == [[0, 1], [2, 7], [7, 7], [7, 7]]
     fixed = DecodeGraphs(lambda *a: None, slots=5, max_blocks=6, pad_row=[70, 1, 0, 9, 0, 5], scratch_block=7,
                          device=torch.device("cpu"), capture=False, fixed_width=True)
-    assert fixed.shape(2, 1) == (2, 6)
+    assert fixed.shape(2, 1) == (2, 6) and fixed.pass_rows == 5
+    rows = DecodeGraphs(lambda *a: None, slots=5, max_blocks=6, pad_row=[70, 1, 0, 9, 0, 5], scratch_block=7,
+                        device=torch.device("cpu"), capture=False, fixed_width=True, rows=4)
+    assert rows.pass_rows == 4 and rows.shape(1, 1) == rows.shape(4, 5) == (4, 6)
 
 
 def test_a_processor_batch_as_it_is_right_padded_without_images_per_row(models):
@@ -395,7 +401,8 @@ def test_triton_attention_matches_a_full_forward_and_ignores_the_neighbours(mode
     m = ref.completion_mask.bool()
     torch.testing.assert_close(ref.logprobs[m], full_forward_logprobs(model, ref, batch)[m], atol=1e-5, rtol=0)
     # the CUDA-graph path's static shapes, run eagerly: padding rows, tables padded to the widest
-    static = generate(model, batch, dataclasses.replace(p, static_shapes=True, batch_size=4), seeds=seeds_for(B))
+    static = generate(model, batch, dataclasses.replace(p, static_shapes=True, batch_size=4, invariant_rows=3),
+                      seeds=seeds_for(B))
     assert torch.equal(static.completion_ids, ref.completion_ids) and torch.equal(static.logprobs, ref.logprobs)
     for rows, slots in (([9, 1, 5], 2), ([10], 1)):
         ro = generate(model, select_rows(batch, rows), dataclasses.replace(p, batch_size=slots),
@@ -426,6 +433,8 @@ def test_the_triton_attention_check_passes_and_catches_a_wrong_kernel(monkeypatc
     assert check(torch.device("cpu"), torch.float32, 7, 1, 64, 16)
     assert check(torch.device("cpu"), torch.bfloat16, 4, 2, 32, 4)
     real = kernel.paged_decode_attention
-    monkeypatch.setattr(kernel, "paged_decode_attention", lambda q, *a: real(q, *a) * 1.01)
-    with pytest.warns(RuntimeWarning, match="Triton decode attention is unusable"):
-        assert not check(torch.device("cpu"), torch.float32, 4, 2, 64, 16)
+    assert check(torch.device("cpu"), torch.float32, 4, 2, 16, 1)  # one-token blocks: no empty row
+    for wrong in (lambda q, *a: real(q, *a) * 1.01, lambda q, *a: real(q, *a) * float("nan")):
+        monkeypatch.setattr(kernel, "paged_decode_attention", wrong)
+        with pytest.warns(RuntimeWarning, match="Triton decode attention is unusable"):
+            assert not check(torch.device("cpu"), torch.float32, 4, 2, 64, 16)
