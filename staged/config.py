@@ -417,9 +417,11 @@ class RolloutConfig:
     kv_cache_memory_fraction: float = 0.3
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
-    """Prompt tokens per prefill forward (at least one prompt; packed on a CPU, padded elsewhere)."""
+    """Prompt tokens per prefill forward (at least one prompt; packed on a CPU, padded on CUDA with
+    invariant_rows = 0; one prompt per forward on CUDA otherwise)."""
     cuda_graphs: bool = True
-    """Engine paged on CUDA: decode steps at static shapes (rows padded to power-of-two buckets),
+    """Engine paged on CUDA: decode steps at static shapes (rows padded to invariant_rows, or to
+    power-of-two buckets with invariant_rows = 0),
     each shape captured once per rollout as a CUDA graph and replayed (staged.rollout.graphs);
     a capture that fails falls back to eager decoding with a warning."""
     invariant_rows: int = 64

@@ -51,8 +51,8 @@ class SamplingParams:
     """On CUDA with kv_cache_tokens = 0: the share of free device memory the cache may take."""
     prefill_tokens: int = 8192
     """Prompt tokens prefilled per forward, at least one prompt: packed on a CPU (no padding: a
-    prompt's K/V do not depend on the prompts beside it; staged.rollout.prefill), left-padded
-    elsewhere."""
+    prompt's K/V do not depend on the prompts beside it; staged.rollout.prefill), left-padded on
+    CUDA with invariant_rows = 0 (with invariant_rows > 0, CUDA's default: one prompt per forward)."""
     cuda_graphs: bool = True
     """Engine "paged" on CUDA: decode steps padded to static shapes and replayed as CUDA graphs
     (staged.rollout.graphs); a capture that fails falls back to eager with a warning."""
