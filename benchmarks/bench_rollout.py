@@ -20,6 +20,7 @@ place of the Triton kernel.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import time
 
@@ -161,6 +162,10 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
         def hf_generate():
             inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "image_grid_thw")}
             inputs["pixel_values"] = batch["pixel_values"].to(dev, dtype)
+            if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+                # transformers >= 5.x takes the image tokens' rope positions from this (1 = image);
+                # without it, it silently falls back to text positions for the image rows
+                inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=0, do_sample=True, temperature=1.0,
                                      top_p=1.0, top_k=0, eos_token_id=list(eos), pad_token_id=0)

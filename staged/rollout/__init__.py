@@ -14,16 +14,24 @@ same completions, and the two engines draw the same tokens up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
 from staged.parallel import gathered_for_generation
 from staged.rollout.interface import (Rollout, SamplingParams, extend_positions, images_per_row, model_inputs,
-                                      normalize_batch, position_ids, select_rows)
+                                      normalize_batch, position_ids, select_rows, uses_sliding_window)
 from staged.rollout.sampler import row_seed, sample_tokens, uniform_from_seed
 from staged.vision_dummy import gather_vision
 
 ENGINES = ("paged", "simple")
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 __all__ = ["ENGINES", "Rollout", "SamplingParams", "extend_positions", "generate", "images_per_row", "model_inputs",
            "position_ids", "row_seed", "sample_tokens", "select_rows", "uniform_from_seed"]
@@ -48,10 +56,11 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
             raise ValueError("SamplingParams.eos_token_ids is empty and the model's generation_config has no "
                              "eos_token_id: generation would never stop early")
         params = dataclasses.replace(params, eos_token_ids=tuple(int(e) for e in eos))
-    if params.engine not in ENGINES:
-        raise ValueError(f"SamplingParams.engine: {params.engine!r} is not one of {ENGINES}")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"SamplingParams.max_new_tokens: must be >= 1, got {params.max_new_tokens}")
+    if params.engine == "paged" and uses_sliding_window(model):
+        # The paged decode attention attends over all of a row's keys: a window would be ignored.
+        _warn_once("rollout: this text model has sliding-window attention layers, which the paged engine does "
+                   "not implement; using the simple engine")
+        params = dataclasses.replace(params, engine="simple")
     batch = normalize_batch(model, batch)
     if "position_ids" not in batch:
         batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],

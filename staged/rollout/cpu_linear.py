@@ -10,8 +10,8 @@ Two reasons, both measured (1 thread, fp32, the benchmark's V = 151,936, H = 256
   wobble that could flip a sampled token. oneDNN's reordered-weight kernel gives every row the
   same bits for any row count in fp32 -- but for one: with a fan-in over 1,024 it runs a single
   row through another kernel (a gemv: other bits), so a lone row is computed as two copies of
-  itself; in bf16 the kernel also changes above 32 rows, so bf16 rows go 32 at a time (a lone
-  leftover doubled too). In bf16 the vision tower's patch embedding, a convolution whose kernel
+  itself; in bf16 and fp16 the kernel also changes above 32 rows, so half rows go 32 at a time (a
+  lone leftover doubled too). In bf16 the vision tower's patch embedding, a convolution whose kernel
   is its stride, runs as the linear it is: oneDNN's bf16 convolution picks its kernel by patch
   count (its fp32 one gives every patch the same bits: kept).
   With every linear of the decode step through it (the rest of the
@@ -29,7 +29,8 @@ import contextlib
 import torch
 from torch import nn
 
-_DTYPES = (torch.float32, torch.bfloat16)
+_HALF = (torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, *_HALF)
 _ROWS_HINT = 64  # the reorder's batch-size hint: any row count works with the result
 # bf16 kernels switch with the row count above 32 (measured: 33-36 and 37+ rows each another
 # summation order at K = 1536), so bf16 rows go through in chunks of at most this many.
@@ -61,16 +62,17 @@ def _packed_forward(module: nn.Module):
         w = module.weight
         if (torch.is_grad_enabled() or x.dtype != w.dtype or w.dtype not in _DTYPES or x.device.type != "cpu"
                 or type(w) not in (torch.Tensor, nn.Parameter)  # a DTensor shard: not gathered
-                or (conv and (x.dtype != torch.bfloat16  # oneDNN's fp32 conv is row invariant: kept
+                or (conv and (x.dtype not in _HALF  # oneDNN's fp32 conv is row invariant: kept
                               or tuple(x.shape[2:]) != tuple(module.kernel_size)))):  # not one patch per entry
             return own(x)
-        if held[0] is not w or held[1] != w._version:
+        version = 0 if w.is_inference() else w._version  # inference tensors have no version counter
+        if held[0] is not w or held[1] != version:
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().reshape(w.shape[0], -1), _ROWS_HINT)
             except RuntimeError:  # a build or CPU whose oneDNN refuses it: the module's own, from now on
                 module.forward = own
                 return own(x)
-            held[:] = [w, w._version, packed]
+            held[:] = [w, version, packed]
         if conv:  # [N, C, *kernel] patches -> [N, out, 1, ...]: oneDNN picks its conv kernels by N
             y = _rows_invariant(x.reshape(x.shape[0], -1), held[2], module.bias)
             return y.reshape(y.shape[0], y.shape[1], *([1] * len(module.kernel_size)))
@@ -87,7 +89,7 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 def _rows_invariant(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The linear on rows ``x`` [..., K], each row's result independent of the row count."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.dtype == torch.bfloat16 and rows.shape[0] > BF16_ROWS:
+    if x.dtype in _HALF and rows.shape[0] > BF16_ROWS:
         y = torch.cat([_linear(c, packed, bias) for c in rows.split(BF16_ROWS)])
     else:
         y = _linear(rows, packed, bias)

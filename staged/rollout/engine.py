@@ -53,19 +53,22 @@ CPU_CACHE_CAP_BYTES = 4 << 30
 def prompt_groups(batch: dict) -> list[int]:
     """Row -> distinct-prompt index (first-occurrence order). ``batch["prompt_index"]`` when the
     caller knows it (the trainer does); otherwise rows are compared by their tokens and images."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
     if "prompt_index" in batch:
-        idx = list(batch["prompt_index"])
+        idx = [int(i) for i in batch["prompt_index"]]  # ints, also from a tensor (its 0-d items never compare equal as keys)
+        if len(idx) != ids.shape[0]:
+            raise ValueError(f"rollout batch: prompt_index has {len(idx)} entries for {ids.shape[0]} rows")
         remap: dict[int, int] = {}
         return [remap.setdefault(i, len(remap)) for i in idx]
-    ids, attn = batch["input_ids"], batch["attention_mask"]
     per_row = images_per_row(batch)
-    patches = image_ranges(batch)[1] if sum(per_row) else None
+    imgs, patches = image_ranges(batch) if sum(per_row) else (None, None)
     keys: dict[bytes, int] = {}
     out = []
     for r in range(ids.shape[0]):
         h = hashlib.blake2b(ids[r][attn[r].bool()].numpy().tobytes(), digest_size=16)
-        if per_row[r]:
+        if per_row[r]:  # the pixels and the grids: the same patches laid out 4x8 or 8x4 are other images
             h.update(batch["pixel_values"][slice(*patches[r])].float().contiguous().numpy().tobytes())
+            h.update(torch.as_tensor(batch["image_grid_thw"])[slice(*imgs[r])].long().numpy().tobytes())
         out.append(keys.setdefault(h.digest(), len(keys)))
     return out
 
@@ -106,7 +109,11 @@ class Scheduler:
                 self.prompts.append(Prompt(rows=[], length=prompt_lens[r]))
             self.prompts[g].rows.append(r)
         self.groups = groups
-        self.pending = deque(range(len(groups)))
+        # Rows of one prompt next to each other: a prompt's prefix is freed once its last row is
+        # admitted, so a prompt whose rows were spread out could hold its blocks while the row
+        # ahead of its next one waits for them (a deadlock under a tight cache budget). The
+        # order a row is decoded in never changes its tokens.
+        self.pending = deque(sorted(range(len(groups)), key=lambda r: groups[r]))
         self.slots: list[Live | None] = [None] * slots
         self.reserved = 0           # blocks promised to live rows / prefilled prompts' next row
 

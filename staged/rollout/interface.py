@@ -8,6 +8,7 @@ policy and reference forwards, so sampling and training see the same positions.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,9 @@ from staged.models.loading import base_model
 
 # ------------------------------------------------------------------------------------------
 # interface
+
+
+GREEDY_HINT = "temperature=1e-6"  # staged.eval.GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -70,6 +74,26 @@ class SamplingParams:
     reuse_vision_features: bool = True
     """Engine "paged", Qwen2-VL / Qwen2.5-VL / Qwen3-VL (deepstack included): keep each distinct
     prompt's image features for the training forward of the same step (staged.vision_reuse)."""
+
+    def __post_init__(self):
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}: {msg}")
+
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+              f"must be a finite number > 0, got {self.temperature} (greedy decoding: a tiny temperature, as "
+              f"staged.eval does with {GREEDY_HINT})")
+        check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
+        check(self.engine in ("paged", "simple"), "engine", f"expected 'paged' or 'simple', got {self.engine!r}")
+        check(self.attention in ("auto", "flash", "triton", "torch"), "attention",
+              f"expected auto, flash, triton or torch, got {self.attention!r}")
+        for name in ("batch_size", "block_size", "kv_cache_tokens", "invariant_rows"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
+        check(self.check_every >= 1, "check_every", f"must be >= 1, got {self.check_every}")
+        check(0.0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
+              f"must lie in (0, 0.95], got {self.kv_cache_memory_fraction}")
 
 
 @dataclass
@@ -142,13 +166,41 @@ def images_per_row(batch: dict) -> list[int]:
     return [0] * batch["input_ids"].shape[0]
 
 
+def uses_sliding_window(model) -> bool:
+    """Whether any text layer of ``model`` attends within a sliding window."""
+    text = model.config.get_text_config()
+    return bool(getattr(text, "use_sliding_window", False)) or any(
+        t != "full_attention" for t in (getattr(text, "layer_types", None) or []))
+
+
 def normalize_batch(model, batch: dict) -> dict:
     """A batch as a transformers processor returns it, made into what the engines take: rows
     left-padded (a right-padded row is shifted; its tokens and images unchanged) and
     ``images_per_row`` inferred where it is missing (each row's image-placeholder count matched,
     in order, against the images' token counts)."""
     batch = dict(batch)
-    ids, attn = batch["input_ids"], batch["attention_mask"].long()
+    for key in ("input_ids", "attention_mask"):
+        if not isinstance(batch.get(key), torch.Tensor) or batch[key].dim() != 2:
+            raise ValueError(f"rollout batch: {key} must be a [rows, tokens] tensor")
+        batch[key] = batch[key].long()  # int32 ids / bool or float masks, as processors and callers make them
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    if ids.shape[0] == 0:
+        raise ValueError("rollout batch: no rows")
+    if ids.shape != attn.shape:
+        raise ValueError(f"rollout batch: input_ids {tuple(ids.shape)} and attention_mask {tuple(attn.shape)} differ")
+    for key in ("pixel_values_videos", "video_grid_thw"):
+        if batch.get(key) is not None:
+            raise ValueError(f"rollout batch: {key}: video inputs are not supported by the rollout engines")
+    if (batch.get("image_grid_thw") is None) != (batch.get("pixel_values") is None):
+        raise ValueError("rollout batch: pixel_values and image_grid_thw come together (one of them is missing)")
+    if batch.get("image_grid_thw") is not None:
+        patches = int(torch.as_tensor(batch["image_grid_thw"]).prod(-1).sum())
+        if patches != batch["pixel_values"].shape[0]:
+            raise ValueError(f"rollout batch: image_grid_thw's images have {patches} patches, pixel_values has "
+                             f"{batch['pixel_values'].shape[0]} rows")
+    per_row = batch.get("images_per_row")
+    if per_row is not None and len(per_row) != ids.shape[0]:
+        raise ValueError(f"rollout batch: images_per_row has {len(per_row)} entries for {ids.shape[0]} rows")
     T = ids.shape[1]
     pos = torch.arange(T)
     count = attn.sum(-1)

@@ -25,6 +25,7 @@ import torch
 
 from staged import attention
 from staged.models.loading import base_model
+from staged.rollout.interface import uses_sliding_window
 from staged.vision_reuse import split_features, supports_reuse
 
 PREFILL_METHOD = "staged_packed_prefill"
@@ -34,10 +35,7 @@ def supports_packed_prefill(model) -> bool:
     """A Qwen-VL model whose image features can be computed apart and injected (staged.vision_reuse)
     and whose text layers all attend fully (``staged_varlen`` has no sliding window) -- the models
     the packed training forward runs."""
-    text = model.config.get_text_config()
-    sliding = getattr(text, "use_sliding_window", False) or any(
-        t != "full_attention" for t in (getattr(text, "layer_types", None) or []))
-    return supports_reuse(model) and not sliding
+    return supports_reuse(model) and not uses_sliding_window(model)
 
 
 @contextlib.contextmanager

@@ -170,7 +170,10 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches
         # top_p (the first token always stays); draw within it (sorting needs the whole row).
         sp, order = torch.sort(e, dim=-1, descending=True)
-        total = sp.sum(-1, keepdim=True)
+        # The row's total from its tile sums (one thread each), not a sum over the whole row: with
+        # more than one thread torch splits a lone row's sum across threads, another rounding than
+        # the same row's among others -- its log-probs would follow the rows beside it.
+        total = _tile_sums(sp).double().sum(-1, keepdim=True).float()
         before = torch.cumsum(sp, dim=-1) - sp
         sp.masked_fill_(before >= top_p * total, 0.0)
         tokens = order.gather(-1, _draw(sp, u, _tile_sums(sp))[0][:, None]).squeeze(-1)

@@ -32,11 +32,12 @@ def test_rows_do_not_depend_on_the_row_count(fan_in, fan_out, bias):
 
 
 # 18,944: Qwen2.5-VL-7B's MLP width, where a lone bf16 row takes another kernel (here: 3 of 32 rows differ).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fan_in,fan_out", [(1536, 640), (1024, 96), (64, 48), (18944, 256)])
-def test_bf16_rows_do_not_depend_on_the_row_count(fan_in, fan_out):
+def test_half_rows_do_not_depend_on_the_row_count(fan_in, fan_out, dtype):
     gen = torch.Generator().manual_seed(fan_in)
-    lin = nn.Linear(fan_in, fan_out).bfloat16()
-    x = torch.randn(100, fan_in, generator=gen).bfloat16()
+    lin = nn.Linear(fan_in, fan_out).to(dtype)
+    x = torch.randn(100, fan_in, generator=gen).to(dtype)
     with torch.no_grad(), cpu_linear.packed_linears([lin], torch.device("cpu")):
         full = lin(x)
         for n in (1, 2, 31, 32, 33, 36, 37, 64, 65, 99):

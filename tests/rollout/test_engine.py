@@ -361,9 +361,10 @@ def test_an_empty_prompt_is_an_error_naming_the_row(models):
         generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
 
 
-def test_a_sliding_window_text_model_keeps_the_padded_prefill():
-    """staged_varlen has no sliding window: such a model (not a shipped Qwen-VL config) is prefilled
-    one prompt per forward by transformers' own attention instead of failing."""
+def test_a_sliding_window_text_model_runs_the_simple_engine():
+    """The paged decode attention has no sliding window: such a model (not a shipped Qwen-VL
+    config) is decoded by the simple engine, with a warning, and its log-probs are a full forward's
+    (the paged engine's were up to 0.24 off past the window)."""
     import transformers as tf
 
     from staged.rollout.prefill import supports_packed_prefill
@@ -378,8 +379,15 @@ def test_a_sliding_window_text_model_keeps_the_padded_prefill():
     assert not supports_packed_prefill(model)
     gen = torch.Generator().manual_seed(6)
     batch = make_batch(prompts_for(gen), 2, gen)
-    ro = generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
-    assert ro.stats["prefill_forwards"] == 4 and int(ro.completion_mask.sum()) > 0
+    import staged.rollout as rollout
+
+    rollout._warned.clear()
+    with pytest.warns(RuntimeWarning, match="sliding-window"):
+        ro = generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
+    assert ro.stats is None  # the simple engine's
+    m = ro.completion_mask.bool()
+    assert (ro.completion_mask.sum(-1) > 6).any(), "some rows should decode past the window"
+    torch.testing.assert_close(ro.logprobs[m], full_forward_logprobs(model, ro, batch)[m], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl"])  # the kernel's own tests cover other head layouts
@@ -438,3 +446,82 @@ def test_the_triton_attention_check_passes_and_catches_a_wrong_kernel(monkeypatc
         monkeypatch.setattr(kernel, "paged_decode_attention", wrong)
         with pytest.warns(RuntimeWarning, match="Triton decode attention is unusable"):
             assert not check(torch.device("cpu"), torch.float32, 4, 2, 64, 16)
+
+
+def test_the_same_pixels_in_another_grid_are_another_prompt(models):
+    """Rows with the same tokens and pixel bytes but grids (1, 4, 8) and (1, 8, 4) are other images
+    (other positions, other features): prefilled apart, each row's completion its own alone."""
+    from staged.rollout import select_rows
+    from staged.rollout.engine import prompt_groups
+
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(0)
+    ids = [VS] + [IMG] * 8 + [VE] + torch.randint(3, 89, (6,), generator=gen).tolist()
+    pix = torch.randn(32, PATCH_DIM, generator=gen)
+    both = {"input_ids": torch.tensor([ids, ids]), "attention_mask": torch.ones(2, len(ids), dtype=torch.long),
+            "pixel_values": torch.cat([pix, pix]), "image_grid_thw": torch.tensor([[1, 4, 8], [1, 8, 4]]),
+            "images_per_row": [1, 1]}
+    assert prompt_groups(both) == [0, 1]
+    assert prompt_groups(dict(both, image_grid_thw=torch.tensor([[1, 4, 8], [1, 4, 8]]))) == [0, 0]
+    assert prompt_groups(dict(both, prompt_index=torch.tensor([3, 3]))) == [0, 0]  # a tensor groups as a list
+    p = params(max_new_tokens=8, eos_token_ids=(EOS,))
+    ro = generate(model, both, p, seeds=seeds_for(2, 1))
+    alone = generate(model, select_rows(both, [1]), p, seeds=seeds_for(2, 1)[[1]])
+    assert torch.equal(ro.logprobs[1, :alone.logprobs.shape[1]], alone.logprobs[0])
+
+
+def test_a_prompts_rows_apart_under_a_tight_budget_do_not_deadlock(models):
+    """Rows [A, B, A] with a cache for one row at a time: A's prefix is held until its last row is
+    admitted, so B must not wait ahead of it (rows are taken prompt by prompt); the tokens are the
+    default budget's."""
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(0)
+    A, Bp = torch.randint(3, 89, (19,), generator=gen).tolist(), torch.randint(3, 89, (17,), generator=gen).tolist()
+    rows = [A, Bp, A]
+    batch = {"input_ids": torch.tensor([[PAD] * (19 - len(r)) + r for r in rows]),
+             "attention_mask": torch.tensor([[0] * (19 - len(r)) + [1] * len(r) for r in rows])}
+    one_row = (-(-19 // 4) + -(-(19 % 4 + 14) // 4)) * 4  # the longest row's blocks, block size 4
+    ref = generate(model, batch, params(), seeds=seeds_for(3))
+    tight = generate(model, batch, params(kv_cache_tokens=one_row), seeds=seeds_for(3))
+    assert torch.equal(tight.completion_ids, ref.completion_ids)
+
+
+@pytest.mark.parametrize("kw,field", [(dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+                                      (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                                      (dict(batch_size=-1), "batch_size"), (dict(block_size=-4), "block_size"),
+                                      (dict(max_new_tokens=0), "max_new_tokens"), (dict(engine="vllm"), "engine")])
+def test_bad_sampling_params_are_one_clear_error(kw, field):
+    with pytest.raises(ValueError, match=f"^SamplingParams.{field}:"):
+        params(**kw)
+
+
+def test_bad_batches_are_one_clear_error(models):
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(2)
+    batch = make_batch(prompts_for(gen), 1, gen)
+    p, s = params(max_new_tokens=2), seeds_for(4)
+    cases = [(dict(input_ids=batch["input_ids"][:0], attention_mask=batch["attention_mask"][:0]), "no rows"),
+             (dict(pixel_values=None), "come together"),
+             (dict(pixel_values=batch["pixel_values"][:-4]), "patches"),
+             (dict(images_per_row=[1, 0, 2]), "images_per_row has 3 entries for 4 rows"),
+             (dict(pixel_values_videos=torch.zeros(4, PATCH_DIM)), "video inputs are not supported")]
+    for change, msg in cases:
+        bad = dict(batch, **change)
+        with pytest.raises(ValueError, match=msg):
+            generate(model, bad, p, seeds=s[:bad["input_ids"].shape[0]])
+    # what callers make (int32 ids, a float or bool mask) is taken as it is
+    ref = generate(model, batch, p, seeds=s)
+    for change in (dict(input_ids=batch["input_ids"].int()), dict(attention_mask=batch["attention_mask"].float()),
+                   dict(attention_mask=batch["attention_mask"].bool())):
+        assert torch.equal(generate(model, dict(batch, **change), p, seeds=s).completion_ids, ref.completion_ids)
+
+
+def test_a_model_made_in_inference_mode_runs():
+    """Weights created under torch.inference_mode() have no version counter (the CPU linears'
+    reordered-weight cache keys on it)."""
+    with torch.inference_mode():
+        model = build("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(2)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    ro = generate(model, batch, params(max_new_tokens=3), seeds=seeds_for(8))
+    assert int(ro.completion_mask.sum()) > 0

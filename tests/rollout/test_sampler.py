@@ -119,3 +119,22 @@ def test_suppress_by_ids_equals_suppress_by_mask():
         b = sample_tokens(logits.clone(), u, temperature, top_p, suppress_index(ids, V, "cpu"), inplace=True)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert not set(a[0].tolist()) & set(ids)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_rows_draw_ignores_the_rows_beside_it_with_two_threads(top_p):
+    """With more than one thread torch splits a lone row's reduction across threads (another
+    rounding than the same row's among others): the sampler's totals come from per-tile sums, so a
+    row's token and log-prob are the same bits alone and among 40 rows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        logits = torch.randn(40, 151_936, generator=gen) * 0.5  # flat: totals large, log-probs near -12
+        u = torch.rand(40, generator=gen, dtype=torch.float64)
+        tok, lp = sample_tokens(logits, u, 0.8, top_p)
+        for r in range(40):
+            t1, l1 = sample_tokens(logits[r:r + 1], u[r:r + 1], 0.8, top_p)
+            assert int(t1) == int(tok[r]) and torch.equal(l1[0], lp[r]), r
+    finally:
+        torch.set_num_threads(threads)
