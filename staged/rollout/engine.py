@@ -137,8 +137,9 @@ class Scheduler:
             raise ValueError(
                 f"rollout KV cache too small for one row: a prompt of {worst.length} tokens + max_new_tokens "
                 f"{self.max_new} needs {need} blocks of {self.bs} tokens ({need * self.bs} tokens), the cache has "
-                f"{nb} blocks ({nb * self.bs} tokens); raise rollout.kv_cache_tokens / kv_cache_memory_fraction "
-                f"or lower max_response_tokens")
+                f"{nb} blocks ({nb * self.bs} tokens); raise the cache (SamplingParams.kv_cache_tokens / "
+                f"kv_cache_memory_fraction; in a recipe rollout.kv_cache_tokens / kv_cache_memory_fraction) or lower "
+                f"max_new_tokens (a stage's grpo.max_response_tokens)")
 
     @property
     def available(self) -> int:
