@@ -234,9 +234,9 @@ def test_static_shape_decode_equals_dynamic(models, kind):
     seeds = seeds_for(B, 9)
     ref = generate(model, batch, params(), seeds=seeds)
     m = ref.completion_mask.bool()
-    for kw in (dict(invariant_rows=0), dict(batch_size=5, invariant_rows=0),
-               dict(batch_size=3, block_size=2, invariant_rows=0),
-               dict(invariant_rows=5), dict(batch_size=7, invariant_rows=2), dict(invariant_rows=16)):
+    fixed = [dict(invariant_rows=5), dict(batch_size=7, invariant_rows=2), dict(invariant_rows=16)]
+    for kw in [dict(invariant_rows=0), dict(batch_size=5, invariant_rows=0),
+               dict(batch_size=3, block_size=2, invariant_rows=0)] + (fixed if kind == "qwen2_5_vl" else []):
         ro = generate(model, batch, params(static_shapes=True, **kw), seeds=seeds)
         assert torch.equal(ro.completion_ids, ref.completion_ids), kw
         assert torch.equal(ro.completion_mask, ref.completion_mask), kw
