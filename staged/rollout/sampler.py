@@ -116,6 +116,53 @@ def _draw(weights: torch.Tensor, u: torch.Tensor, tile_sums: torch.Tensor, tile_
     return tokens, tile_cdf[:, -1].log().float()
 
 
+# Column slice of the nucleus search on a CPU: [40, 4,096] in int64 or fp64 is 1.3 MB, in L2.
+NUCLEUS_COLS = 4096
+
+
+def _crossing(mass: torch.Tensor, target: torch.Tensor, above: torch.Tensor):
+    """Per row the highest bucket b of ``mass`` [B, n] (fp64, buckets in value order) with
+    above + mass[b:].sum() >= target, and the mass above it (above + mass[b + 1:].sum()); [B, 1] each."""
+    from_top = above + mass.flip(-1).cumsum(-1).flip(-1)                            # [B, n]
+    b = ((from_top >= target).sum(-1, keepdim=True) - 1).clamp_(min=0)
+    return b, from_top.gather(-1, b) - mass.gather(-1, b)
+
+
+def _nucleus_threshold(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row the largest weight v with sum(e[e >= v]) >= target, [B, 1] fp32: the nucleus is
+    e >= v (ties at v all kept). e [B, V] fp32 >= 0, contiguous; target [B, 1] fp64.
+
+    A radix select instead of a sort: non-negative fp32 values order as their int32 bits, so v's
+    bits are found 11, 12 and 8 at a time, each from a per-row histogram of weight mass (fp64
+    sums, each row's in vocabulary order: the same bits whatever rows share the call); the second
+    and third passes read only the crossing bucket's tokens."""
+    B, V = e.shape
+    keys = e.view(torch.int32)
+    # On a CPU in column slices, so that their int64 / fp64 copies stay in cache. A row's sums
+    # still run over its tokens in vocabulary order (slice after slice), whatever the other rows.
+    step = NUCLEUS_COLS if e.device.type == "cpu" else V
+    mass = torch.zeros(B, 2048, dtype=torch.float64, device=e.device)
+    for a in range(0, V, step):                                                    # sign 0: 11 bits
+        mass.scatter_add_(1, (keys[:, a:a + step] >> 20).long(), e[:, a:a + step].double())
+    b1, above = _crossing(mass, target, torch.zeros_like(target))
+    rs, ks = [], []
+    for a in range(0, V, step):
+        part = keys[:, a:a + step]
+        r, c = ((part >> 20) == b1).nonzero(as_tuple=True)
+        rs.append(r)
+        ks.append(part[r, c])
+    r, k = torch.cat(rs), torch.cat(ks)
+    wk = k.view(torch.float32).double()
+    mid = ((k >> 8) & 0xFFF).long()
+    mass = torch.zeros(B * 4096, dtype=torch.float64, device=e.device).index_add_(0, r * 4096 + mid, wk)
+    b2, above = _crossing(mass.view(B, 4096), target, above)
+    inside = mid == b2[r, 0]
+    r, k, wk = r[inside], k[inside], wk[inside]
+    mass = torch.zeros(B * 256, dtype=torch.float64, device=e.device).index_add_(0, r * 256 + (k & 0xFF).long(), wk)
+    b3, _ = _crossing(mass.view(B, 256), target, above)
+    return ((b1 << 20) | (b2 << 8) | b3).int().view(torch.float32)
+
+
 def _chunk_weights(e: torch.Tensor, temperature: float, suppress: torch.Tensor | None):
     """``e`` [B, V] (logits) <- exp(e / T - m) in place, m the row's max within each chunk of CHUNK
     columns (on a CPU; one chunk elsewhere), every pass over a chunk done before the next chunk:
@@ -166,18 +213,20 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
                 e.masked_fill_(suppress, float("-inf"))
             else:
                 e.index_fill_(1, suppress, float("-inf"))
-        e.sub_(e.amax(-1, keepdim=True)).exp_()
-        # vLLM/TRL nucleus: keep the smallest prefix of the sorted distribution whose mass reaches
-        # top_p (the first token always stays); draw within it (sorting needs the whole row).
-        sp, order = torch.sort(e, dim=-1, descending=True)
+        e = e.sub_(e.amax(-1, keepdim=True)).exp_().contiguous()
         # The row's total from its tile sums (one thread each), not a sum over the whole row: with
         # more than one thread torch splits a lone row's sum across threads, another rounding than
         # the same row's among others -- its log-probs would follow the rows beside it.
-        total = _tile_sums(sp).double().sum(-1, keepdim=True).float()
-        before = torch.cumsum(sp, dim=-1) - sp
-        sp.masked_fill_(before >= top_p * total, 0.0)
-        tokens = order.gather(-1, _draw(sp, u, _tile_sums(sp))[0][:, None]).squeeze(-1)
-        log_total, shift = total.squeeze(-1).log(), 0.0
+        total = _tile_sums(e).double().sum(-1, keepdim=True)
+        # vLLM/TRL nucleus: the fewest most likely tokens whose mass reaches top_p (the first
+        # always stays), found without sorting the vocabulary; drawn in vocabulary order.
+        tau = _nucleus_threshold(e, top_p * total)
+        step = NUCLEUS_COLS if e.device.type == "cpu" else e.shape[1]
+        for a in range(0, e.shape[1], step):
+            z = e[:, a:a + step]
+            z.masked_fill_(z < tau, 0.0)
+        tokens = _draw(e, u, _tile_sums(e))[0]
+        log_total, shift = total.squeeze(-1).log().float(), 0.0
     else:
         # Each chunk's weights relative to the chunk's own max; its tiles rescaled to the row's max.
         maxes, tile_sums, tile_scale, top, width = _chunk_weights(e, temperature, suppress)

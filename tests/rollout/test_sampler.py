@@ -138,3 +138,23 @@ def test_a_rows_draw_ignores_the_rows_beside_it_with_two_threads(top_p):
             assert int(t1) == int(tok[r]) and torch.equal(l1[0], lp[r]), r
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("V,scale", [(151_936, 0.5), (151_936, 2.0), (151_936, 8.0), (2500, 3.0), (37, 1.0)])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_the_nucleus_is_the_most_likely_tokens_whose_mass_reaches_top_p(V, scale, top_p):
+    """The radix-select nucleus (no sort of the vocabulary) against a float64 sort: the same tokens
+    for rows from flat (a random model's: ~120k tokens at 0.9) to peaked (a handful)."""
+    gen = torch.Generator().manual_seed(V + int(scale * 10))
+    logits = torch.randn(6, V, generator=gen) * scale
+    e = (logits - logits.amax(-1, keepdim=True)).exp()
+    total = e.double().sum(-1, keepdim=True)
+    tau = sampler._nucleus_threshold(e.contiguous(), top_p * total)
+    sp, order = torch.sort(e.double(), -1, descending=True)
+    want = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, order, (sp.cumsum(-1) - sp) < top_p * total)
+    got = e >= tau
+    # the same tokens, but for ties at the boundary: a sort keeps some of equal weights (which
+    # ones is the sort's choice), the threshold keeps them all
+    assert (want & ~got).sum() == 0
+    assert torch.equal(e[got & ~want], tau.expand_as(e)[got & ~want])
+    assert torch.equal(e.masked_fill(~want, float("inf")).amin(-1, keepdim=True), tau)
