@@ -118,6 +118,7 @@ def _draw(weights: torch.Tensor, u: torch.Tensor, tile_sums: torch.Tensor, tile_
 
 # Column slice of the nucleus search on a CPU: [40, 4,096] in int64 or fp64 is 1.3 MB, in L2.
 NUCLEUS_COLS = 4096
+RADIX_NUCLEUS = True  # on a CPU; False: the sort every device can run (tests take both)
 
 
 def _crossing(mass: torch.Tensor, target: torch.Tensor, above: torch.Tensor):
@@ -138,9 +139,10 @@ def _nucleus_threshold(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     and third passes read only the crossing bucket's tokens."""
     B, V = e.shape
     keys = e.view(torch.int32)
-    # On a CPU in column slices, so that their int64 / fp64 copies stay in cache. A row's sums
-    # still run over its tokens in vocabulary order (slice after slice), whatever the other rows.
-    step = NUCLEUS_COLS if e.device.type == "cpu" else V
+    # In column slices, so that their int64 / fp64 copies stay in cache. A row's sums still run
+    # over its tokens in vocabulary order (slice after slice), whatever the other rows. (A CPU's:
+    # on a GPU scatter_add_ accumulates by atomics, in no fixed order, and nonzero syncs.)
+    step = NUCLEUS_COLS
     mass = torch.zeros(B, 2048, dtype=torch.float64, device=e.device)
     for a in range(0, V, step):                                                    # sign 0: 11 bits
         mass.scatter_add_(1, (keys[:, a:a + step] >> 20).long(), e[:, a:a + step].double())
@@ -219,13 +221,19 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         # the same row's among others -- its log-probs would follow the rows beside it.
         total = _tile_sums(e).double().sum(-1, keepdim=True)
         # vLLM/TRL nucleus: the fewest most likely tokens whose mass reaches top_p (the first
-        # always stays), found without sorting the vocabulary; drawn in vocabulary order.
-        tau = _nucleus_threshold(e, top_p * total)
-        step = NUCLEUS_COLS if e.device.type == "cpu" else e.shape[1]
-        for a in range(0, e.shape[1], step):
-            z = e[:, a:a + step]
-            z.masked_fill_(z < tau, 0.0)
-        tokens = _draw(e, u, _tile_sums(e))[0]
+        # always stays). On a CPU found without sorting the vocabulary and drawn in vocabulary
+        # order; on a GPU by a sort (fast there, and no host sync or atomics: capturable in a
+        # CUDA graph, the same bits every run), drawn in sorted order.
+        if e.device.type == "cpu" and RADIX_NUCLEUS:
+            tau = _nucleus_threshold(e, top_p * total)
+            for a in range(0, e.shape[1], NUCLEUS_COLS):
+                z = e[:, a:a + NUCLEUS_COLS]
+                z.masked_fill_(z < tau, 0.0)
+            tokens = _draw(e, u, _tile_sums(e))[0]
+        else:
+            sp, order = torch.sort(e, dim=-1, descending=True)
+            sp.masked_fill_(torch.cumsum(sp, dim=-1) - sp >= (top_p * total).float(), 0.0)
+            tokens = order.gather(-1, _draw(sp, u, _tile_sums(sp))[0][:, None]).squeeze(-1)
         log_total, shift = total.squeeze(-1).log().float(), 0.0
     else:
         # Each chunk's weights relative to the chunk's own max; its tiles rescaled to the row's max.

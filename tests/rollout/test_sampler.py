@@ -52,6 +52,13 @@ def test_draws_follow_the_distribution(V, temperature, top_p):
     check_draws(logits, temperature, top_p, suppress)
 
 
+@pytest.mark.parametrize("V,temperature,top_p", [(2500, 0.6, 0.95), (37, 1.0, 0.7)])
+def test_sorted_nucleus_draws_follow_the_distribution(monkeypatch, V, temperature, top_p):
+    """The nucleus by a sort (the GPU's path: no host sync, no atomics), drawn in sorted order."""
+    monkeypatch.setattr(sampler, "RADIX_NUCLEUS", False)
+    test_draws_follow_the_distribution(V, temperature, top_p)
+
+
 def test_vocabulary_chunks_follow_the_distribution(monkeypatch):
     """On a CPU the sampler takes the vocabulary in chunks of CHUNK columns, each exponentiated
     against its own max and rescaled to the row's (sampler._chunk_weights): chunks of two tiles
