@@ -34,7 +34,6 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 
 
-
 @triton.jit(do_not_specialize=["stride_ts"])  # the table's width changes step to step without graphs
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seqlens_ptr,
@@ -98,23 +97,22 @@ def _pad16(n: int) -> int:
 # One entry per layout a bf16 Qwen-VL rollout launches with: head_dim 128 (every released
 # Qwen2/2.5/3-VL) and 64; a cache block of 16 (the engine's default without flash-attn) or 256.
 # The GQA group only sets masks within the 16-row tile (any group up to 16 compiles alike).
-for _dt in ("bf16",):
-    for _d in (64, 128):
-        for _cb in (16, 256):
-            register_aot(_paged_decode_kernel,
-                         {"q_ptr": f"*{_dt}", "k_ptr": f"*{_dt}", "v_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
-                          "table_ptr": "*i32", "seqlens_ptr": "*i32", "scale": "fp32",
-                          "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32",
-                          "stride_kh": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_ts": "i32"},
-                         {"GROUP": 7, "GROUP_PAD": 16, "D": _d, "D_PAD": _d, "CACHE_BLOCK": _cb,
-                          "BLOCK_N": BLOCK_N, "DOT_F32": False, "PRECISION": "tf32"},
-                         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                         name=f"_paged_decode_kernel[{_dt},d{_d},block{_cb}]",
-                         # every stride but the table's is a multiple of head_dim (64 / 128): the
-                         # JIT marks them divisible by 16 at a real launch, so the gate does too
-                         divisible=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "table_ptr", "seqlens_ptr",
-                                    "stride_qs", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
-                                    "stride_os", "stride_oh"))
+for _d in (64, 128):
+    for _cb in (16, 256):
+        register_aot(_paged_decode_kernel,
+                     {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
+                      "table_ptr": "*i32", "seqlens_ptr": "*i32", "scale": "fp32",
+                      "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32",
+                      "stride_kh": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_ts": "i32"},
+                     {"GROUP": 7, "GROUP_PAD": 16, "D": _d, "D_PAD": _d, "CACHE_BLOCK": _cb,
+                      "BLOCK_N": BLOCK_N, "DOT_F32": False, "PRECISION": "tf32"},
+                     num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                     name=f"_paged_decode_kernel[bf16,d{_d},block{_cb}]",
+                     # every stride but the table's is a multiple of head_dim (64 / 128): the JIT
+                     # marks them divisible by 16 at a real launch, so the gate does too
+                     divisible=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "table_ptr", "seqlens_ptr",
+                                "stride_qs", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
+                                "stride_os", "stride_oh"))
 
 
 def _interpreting(t: torch.Tensor) -> bool:
