@@ -394,6 +394,7 @@ class FSDPConfig:
     """Free gathered block parameters after forward (ZeRO-3); False keeps them (ZeRO-2)."""
 
 
+ROLLOUT_ENGINES = ("paged", "simple")
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "torch")
 
 
@@ -443,7 +444,8 @@ class RolloutConfig:
     once per mini-batch over its distinct images (not per row). false: the tower per row."""
 
     def __post_init__(self):
-        _check(self.engine in ("paged", "simple"), "engine", f"expected paged or simple, got {self.engine!r}")
+        _check(self.engine in ROLLOUT_ENGINES, "engine",
+               f"expected one of {', '.join(ROLLOUT_ENGINES)}, got {self.engine!r}")
         _check(self.block_size >= 0, "block_size", f"must be >= 0, got {self.block_size}")
         _check(self.attention in ATTENTION_BACKENDS, "attention",
                f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")

@@ -18,20 +18,14 @@ import warnings
 
 import torch
 
+from staged.config import ROLLOUT_ENGINES
 from staged.parallel import gathered_for_generation
 from staged.rollout.interface import (Rollout, SamplingParams, extend_positions, images_per_row, model_inputs,
                                       normalize_batch, position_ids, select_rows, uses_sliding_window)
 from staged.rollout.sampler import row_seed, sample_tokens, uniform_from_seed
 from staged.vision_dummy import gather_vision
 
-ENGINES = ("paged", "simple")
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+ENGINES = ROLLOUT_ENGINES
 
 __all__ = ["ENGINES", "Rollout", "SamplingParams", "extend_positions", "generate", "images_per_row", "model_inputs",
            "position_ids", "row_seed", "sample_tokens", "select_rows", "uniform_from_seed"]
@@ -58,8 +52,8 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
         params = dataclasses.replace(params, eos_token_ids=tuple(int(e) for e in eos))
     if params.engine == "paged" and uses_sliding_window(model):
         # The paged decode attention attends over all of a row's keys: a window would be ignored.
-        _warn_once("rollout: this text model has sliding-window attention layers, which the paged engine does "
-                   "not implement; using the simple engine")
+        warnings.warn("rollout: this text model has sliding-window attention layers, which the paged engine does "
+                      "not implement; using the simple engine", RuntimeWarning, stacklevel=2)
         params = dataclasses.replace(params, engine="simple")
     batch = normalize_batch(model, batch)
     if "position_ids" not in batch:

@@ -34,7 +34,7 @@ _DTYPES = (torch.float32, *_HALF)
 _ROWS_HINT = 64  # the reorder's batch-size hint: any row count works with the result
 # bf16 kernels switch with the row count above 32 (measured: 33-36 and 37+ rows each another
 # summation order at K = 1536), so bf16 rows go through in chunks of at most this many.
-BF16_ROWS = 32
+HALF_ROWS = 32
 
 
 def available() -> bool:
@@ -89,8 +89,8 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 def _rows_invariant(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The linear on rows ``x`` [..., K], each row's result independent of the row count."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.dtype in _HALF and rows.shape[0] > BF16_ROWS:
-        y = torch.cat([_linear(c, packed, bias) for c in rows.split(BF16_ROWS)])
+    if x.dtype in _HALF and rows.shape[0] > HALF_ROWS:
+        y = torch.cat([_linear(c, packed, bias) for c in rows.split(HALF_ROWS)])
     else:
         y = _linear(rows, packed, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])

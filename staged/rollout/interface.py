@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from staged.config import ATTENTION_BACKENDS, ROLLOUT_ENGINES
 from staged.models.loading import base_model
 
 # ------------------------------------------------------------------------------------------
@@ -85,9 +86,9 @@ class SamplingParams:
               f"must be a finite number > 0, got {self.temperature} (greedy decoding: a tiny temperature, as "
               f"staged.eval does with {GREEDY_HINT})")
         check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
-        check(self.engine in ("paged", "simple"), "engine", f"expected 'paged' or 'simple', got {self.engine!r}")
-        check(self.attention in ("auto", "flash", "triton", "torch"), "attention",
-              f"expected auto, flash, triton or torch, got {self.attention!r}")
+        check(self.engine in ROLLOUT_ENGINES, "engine", f"expected one of {ROLLOUT_ENGINES}, got {self.engine!r}")
+        check(self.attention in ATTENTION_BACKENDS, "attention",
+              f"expected one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         for name in ("batch_size", "block_size", "kv_cache_tokens", "invariant_rows"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")

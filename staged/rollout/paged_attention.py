@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from staged.config import ATTENTION_BACKENDS
 from staged.rollout.cache import PagedKVCache
 
 ATTN_NAME = "staged_paged"
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-BACKENDS = ("auto", "flash", "triton", "torch")
 
 
 @dataclass
@@ -71,8 +71,8 @@ def token_index(block_table: torch.Tensor, seqlens: torch.Tensor, block_size: in
 def choose_backend(device: torch.device, dtype: torch.dtype, block_size: int, want: str = "auto") -> str:
     """The decode attention for a cache of ``dtype`` with ``block_size``-token blocks on ``device``:
     ``want`` when it can run there (else a ValueError saying why), or for "auto" the fastest that can."""
-    if want not in BACKENDS:
-        raise ValueError(f"rollout attention: expected one of {', '.join(BACKENDS)}, got {want!r}")
+    if want not in ATTENTION_BACKENDS:
+        raise ValueError(f"rollout attention: expected one of {', '.join(ATTENTION_BACKENDS)}, got {want!r}")
     flash = (HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
              and block_size % 256 == 0)
     triton = HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")

@@ -379,9 +379,6 @@ def test_a_sliding_window_text_model_runs_the_simple_engine():
     assert not supports_packed_prefill(model)
     gen = torch.Generator().manual_seed(6)
     batch = make_batch(prompts_for(gen), 2, gen)
-    import staged.rollout as rollout
-
-    rollout._warned.clear()
     with pytest.warns(RuntimeWarning, match="sliding-window"):
         ro = generate(model, batch, params(), seeds=seeds_for(batch["input_ids"].shape[0]))
     assert ro.stats is None  # the simple engine's
