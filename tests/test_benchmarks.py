@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,3 +167,30 @@ def test_gpu_check_headline_puts_the_tma_forward_beside_cp_async():
     head = bench_headline(rows)
     assert "x_gemm 1.9x" in head
     assert "tma/cp.async fwd 0.9x" in head and "tma/cp.async fwd+bwd 0.95-1.05x" in head
+
+
+def test_rollout_read_bound_counts_the_weights_a_decode_step_reads():
+    """The decode floor counts the decoder layers and the lm_head, not the vision tower nor the
+    input embedding table (a step reads a row of it per token); a tied head once."""
+    from benchmarks.bench_rollout import AT_SCALE_TINY, build_text_model, decode_weight_bytes
+
+    model = build_text_model("cpu", torch.float32, AT_SCALE_TINY, 500)
+    layers = model.model.language_model.layers
+    want = 4 * (sum(p.numel() for p in layers.parameters()) + model.model.language_model.norm.weight.numel()
+                + model.lm_head.weight.numel())
+    assert decode_weight_bytes(model) == want
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tied
+    assert decode_weight_bytes(model) == want
+
+
+def test_rollout_at_scale_case_runs_on_tiny_dims():
+    """make gpu-check's decode-at-scale rows (7B-layer shapes on CUDA), on tiny dims on a CPU: the
+    rows come out with their read-bound %, one token per row per step."""
+    from benchmarks.bench_rollout import AT_SCALE_TINY, decode_at_scale
+
+    rows = decode_at_scale("cpu", torch.float32, {"copy_gbps": 10.0}, dims=AT_SCALE_TINY, vocab=300,
+                           row_counts=(6,), prompt_len=9, new=5)
+    assert [r["impl"] for r in rows] == ["paged"]
+    r = rows[0]
+    assert r["completion_tokens"] == 6 * 5
+    assert r["pct_of_read_bound"] > 0 and r["decode_step_ms"] > 0
