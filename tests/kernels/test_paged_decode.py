@@ -2,8 +2,11 @@
 on fresh random caches: GQA groups 1-8 (padded to the dot's 16), head sizes that are and are not
 powers of two, cache blocks smaller and larger than the kernel's key step, rows of 1 token to
 several blocks, scattered block tables wider than any row, a non-contiguous query (as the decoder
-layers hand it over). And what the engine relies on: a row's output is the same bits alone, in
-any batch, in any order, with any table width. Interpreted on a CPU (tiny shapes), compiled on CUDA."""
+layers hand it over); rows cut into splits (split-KV) at a small split, so that a few hundred
+tokens span several. And what the engine relies on: a row's output is the same bits alone, in
+any batch, in any order, with any table width (so any number of splits in the grid), and a row
+of at most one split the same bits whatever the split. Interpreted on a CPU (tiny shapes),
+compiled on CUDA."""
 import pytest
 import torch
 
@@ -82,6 +85,79 @@ def test_a_rows_output_does_not_depend_on_the_batch(device, dtype):
     perm = torch.randperm(len(lens), generator=gen).to(device)
     shuffled = paged_decode_attention(q[perm], keys, values, table[perm], seqlens[perm], 0.125)
     assert torch.equal(shuffled, full[perm])
+
+
+# Two key steps per split: rows of a few hundred tokens take several splits under the interpreter.
+SMALL = 2 * BLOCK_N
+SPLIT_LENS = [5, SMALL - 1, SMALL, SMALL + 1, 2 * SMALL, 3 * SMALL + 17]   # one launch, mixed
+SPLIT_CASES = [  # heads, kv_heads, head_dim, cache block, dtype
+    (2, 2, 64, 16, torch.bfloat16),      # no GQA
+    (8, 2, 80, 8, torch.float32),        # group of 4, head_dim 80 (padded to 128)
+    (7, 1, 64, 32, torch.float32),       # Qwen2.5-VL-7B's group of 7
+    (7, 1, 80, 16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,D,block,dtype", SPLIT_CASES)
+def test_split_rows_match_a_float64_reference(device, heads, kv_heads, D, block, dtype):
+    gen = torch.Generator().manual_seed(heads * 31 + D + block)
+    q, keys, values, table, seqlens = make(gen, SPLIT_LENS, heads, kv_heads, D, block, dtype, device)
+    scale = D ** -0.5
+    got = paged_decode_attention(q, keys, values, table, seqlens, scale, split=SMALL)
+    want = reference(q, keys, values, table, seqlens, scale)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().double(), want, atol=atol, rtol=atol)
+
+
+def test_split_rows_survive_one_split_holding_all_the_weight(device):
+    """One token whose score is ~160 above the rest (exp overflows fp32 past 88), in the first,
+    a middle or the last split: the combine weighs each split by exp(its max - the row's max), so
+    that max must be over every split."""
+    gen = torch.Generator().manual_seed(17)
+    n = 3 * SMALL + 17
+    q, keys, values, table, seqlens = make(gen, [n], 2, 2, 64, 16, torch.float32, device)
+    for t in (5, SMALL + 70, n - 1):
+        k = keys.clone()
+        k[table[0, t // 16], t % 16] = 20 * q[0]            # score 20 |q|^2 / 8 ~ 160 per head
+        got = paged_decode_attention(q, k, values, table, seqlens, 0.125, split=SMALL)
+        torch.testing.assert_close(got.cpu().double(), reference(q, k, values, table, seqlens, 0.125),
+                                   atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_do_not_depend_on_the_batch_or_the_grid(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    lens = [3 * SMALL + 17, SMALL + 1, 40, 2 * SMALL, SMALL, 1]
+    q, keys, values, table, seqlens = make(gen, lens, 8, 2, 64, 16, dtype, device, spare_cols=2)
+
+    def attend(*args, split=SMALL):
+        return paged_decode_attention(*args, 0.125, split=split)
+
+    full = attend(q, keys, values, table, seqlens)
+    # 16 more columns: 2 more splits on the grid's third side, never a row's own
+    wide = torch.cat([table, table.flip(0)[:, :16]], 1)
+    assert torch.equal(attend(q, keys, values, wide, seqlens), full)
+    for r in range(len(lens)):  # alone, the table trimmed to the row's own blocks: its own splits only
+        own = -(-lens[r] // 16)
+        alone = attend(q[r:r + 1], keys, values, table[r:r + 1, :own].contiguous(), seqlens[r:r + 1])
+        assert torch.equal(alone[0], full[r]), r
+    perm = torch.randperm(len(lens), generator=gen).to(device)
+    assert torch.equal(attend(q[perm], keys, values, table[perm], seqlens[perm]), full[perm])
+    # a row of at most one split: the single pass, whatever the split
+    one_pass = attend(q, keys, values, table, seqlens, split=None)
+    for r, n in enumerate(lens):
+        if n <= SMALL:
+            assert torch.equal(one_pass[r], full[r]), r
+
+
+def test_a_split_must_be_whole_key_steps(device):
+    q = torch.randn(1, 2, 64, device=device)
+    keys = torch.randn(2, 16, 2, 64, device=device)
+    args = (q, keys, keys, torch.zeros(1, 1, dtype=torch.int32, device=device),
+            torch.ones(1, dtype=torch.int32, device=device), 0.125)
+    for bad in (0, BLOCK_N // 2, BLOCK_N + 1):
+        with pytest.raises(ValueError, match="split"):
+            paged_decode_attention(*args, split=bad)
 
 
 def test_bad_shapes_are_an_error(device):
