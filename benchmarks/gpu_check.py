@@ -158,7 +158,7 @@ def step_tests(limit: float, dry: bool = False) -> list[dict]:
 
 _RATIO_KEYS = ("x_gemm", "workspace_pct_logits", "speedup_vs_eager", "mem_vs_eager", "pct_of_gemm_limit",
                "pct_of_copy", "speedup_vs_python", "speedup_vs_transformers", "time_vs_trl", "rss_vs_trl",
-               "pct_of_read_bound", "speedup_vs_torch", "x_vs_generate")
+               "pct_of_read_bound", "speedup_vs_torch", "x_vs_generate", "speedup_vs_one_pass")
 
 
 def bench_headline(rows: list[dict]) -> str:

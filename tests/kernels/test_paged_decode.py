@@ -150,6 +150,20 @@ def test_split_rows_do_not_depend_on_the_batch_or_the_grid(device, dtype):
             assert torch.equal(one_pass[r], full[r]), r
 
 
+def test_the_benchmarks_shapes_agree_with_its_torch_path(device):
+    """benchmarks/bench_paged_decode.py's host side at a tiny size (it times on CUDA only): its
+    case builder (7B layout, scattered 16-token blocks) and the torch gather + SDPA it times
+    against agree with the kernel, split and in one pass."""
+    from benchmarks.bench_paged_decode import D, make_case, torch_decode
+
+    q, keys, values, table, seqlens, tokens = make_case(device, 3, SMALL, torch.Generator().manual_seed(3))
+    assert tokens == int(seqlens.sum()) and int(seqlens.max()) > SMALL
+    want = torch_decode(q, keys, values, table, seqlens, D ** -0.5).float()
+    for split in (SMALL, None):
+        got = paged_decode_attention(q, keys, values, table, seqlens, D ** -0.5, split=split)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_a_split_must_be_whole_key_steps(device):
     q = torch.randn(1, 2, 64, device=device)
     keys = torch.randn(2, 16, 2, 64, device=device)
