@@ -96,10 +96,11 @@ def triton_decode_agrees(device: torch.device, dtype: torch.dtype, heads: int, k
     """Whether the Triton decode kernel compiles and runs for this geometry on ``device`` and
     matches the torch path on random inputs (rows of awkward lengths); warns once if not."""
     try:
-        from staged.kernels.paged_decode import dot_precision, paged_decode_attention
+        from staged.kernels.paged_decode import SPLIT, dot_precision, paged_decode_attention
 
         gen = torch.Generator(device="cpu").manual_seed(0)
-        lens = sorted({1, max(1, block_size - 1), block_size + 3, 3 * block_size + 5})
+        # ... and a row of three splits, so that the split-KV partials and their combine run too
+        lens = sorted({1, max(1, block_size - 1), block_size + 3, 3 * block_size + 5, 2 * SPLIT + 7})
         nb = sum(-(-n // block_size) for n in lens) + 1
         keys = torch.randn(nb, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
         values = torch.randn(nb, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
