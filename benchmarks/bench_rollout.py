@@ -7,9 +7,11 @@ loop now shares the new sampler; "round-1 loop" is the old loop with the round-1
 Shapes (prompts x G = 5 samples, one image each):
   short  8 prompts, 64 vision tokens per image, 64 new tokens, no early end;
   long   4 prompts, 256 vision tokens per image, 256 new tokens, lengths varied by an end-token
-         set of ~1/128 of the vocabulary (so rows end at different steps, as real completions do).
-transformers' continuous batching (``generate_batch``) takes text-only requests: it does not
-apply to these image rows. Rows report wall time (one timed run after a warm-up; CPU), tokens/s
+         set of ~1/128 of the vocabulary (so rows end at different steps, as real completions do);
+  text   8 prompts of ~140 text tokens, no image, 64 new tokens: the textual stage's rows, where
+         transformers' own continuous batching (``generate_batch``, text-only requests; G samples
+         as ``num_return_sequences``) applies and runs beside the others.
+Rows report wall time (one timed run after a warm-up; CPU), tokens/s
 over the completion tokens, the paged engine's prefill / decode split, its decode time as a
 % of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
 bandwidth measured in the same run), and ``same_alone``: of three rows decoded again alone, how
@@ -85,13 +87,22 @@ def build_model(device, dtype, quick: bool):
     return model
 
 
-def make_batch(model, prompts: int, group: int, vision_tokens: int, gen):
+def make_batch(model, prompts: int, group: int, vision_tokens: int, gen, text_len: int = 20):
+    """``prompts`` prompts x ``group`` rows: an image of ``vision_tokens`` tokens and ~``text_len``
+    text tokens each; text only when ``vision_tokens`` is 0 (``prompt_ids`` then lists them)."""
     cfg = model.config
-    side = int(round((vision_tokens * 4) ** 0.5))
     V = cfg.get_text_config().vocab_size
+    if not vision_tokens:
+        prompts_ids = [torch.randint(3, V - 20, (text_len + 3 * i,), generator=gen).tolist() for i in range(prompts)]
+        rows = [ids for ids in prompts_ids for _ in range(group)]
+        T = max(len(r) for r in rows)
+        return {"input_ids": torch.tensor([[0] * (T - len(r)) + r for r in rows]),
+                "attention_mask": torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
+                "prompt_index": [r // group for r in range(len(rows))], "prompt_ids": prompts_ids}
+    side = int(round((vision_tokens * 4) ** 0.5))
     rows, pix, grids = [], [], []
     for i in range(prompts):
-        text = torch.randint(3, V - 20, (20 + 3 * i,), generator=gen).tolist()
+        text = torch.randint(3, V - 20, (text_len + 3 * i,), generator=gen).tolist()
         ids = [cfg.vision_start_token_id] + [cfg.image_token_id] * vision_tokens + [cfg.vision_end_token_id] + text
         p = torch.randn(side * side, 3 * 2 * PATCH * PATCH, generator=gen)
         for _ in range(group):
@@ -245,17 +256,19 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
     V = model.config.get_text_config().vocab_size
     weight_bytes = decode_weight_bytes(model)
     shapes = ([("quick", 2, 3, 16, 8, 0.0)] if quick else
-              [("short", 8, 5, 64, 64, 0.0), ("long", 4, 5, 256, 256, 1 / 128)])
+              [("short", 8, 5, 64, 64, 0.0), ("long", 4, 5, 256, 256, 1 / 128), ("text", 8, 5, 0, 64, 0.0)])
     if os.environ.get("STAGED_BENCH_GPU_CHECK") == "1":  # make gpu-check's time budget: the short shape
         shapes = shapes[:1]
     rows = []
     for name, P, G, vt, new, end_frac in shapes:
         gen = torch.Generator().manual_seed(0)
-        batch = make_batch(model, P, G, vt, gen)
+        batch = make_batch(model, P, G, vt, gen, text_len=128 if not vt else 20)
+        prompt_ids = batch.pop("prompt_ids", None)
         eos = end_tokens(V, end_frac, gen)
         B = batch["input_ids"].shape[0]
         seeds = torch.tensor([row_seed(0, 0, i) for i in range(B)])
-        case = f"{name}: {P}x{G} rows, {vt} vis tok, {new} new, V={V}"
+        case = (f"{name}: {P}x{G} rows, {vt} vis tok, {new} new, V={V}" if vt else
+                f"{name}: {P}x{G} rows, ~140-token prompts, {new} new, V={V}")
         sup = tuple(range(V - 10, V))
 
         def ours(engine, slots=0, graphs=True, attention="auto"):
@@ -268,8 +281,9 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             return fn
 
         def hf_generate():
-            inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "image_grid_thw")}
-            inputs["pixel_values"] = batch["pixel_values"].to(dev, dtype)
+            inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "image_grid_thw") if k in batch}
+            if "pixel_values" in batch:
+                inputs["pixel_values"] = batch["pixel_values"].to(dev, dtype)
             if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
                 # transformers >= 5.x takes the image tokens' rope positions from this (1 = image);
                 # without it, it silently falls back to text positions for the image rows
@@ -279,10 +293,23 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                                      top_p=1.0, top_k=0, eos_token_id=list(eos), pad_token_id=0)
             return out[:, inputs["input_ids"].shape[1]:]
 
+        def hf_continuous_batching():
+            """transformers' own paged engine (``generate_batch``: text-only requests), G samples of
+            each prompt as its ``num_return_sequences``; returns the completions' token lists."""
+            from transformers import GenerationConfig
+
+            cfg = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                   num_return_sequences=G, eos_token_id=list(eos), pad_token_id=0)
+            with torch.no_grad():
+                out = model.generate_batch(prompt_ids, generation_config=cfg, progress_bar=False)
+            return [o.generated_tokens for o in out.values()]
+
         impls = {"paged": ours("paged"), "simple (old loop)": ours("simple"),
                  **({"paged, no CUDA graphs": ours("paged", graphs=False),
                      "paged, torch attention": ours("paged", attention="torch")} if dev.type == "cuda" else {}),
-                 "round-1 loop": round1(ours("simple")), "transformers generate()": hf_generate}
+                 "round-1 loop": round1(ours("simple")), "transformers generate()": hf_generate,
+                 **({"transformers continuous batching": hf_continuous_batching}
+                    if prompt_ids is not None and hasattr(model, "generate_batch") else {})}
         for impl, fn in impls.items():
             fn()  # warm-up (allocator, kernels)
             if dev.type == "cuda":
@@ -293,7 +320,9 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            if impl == "transformers generate()":
+            if impl == "transformers continuous batching":
+                n_tok, stats = sum(len(t) for t in out), {}
+            elif impl == "transformers generate()":
                 ids = out
                 ended = torch.isin(ids, torch.tensor(eos, device=ids.device)).long()
                 n_tok = int(((ended.cumsum(-1) - ended) == 0).sum())  # tokens up to and with the first end
