@@ -33,6 +33,7 @@ BENCHMARKS = {
     "collate": "benchmarks.bench_collate",
     "train_step": "benchmarks.bench_train_step",
     "rollout": "benchmarks.bench_rollout",
+    "rollout_at_scale": "benchmarks.bench_rollout_at_scale",
     "paged_decode": "benchmarks.bench_paged_decode",
 }
 MEMORY_KEYS = ("peak_mb", "peak_extra_mb", "peak_rss_mb", "peak_gpu_mb")  # first present is plotted

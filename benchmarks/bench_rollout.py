@@ -17,9 +17,8 @@ over the completion tokens, the paged engine's prefill / decode split, its decod
 bandwidth measured in the same run), and ``same_alone``: of three rows decoded again alone, how
 many got the tokens they got in the batch (a row's completion must not depend on its neighbours). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
 engine with its decode steps as CUDA graphs and without, and with the torch decode attention in
-place of the Triton kernel; then the paged engine alone at the GPU goal's shape (``decode_at_scale``:
-two 7B-shaped decoder layers and the real head, 64 and 128 text-only rows), where the weights' read,
-not the kernel launches, sets a step's floor.
+place of the Triton kernel (``rollout_at_scale``, bench_rollout_at_scale.py: the engine at the GPU
+goal's shape).
 """
 from __future__ import annotations
 
@@ -152,99 +151,15 @@ def decode_weight_bytes(model) -> int:
                if ".visual." not in f".{n}" and (p is not embed or p is head))
 
 
-def read_bound_pct(weight_bytes: int, stats: dict, copy_gbps: float, decode_ms: float) -> float:
+def read_bound_pct(weight_bytes: int, stats: dict, copy_gbps: float) -> float:
     """Decode time as a % of its floor: every step reads the decoder + lm_head weights once and
-    each live row's K/V, at the copy bandwidth measured in the same run."""
-    read = weight_bytes * stats["decode_steps"] + stats["kv_tokens_read"] * stats["kv_bytes_per_token"]
-    return 100 * read / (copy_gbps * 1e6) / decode_ms
-
-
-# The GPU goal's shape: decode at batch >= 64 of a model whose weights, not its launches, set the
-# step time -- Qwen2.5-VL-7B's decoder layer (hidden 3,584, 28 query / 4 kv heads, MLP 18,944) and
-# head (V = 151,936), two layers of it (~3 GB in bf16: a step's floor ~0.6 ms on an H100's HBM).
-AT_SCALE = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=2, num_attention_heads=28,
-                num_key_value_heads=4, mrope_section=[16, 24, 24])
-AT_SCALE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, mrope_section=[2, 3, 3])
-
-
-def build_text_model(device, dtype, dims: dict, vocab: int):
-    """A Qwen2.5-VL with the text stack of ``dims`` and a minimal vision tower (text-only rows),
-    its weights initialised on ``device`` (no host copy of a multi-GB model)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    dims = dict(dims)
-    text = dict(vocab_size=vocab, max_position_embeddings=8192, pad_token_id=0, eos_token_id=2,
-                tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": dims.pop("mrope_section")},
-                **dims)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0], out_hidden_size=dims["hidden_size"])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 10, video_token_id=vocab - 9,
-                           vision_start_token_id=vocab - 8, vision_end_token_id=vocab - 7)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
-    model.config.get_text_config()._attn_implementation_internal = "sdpa"
-    return model
-
-
-def decode_at_scale(device, dtype, limits: dict | None, *, dims: dict = AT_SCALE, vocab: int = VOCAB,
-                    row_counts=(64, 128), prompt_len: int = 256, new: int = 64) -> list[dict]:
-    """The paged engine's decode on text-only rows of a 7B-layer-shaped model, as a % of the weight
-    + KV read bound: ``row_counts`` rows (prompts of ``prompt_len`` tokens, 4 samples each), no
-    early end; with the decode steps as CUDA graphs and without (on CUDA). At 128 rows the default
-    64-row fixed-shape passes read the weights twice a step: the row with ``invariant_rows`` =
-    rows says what that costs."""
-    from staged.rollout import SamplingParams, generate, row_seed
-
-    dev = torch.device(device)
-    model = build_text_model(dev, dtype, dims, vocab)
-    weight_bytes = decode_weight_bytes(model)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for n in row_counts:
-        G = 4
-        prompts = torch.randint(3, vocab - 20, (-(-n // G), prompt_len), generator=gen)
-        ids = prompts.repeat_interleave(G, 0)[:n]
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                 "prompt_index": [r // G for r in range(n)]}
-        seeds = torch.tensor([row_seed(1, 0, i) for i in range(n)])
-        case = f"at scale: 7B layers x{dims['num_hidden_layers']}, {n} rows, {prompt_len}-token prompts, {new} new"
-        if dims is not AT_SCALE:
-            case = f"at scale (tiny dims): {n} rows"
-        variants = [("paged", dict(cuda_graphs=True))]
-        if dev.type == "cuda":
-            variants.append(("paged, no CUDA graphs", dict(cuda_graphs=False)))
-            if n > 64:
-                variants.append((f"paged, {n}-row passes", dict(cuda_graphs=True, invariant_rows=n)))
-        for impl, kw in variants:
-            sp = SamplingParams(max_new_tokens=new, eos_token_ids=(2,), pad_token_id=0, engine="paged", batch_size=n,
-                                suppress_token_ids=(2,), **kw)
-            generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)  # warm-up (graph capture)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = generate(model, batch, sp, seeds=seeds, device=dev, dtype=dtype)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            stats = out.stats
-            n_tok = int(out.completion_mask.sum())
-            row = {"case": case, "impl": impl, "median_ms": dt * 1e3, "p20_ms": dt * 1e3, "p80_ms": dt * 1e3,
-                   "completion_tokens": n_tok, "tokens_per_s": n_tok / dt, "prefill_ms": stats["prefill_s"] * 1e3,
-                   "decode_ms": stats["decode_s"] * 1e3, "cache_mb": stats["cache_mb"],
-                   "decode_step_ms": stats["decode_s"] * 1e3 / max(1, stats["decode_steps"])}
-            if dev.type == "cuda":
-                row["attention"] = stats["attention"]
-                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            if "graph_replays" in stats:
-                row["graphs"] = f'{stats["graph_captures"]} captured, {stats["graph_replays"]} replays'
-            if limits and limits.get("copy_gbps"):
-                row["pct_of_read_bound"] = read_bound_pct(weight_bytes, stats, limits["copy_gbps"], row["decode_ms"])
-            rows.append(row)
-    del model
-    return rows
+    each live row's K/V, at the copy bandwidth measured in the same run. Over the steady steps
+    (those that did not capture a CUDA graph) where the engine reports them."""
+    steps, kv, secs = stats["decode_steps"], stats["kv_tokens_read"], stats["decode_s"]
+    if stats.get("steady_decode_steps"):
+        steps, kv, secs = stats["steady_decode_steps"], stats["steady_kv_tokens_read"], stats["steady_decode_s"]
+    read = weight_bytes * steps + kv * stats["kv_bytes_per_token"]
+    return 100 * read / (copy_gbps * 1e9) / secs
 
 
 def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
@@ -307,9 +222,14 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
                 pages = sum(G * -(-(len(p) + new) // 16) for p in prompt_ids)
-                kw["continuous_batching_config"] = ContinuousBatchingConfig(page_size=16, num_blocks=pages + 16,
-                                                                            max_batch_tokens=8192)
-            except (ImportError, TypeError):
+                for size_key in ("page_size", "block_size"):  # "block_size" up to transformers 5.16
+                    try:
+                        kw["continuous_batching_config"] = ContinuousBatchingConfig(
+                            **{size_key: 16}, num_blocks=pages + 16, max_batch_tokens=8192)
+                        break
+                    except TypeError:
+                        continue
+            except ImportError:
                 pass
             with torch.no_grad():
                 out = model.generate_batch(prompt_ids, generation_config=cfg, progress_bar=False, **kw)
@@ -352,8 +272,7 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                     if not stats["cuda_graphs"]:
                         row["graphs"] += " (capture failed: eager)"
                 if limits and limits.get("copy_gbps"):
-                    row["pct_of_read_bound"] = read_bound_pct(weight_bytes, stats, limits["copy_gbps"],
-                                                              row["decode_ms"])
+                    row["pct_of_read_bound"] = read_bound_pct(weight_bytes, stats, limits["copy_gbps"])
             if dev.type == "cuda":
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             if impl.startswith("paged"):
@@ -365,8 +284,4 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                 r["x_vs_generate"] = r["tokens_per_s"] / base["transformers generate()"]
                 r["x_vs_old_loop"] = r["tokens_per_s"] / base["simple (old loop)"]
                 r["x_vs_round1"] = r["tokens_per_s"] / base["round-1 loop"]
-    if dev.type == "cuda":
-        del model
-        torch.cuda.empty_cache()
-        rows += decode_at_scale(dev, dtype, limits)
     return rows

@@ -14,8 +14,9 @@ transformers 5.17, no flash-attn / xformers / network; liger-kernel when carried
    pack_embed as % of the copy bandwidth measured in the same run; vs eager, torch.compile and
    Liger where installed; the rollout engines in bf16 on the short shape (paged vs the old loop
    vs transformers' generate(), decode as % of the weight + KV read bound; with the Triton decode
-   attention and with the torch one; then decode at 64 and 128 rows of two 7B-shaped layers and
-   the real head, the issue's >= 60% goal), the Triton decode attention alone at the 7B layout as % of
+   attention and with the torch one; then, as ``rollout_at_scale``, decode at 64 and 128 rows of
+   two 7B-shaped layers and the real head: the issue's >= 60% goal), the Triton decode attention
+   alone at the 7B layout as % of
    the KV read bound vs the torch gather + SDPA. Each benchmark
    appends its table to benchmarks/RESULTS.md as it finishes;
 3. a short 1-GPU training run of the embedded default in bf16 (``python -m staged.train`` with
@@ -51,7 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 450          # the whole check, start to summary: 7.5 minutes (< 8 with start-up)
-BENCHES = ["linear_logprob", "grpo_loss", "packing", "paged_decode", "rollout"]
+BENCHES = ["linear_logprob", "grpo_loss", "packing", "paged_decode", "rollout", "rollout_at_scale"]
 TRAIN_OUT = "outputs/gpu-check"
 
 # The default recipe (staged/configs/default.toml: perception -> textual -> visual) with every
