@@ -69,7 +69,7 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
         case = f"{rows} rows, ~{context} ctx, 28/4 heads, d128, bf16, split {SPLIT}"
         mine = []
         for impl, fn in impls:
-            tm = time_ms(fn, device)
+            tm = time_ms(fn, device, graphed=True)  # ~50 us calls: launch overhead would be what is timed
             gbps = read / tm["median_ms"] / 1e6
             mine.append({"case": case, "impl": impl, **tm, "kv_read_gbps": gbps,
                          "pct_of_read_bound": 100 * gbps / limits["copy_gbps"] if limits else None})
