@@ -145,8 +145,13 @@ def test_kl_far_from_reference(loss_type, level, bias, regime, gen, device):
         # Token level with bias correction the gradient is the closed form -y r at any distance.
         # At sequence level a row's e^y terms cancel (all equal: exactly), so the residue carries
         # the fp32 rounding of y = ref - logp (ulp(80) / 2 = 4e-6) relative to the largest of them.
+        # Their scale is the loss (their sum: all positive), not the largest gradient: a row whose
+        # every token is far (row 1) can cancel down to gradients far below its terms (seen: an
+        # error of 7e-7 x the loss was 1.7x over 3e-5 x the largest gradient; over 41 seeds the
+        # error stays under 4e-6 x the loss).
+        scale = g_trl.abs().max().item() if level == "token" else max(g_trl.abs().max().item(), abs(loss_trl))
         tol = 1e-6 if level == "token" else 3e-5
-        torch.testing.assert_close(g, g_trl, rtol=2e-4, atol=tol * g_trl.abs().max().item())
+        torch.testing.assert_close(g, g_trl, rtol=2e-4, atol=tol * scale)
     if regime == "exact":
         torch.testing.assert_close(loss, torch.tensor(loss_trl, dtype=torch.float64), rtol=2e-4, atol=0)
     ok = g_trl.abs() > 1e-9 * g_trl.abs().max()
