@@ -66,24 +66,37 @@ def round1(fn):
     return run
 
 
-def build_model(device, dtype, quick: bool):
+def qwen2_5_vl(device, dtype, *, vocab: int, text: dict, vision: dict, mrope_section: list[int]):
+    """A randomly initialised Qwen2.5-VL (seed 0) with the text stack ``text`` and vision tower
+    ``vision`` (their sizes), built in ``dtype`` on ``device`` (no host copy of a multi-GB model)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    text = dict(vocab_size=vocab, max_position_embeddings=8192, pad_token_id=0, eos_token_id=2,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section}, **text)
+    vision = dict(patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  out_hidden_size=text["hidden_size"], **vision)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 10, video_token_id=vocab - 9,
+                           vision_start_token_id=vocab - 8, vision_end_token_id=vocab - 7)
     torch.manual_seed(0)
-    text = dict(vocab_size=1000 if quick else VOCAB, hidden_size=64 if quick else 256,
-                intermediate_size=128 if quick else 1024, num_hidden_layers=2 if quick else 4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12] if not quick else [2, 3, 3]},
-                pad_token_id=0, eos_token_id=2, tie_word_embeddings=False)
-    vision = dict(depth=2, hidden_size=64 if quick else 256, intermediate_size=128 if quick else 512, num_heads=4,
-                  patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=text["vocab_size"] - 10,
-                           video_token_id=text["vocab_size"] - 9, vision_start_token_id=text["vocab_size"] - 8,
-                           vision_end_token_id=text["vocab_size"] - 7)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).to(device, dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     model.config.get_text_config()._attn_implementation_internal = "sdpa"
     return model
+
+
+def build_model(device, dtype, quick: bool):
+    return qwen2_5_vl(device, dtype, vocab=1000 if quick else VOCAB,
+                      text=dict(hidden_size=64 if quick else 256, intermediate_size=128 if quick else 1024,
+                                num_hidden_layers=2 if quick else 4, num_attention_heads=4, num_key_value_heads=2),
+                      vision=dict(depth=2, hidden_size=64 if quick else 256, intermediate_size=128 if quick else 512,
+                                  num_heads=4, fullatt_block_indexes=[1]),
+                      mrope_section=[2, 3, 3] if quick else [8, 12, 12])
 
 
 def make_batch(model, prompts: int, group: int, vision_tokens: int, gen, text_len: int = 20):

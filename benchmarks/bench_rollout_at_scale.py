@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.bench_rollout import PATCH, VOCAB, decode_weight_bytes, read_bound_pct
+from benchmarks.bench_rollout import VOCAB, decode_weight_bytes, qwen2_5_vl, read_bound_pct
 
 # The GPU goal's shape: decode at batch >= 64 of a model whose weights, not its launches, set the
 # step time -- Qwen2.5-VL-7B's decoder layer (hidden 3,584, 28 query / 4 kv heads, MLP 18,944) and
@@ -26,29 +26,11 @@ AT_SCALE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 
 
 def build_text_model(device, dtype, dims: dict, vocab: int):
-    """A Qwen2.5-VL with the text stack of ``dims`` and a minimal vision tower (text-only rows),
-    its weights initialised on ``device`` (no host copy of a multi-GB model)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+    """A Qwen2.5-VL with the text stack of ``dims`` and a minimal vision tower (text-only rows)."""
     dims = dict(dims)
-    text = dict(vocab_size=vocab, max_position_embeddings=8192, pad_token_id=0, eos_token_id=2,
-                tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": dims.pop("mrope_section")},
-                **dims)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0], out_hidden_size=dims["hidden_size"])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 10, video_token_id=vocab - 9,
-                           vision_start_token_id=vocab - 8, vision_end_token_id=vocab - 7)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype on the device: no fp32 copy of a multi-GB model
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
-    model.config.get_text_config()._attn_implementation_internal = "sdpa"
-    return model
+    mrope = dims.pop("mrope_section")
+    return qwen2_5_vl(device, dtype, vocab=vocab, text=dims, mrope_section=mrope,
+                      vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[0]))
 
 
 def decode_at_scale(device, dtype, limits: dict | None, *, dims: dict = AT_SCALE, vocab: int = VOCAB,

@@ -307,10 +307,9 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     done = torch.zeros(B + 1, dtype=torch.bool, device=device)
     check = 1 if device.type != "cuda" else max(1, params.check_every)
     clock = DecodeClock(device)
-    stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_host_s": 0.0, "prefill_tokens": 0, "prefill_forwards": 0, "decode_steps": 0,
-             "decode_row_steps": 0, "cache_blocks": cache.pool.num_blocks, "block_size": bs,
+    stats = {"prefill_s": 0.0, "prefill_tokens": 0, "prefill_forwards": 0, "decode_row_steps": 0, "cache_blocks": cache.pool.num_blocks, "block_size": bs,
              "cache_mb": cache.pool.num_blocks * bs * per_token / 2**20,
-             "peak_blocks": 0, "slots": S, "attention": backend, "kv_tokens_read": 0,
+             "peak_blocks": 0, "slots": S, "attention": backend,
              "kv_bytes_per_token": per_token}
 
     # per slot: the row decoded there and its step counter (host)
@@ -485,15 +484,11 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             live_slots = [s for s in range(S) if sched.slots[s] is not None]
         stats["peak_blocks"] = max(stats["peak_blocks"], cache.pool.num_blocks - cache.pool.num_free)
         captures = graphs.captures if graphs is not None else 0
-        t0 = time.perf_counter()
         mark = clock.start()
         with paged_attention_enabled(text_cfg):  # prefill (in fill_slots) keeps the model's own
             kv_read = _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length)
         clock.stop(mark, kv_read, captured=graphs is not None and graphs.captures != captures)
-        stats["decode_host_s"] += time.perf_counter() - t0
-        stats["decode_steps"] += 1
         stats["decode_row_steps"] += len(live_slots)
-        stats["kv_tokens_read"] += kv_read
         step_i += 1
     n_out = n_out[:B]  # row B: the padding rows' scratch
     stats.update(clock.totals())
@@ -509,33 +504,39 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
 
 
 class DecodeClock:
-    """The decode steps' time. On CUDA the device's, from an event pair around each step: the host
-    queues steps ahead of the GPU (it syncs every few steps only), so its clock would count the
-    queueing, not the work. Elsewhere the host's. Steps that captured a CUDA graph (a one-off cost
-    per shape and rollout) are also kept apart: ``steady_*`` is the rest, what a step costs."""
+    """The decode steps' count, KV read and time. On CUDA the time is the device's, from an event
+    pair around each step: the host queues steps ahead of the GPU (it syncs every few steps only),
+    so its clock would count the queueing, not the work (``decode_host_s`` is that clock). Steps
+    that captured a CUDA graph (a one-off cost per shape and rollout) are also kept apart:
+    ``steady_*`` is the rest, what a step costs."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.steps: list = []  # (start, end, KV tokens read, captured)
+        self.steps: list = []  # (host seconds, start event, end event, KV tokens read, captured)
 
-    def start(self):
+    def _event(self):
         if not self.cuda:
-            return time.perf_counter()
+            return None
         mark = torch.cuda.Event(enable_timing=True)
         mark.record()
         return mark
 
+    def start(self):
+        return time.perf_counter(), self._event()
+
     def stop(self, start, kv_read: int, captured: bool) -> None:
-        end = self.start()
-        self.steps.append((start, end, kv_read, captured))
+        end = self._event()
+        self.steps.append((time.perf_counter() - start[0], start[1], end, kv_read, captured))
 
     def totals(self) -> dict:
         if self.cuda and self.steps:
-            self.steps[-1][1].synchronize()
-        secs = [a.elapsed_time(b) / 1e3 if self.cuda else b - a for a, b, _, _ in self.steps]
-        steady = [(t, kv) for t, (_, _, kv, captured) in zip(secs, self.steps) if not captured]
-        return {"decode_s": sum(secs), "steady_decode_s": sum(t for t, _ in steady),
-                "steady_decode_steps": len(steady), "steady_kv_tokens_read": sum(kv for _, kv in steady)}
+            self.steps[-1][2].synchronize()
+        secs = [a.elapsed_time(b) / 1e3 if self.cuda else host for host, a, b, _, _ in self.steps]
+        steady = [(t, kv) for t, (*_, kv, captured) in zip(secs, self.steps) if not captured]
+        return {"decode_s": sum(secs), "decode_host_s": sum(st[0] for st in self.steps),
+                "decode_steps": len(self.steps), "kv_tokens_read": sum(st[3] for st in self.steps),
+                "steady_decode_s": sum(t for t, _ in steady), "steady_decode_steps": len(steady),
+                "steady_kv_tokens_read": sum(kv for _, kv in steady)}
 
 
 def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length: bool):
