@@ -12,7 +12,8 @@ Shapes (prompts x G = 5 samples, one image each):
          transformers' own continuous batching (``generate_batch``, text-only requests; G samples
          as ``num_return_sequences``) applies and runs beside the others.
 Rows report wall time (one timed run after a warm-up; CPU), tokens/s
-over the completion tokens, the paged engine's prefill / decode split, its decode time as a
+over the completion tokens, peak memory (on a CPU ``peak_extra_mb``, the resident peak of the timed
+call above the resident memory before it; on CUDA the allocator's peak, ``peak_gpu_mb``), the paged engine's prefill / decode split, its decode time as a
 % of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
 bandwidth measured in the same run), and ``same_alone``: of three rows decoded again alone, how
 many got the tokens they got in the batch (a row's completion must not depend on its neighbours). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
@@ -28,6 +29,8 @@ import os
 import time
 
 import torch
+
+from benchmarks.common import PeakExtraRSS
 
 PATCH = 14
 VOCAB = 151_936
@@ -259,11 +262,12 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            out = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            with PeakExtraRSS() as host_mem:
+                t0 = time.perf_counter()
+                out = fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
             if impl == "transformers continuous batching":
                 n_tok, stats = sum(len(t) for t in out), {}
             elif impl == "transformers generate()":
@@ -288,6 +292,8 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                     row["pct_of_read_bound"] = read_bound_pct(weight_bytes, stats, limits["copy_gbps"])
             if dev.type == "cuda":
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            elif host_mem.mb is not None:
+                row["peak_extra_mb"] = host_mem.mb
             if impl.startswith("paged"):
                 row["same_alone"] = same_alone(model, batch, fn.params, seeds, out, dev, dtype)
             rows.append(row)

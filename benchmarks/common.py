@@ -6,7 +6,8 @@ after warm-up. Both report the median and the 20th/80th percentiles in milliseco
 
 Host memory: ``peak_rss_mb`` is the process high-water mark (``resource.getrusage`` ru_maxrss),
 what a benchmark that runs each implementation in its own subprocess reports; ``reset_peak_rss`` +
-``rss_mb`` measure the peak of one phase above the resident memory just before it (Linux).
+``rss_mb`` measure the peak of one phase above the resident memory just before it (Linux);
+``PeakExtraRSS`` does both around a block, after trimming the C heap.
 """
 from __future__ import annotations
 
@@ -105,6 +106,39 @@ def reset_peak_rss() -> bool:
             f.write("5")
         return True
     except OSError:
+        return False
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere), so
+    that memory an earlier phase freed but malloc kept cannot hide the next phase's peak."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakExtraRSS:
+    """``with PeakExtraRSS() as m: ...`` -> ``m.mb``: the peak resident memory of the block above
+    the resident memory just before it, in MiB (the heap trimmed first: ``release_free_heap``);
+    None where the high-water mark cannot be reset (not Linux)."""
+
+    def __enter__(self):
+        release_free_heap()
+        self.ok = reset_peak_rss()
+        self.base = rss_mb()
+        self.mb = None
+        return self
+
+    def __exit__(self, *exc):
+        hwm = hwm_mb()
+        if self.ok and hwm is not None and self.base is not None:
+            self.mb = hwm - self.base
         return False
 
 

@@ -153,6 +153,27 @@ def test_quick_rollout_benchmark_runs_every_engine():
     assert rows[0]["prefill_ms"] > 0 and rows[0]["decode_ms"] > 0 and rows[0]["cache_mb"] > 0
     assert rows[0]["completion_tokens"] == rows[1]["completion_tokens"] == rows[2]["completion_tokens"]
     assert rows[0]["same_alone"] == "3/3"  # rows decoded alone: the batch's tokens (exact on a CPU)
+    if sys.platform.startswith("linux"):
+        assert all(r["peak_extra_mb"] >= 0 for r in rows)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the RSS high-water mark reset is Linux's")
+def test_peak_extra_rss_sees_a_phase_whose_memory_an_earlier_phase_freed():
+    """The rollout rows' host memory: the peak of a block above the memory before it. Small
+    tensors come from malloc's heap, which keeps freed pages: without the trim a second identical
+    phase would read ~0 MiB."""
+    from benchmarks.common import PeakExtraRSS
+
+    def phase():
+        xs = [torch.ones(4096) for _ in range(12_800)]  # 12,800 x 16 KiB = 200 MiB of small blocks
+        return len(xs)
+
+    seen = []
+    for _ in range(2):
+        with PeakExtraRSS() as m:
+            phase()
+        seen.append(m.mb)
+    assert all(180 <= mb <= 260 for mb in seen), seen
 
 
 def test_gpu_check_headline_puts_the_tma_forward_beside_cp_async():
