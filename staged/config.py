@@ -630,6 +630,16 @@ class TrainConfig:
         # on a CPU run rather than at its first rollout
         _check(self.device != "cpu" or self.rollout.attention in ("auto", "torch"), "rollout.attention",
                f"{self.rollout.attention!r} runs on CUDA only; device = 'cpu' (use 'auto' or 'torch')")
+        if self.rollout.engine == "paged" and self.rollout.kv_cache_tokens:
+            # what the engine would refuse at the stage's first rollout (KVCacheTooSmall), refused
+            # before the model loads where the longest prompt is known
+            for s in self.stages:
+                limit = s.data.max_prompt_tokens
+                if s.type == "grpo" and limit and limit + s.grpo.max_response_tokens > self.rollout.kv_cache_tokens:
+                    _check(False, "rollout.kv_cache_tokens",
+                           f"{self.rollout.kv_cache_tokens} tokens cannot hold one row of stage {s.name!r}: a prompt "
+                           f"of up to data.max_prompt_tokens={limit} + grpo.max_response_tokens="
+                           f"{s.grpo.max_response_tokens} needs at least {limit + s.grpo.max_response_tokens}")
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "stages", f"stage names must be unique, repeated: {dup}")

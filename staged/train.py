@@ -827,17 +827,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
-    except (resume_guard.RefuseStart, checkpoint.CheckpointError) as e:
-        parallel.fail(e)  # ranks > 1: one message (from the first rank), exit status 2
-        parallel.destroy_distributed()
-        print(f"staged.train: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     except BaseException as e:
         # Ranks > 1: say it once, abort the group, exit non-zero now; never a teardown barrier
         # that the other ranks, stuck in a collective, would never reach.
         parallel.fail(e)
         parallel.destroy_distributed()
-        raise
+        if not getattr(e, "one_message", False):
+            raise
+        # the user's to fix (a setting, a checkpoint, the data: RefuseStart, CheckpointError,
+        # KVCacheTooSmall): one message, no traceback, exit status 2
+        print(f"staged.train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if parallel.destroy_distributed():
         parallel.exit_now(0)
 

@@ -18,6 +18,13 @@ from __future__ import annotations
 import torch
 
 
+class KVCacheTooSmall(ValueError):
+    """The KV-cache budget cannot hold one row (its prompt and max_new_tokens): a setting to raise,
+    so the trainer prints it as one message, without a traceback (``staged.parallel.fail``)."""
+
+    one_message = True
+
+
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 

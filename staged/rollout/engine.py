@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from staged.models.loading import base_model, vision_module
-from staged.rollout.cache import PagedKVCache, blocks_for
+from staged.rollout.cache import KVCacheTooSmall, PagedKVCache, blocks_for
 from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
@@ -134,7 +134,7 @@ class Scheduler:
         worst = max(self.prompts, key=lambda p: blocks_for(p.length, self.bs) + self.own_worst(p))
         need = blocks_for(worst.length, self.bs) + self.own_worst(worst)
         if need > nb:
-            raise ValueError(
+            raise KVCacheTooSmall(
                 f"rollout KV cache too small for one row: a prompt of {worst.length} tokens + max_new_tokens "
                 f"{self.max_new} needs {need} blocks of {self.bs} tokens ({need * self.bs} tokens), the cache has "
                 f"{nb} blocks ({nb * self.bs} tokens); raise the cache (SamplingParams.kv_cache_tokens / "

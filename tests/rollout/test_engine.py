@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from staged.rollout import SamplingParams, generate, row_seed
+from staged.rollout.cache import KVCacheTooSmall
 
 IMG, VS, VE, EOS, PAD = 90, 92, 93, 2, 0
 PATCH_DIM = 3 * 2 * 2 * 2
@@ -201,9 +202,10 @@ def test_cache_too_small_for_one_row_is_an_error(models):
     model = models("qwen2_5_vl")
     gen = torch.Generator().manual_seed(3)
     batch = make_batch(prompts_for(gen), 2, gen)
-    with pytest.raises(ValueError, match=r"too small for one row: a prompt of \d+ tokens \+ max_new_tokens 14 "
-                                         r"needs \d+ blocks of 4 tokens .* the cache has 3 blocks \(12 tokens\)"):
+    with pytest.raises(KVCacheTooSmall, match=r"too small for one row: a prompt of \d+ tokens \+ max_new_tokens 14 "
+                                              r"needs \d+ blocks of 4 tokens .* the cache has 3 blocks \(12 tokens\)") as e:
         generate(model, batch, params(kv_cache_tokens=12), seeds=seeds_for(batch["input_ids"].shape[0]))
+    assert isinstance(e.value, ValueError) and e.value.one_message  # the trainer's CLI: one line, no traceback
 
 
 def test_eos_on_the_first_token_and_max_new_tokens_one(models):

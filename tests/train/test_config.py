@@ -192,3 +192,40 @@ def test_dual_clip_with_a_loss_type_that_has_no_clip_is_a_config_error():
         else:
             with pytest.raises(ValueError, match=rf"dual_clip: applies to the clipped loss types .* not '{lt}'"):
                 from_dict(_d(grpo={"loss_type": lt, "dual_clip": 3.0}))
+
+
+def test_a_kv_cache_too_small_for_the_longest_prompt_is_refused_before_the_model_loads():
+    """rollout.kv_cache_tokens below a stage's data.max_prompt_tokens + grpo.max_response_tokens:
+    the engine could never admit such a row; said at config time, naming the stage and the numbers."""
+    stage = {"name": "files", "data": {"files": ["x.jsonl"], "max_prompt_tokens": 200},
+             "grpo": {"max_response_tokens": 64}}
+    with pytest.raises(ValueError, match=r"^rollout\.kv_cache_tokens: 263 tokens cannot hold one row of stage "
+                                         r"'files': a prompt of up to data\.max_prompt_tokens=200 \+ "
+                                         r"grpo\.max_response_tokens=64 needs at least 264"):
+        from_dict({"rollout": {"kv_cache_tokens": 263}, "stages": [stage]})
+    from_dict({"rollout": {"kv_cache_tokens": 264}, "stages": [stage]})  # enough for the row itself
+    from_dict({"rollout": {"kv_cache_tokens": 0}, "stages": [stage]})    # sized by the engine
+    from_dict({"rollout": {"kv_cache_tokens": 263, "engine": "simple"}, "stages": [stage]})  # no paged cache
+
+
+def test_errors_the_user_must_fix_are_one_message_others_keep_their_traceback(monkeypatch, capsys):
+    """What a run raises with ``one_message`` (a KV cache too small, a refused resume, a bad
+    checkpoint) ends the CLI with one line and exit status 2; anything else propagates as it is."""
+    from staged import train
+    from staged.rollout.cache import KVCacheTooSmall
+
+    def too_small(cfg):
+        raise KVCacheTooSmall("rollout KV cache too small for one row: the numbers")
+
+    monkeypatch.setattr(train, "train", too_small)
+    with pytest.raises(SystemExit) as e:
+        train.main([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "staged.train: rollout KV cache too small for one row: the numbers\n", err
+
+    def bug(cfg):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(train, "train", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        train.main([])
