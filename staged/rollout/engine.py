@@ -469,19 +469,25 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
             if sched.slots[s] is not None and done_host[sched.slots[s].row]:
                 sched.finish(s)
 
+    def decodable() -> list[int]:
+        # A row that has drawn all T tokens is done (the host knows it without asking the device)
+        # but keeps its slot until the next look: it must not be decoded again -- its token index
+        # T is past out_ids (an index out of range: a device-side assert on CUDA) and its next
+        # write past the blocks reserved for it.
+        return [s for s in range(S) if sched.slots[s] is not None and t_of[s] < T]
+
     step_i = 0
     while True:
-        if step_i % check == 0:
+        live_slots = decodable()
+        if step_i % check == 0 or not live_slots:
             release_done()
             while fill_slots():
                 release_done()  # rows whose first token ended them leave at once
-            live_slots = [s for s in range(S) if sched.slots[s] is not None]
+            live_slots = decodable()
             if not live_slots:
                 if sched.pending:
                     raise RuntimeError("rollout scheduler: rows pending but none admitted (this is a bug)")
                 break
-        else:
-            live_slots = [s for s in range(S) if sched.slots[s] is not None]
         stats["peak_blocks"] = max(stats["peak_blocks"], cache.pool.num_blocks - cache.pool.num_free)
         captures = graphs.captures if graphs is not None else 0
         mark = clock.start()

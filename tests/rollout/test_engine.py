@@ -524,3 +524,31 @@ def test_a_model_made_in_inference_mode_runs():
     batch = make_batch(prompts_for(gen), 2, gen)
     ro = generate(model, batch, params(max_new_tokens=3), seeds=seeds_for(8))
     assert int(ro.completion_mask.sum()) > 0
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_host_checks_every_few_steps_as_on_cuda(models, monkeypatch, static):
+    """CUDA looks at the finished flags every ``check_every`` steps only (a host sync each), so a
+    row keeps its slot for a few steps after it ends. A row that has drawn all max_new_tokens must
+    not be decoded again: its next token index is past the output buffers (an index out of range:
+    a device-side assert on CUDA) and its next write past its reserved blocks. Run here on a CPU
+    with CUDA's cadence: the same completions as looking every step."""
+    import staged.rollout.engine as engine
+
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(prompts_for(gen), 3, gen)
+    B = batch["input_ids"].shape[0]
+    kw = dict(static_shapes=True, invariant_rows=4) if static else {}
+    ref = generate(model, batch, params(**kw), seeds=seeds_for(B))
+    assert (ref.completion_mask.sum(-1) == 14).any(), "some rows should reach max_new_tokens"
+    monkeypatch.setattr(engine, "_check_interval", lambda device, p: p.check_every)
+    for every, slots in ((8, 0), (3, 2), (5, 4)):
+        ro = generate(model, batch, params(check_every=every, batch_size=slots, **kw), seeds=seeds_for(B))
+        assert torch.equal(ro.completion_ids, ref.completion_ids), (every, slots)
+        assert torch.equal(ro.completion_mask, ref.completion_mask), (every, slots)
+        assert torch.equal(ro.logprobs, ref.logprobs), (every, slots)
+        assert ro.stats["free_blocks_end"] == ro.stats["cache_blocks"]
+    # no early end at all (the end token is a suppressed one): every row runs to max_new_tokens
+    ro = generate(model, batch, params(eos_token_ids=(VE,), check_every=8, **kw), seeds=seeds_for(B))  # suppressed
+    assert ro.completion_mask.sum(-1).tolist() == [14] * B
