@@ -19,7 +19,8 @@ its seed and prompt only, not on its slot, the rows beside it, or the slot count
 
 Host syncs: on a CPU the host reads each step's tokens (free there). On CUDA it reads the
 finished flags only every ``check_every`` steps (one sync each); rows that end in between keep
-a slot until then, their extra tokens masked out.
+a slot until then, their extra tokens masked out (a row that has drawn max_new_tokens is not
+decoded again: the host knows that one without a sync).
 """
 from __future__ import annotations
 
