@@ -88,7 +88,7 @@ import triton
 import triton.language as tl
 
 from staged.kernels.aot import register_aot
-from staged.kernels.device import sm_count
+from staged.kernels.device import sm_count, tf32_enabled
 from staged.kernels.linear_logprob_chunked import chunked_linear_logprob
 
 # Transient device memory of forward + backward, as a fraction of the fp32 logits N * V * 4 B
@@ -739,7 +739,7 @@ def _base_config(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
                        _LOGIT_CONFIGS[(arch, bits, True)]["BLOCK_H"])
     # fp32 operands follow torch's own matmul setting: fp32 callers get fp32 GEMMs unless they
     # opted into TF32 for their matmuls too.
-    prec = "tf32" if (bits == "16" or torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    prec = "tf32" if (bits == "16" or tf32_enabled()) else "ieee"
     cfg = {**_gpu_config(arch, bits, aligned), "DOT_F32": False, "PRECISION": prec,
            "ALIGNED": aligned, "RNE_BF16": False}
     cfg.update({k: v for k, v in _CONFIG_OVERRIDE.items() if k != "TMA"})

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from staged.kernels.aot import register_aot
+from staged.kernels.device import tf32_enabled
 
 # Keys per step of a row's walk: part of the row's summation order, so fixed (never a function of
 # the batch). With the strides divisible by 16 as they are at real launches (the AOT entries say
@@ -248,15 +249,6 @@ def paged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
             num_warps=NUM_WARPS, num_stages=1,
         )
     return out
-
-
-def tf32_enabled() -> bool:
-    """Whether torch's fp32 CUDA matmuls may use TF32 (the newer fp32_precision setting where this
-    torch has it: reading allow_tf32 raises once that one has been set)."""
-    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if isinstance(prec, str):
-        return prec == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def dot_precision(dtype: torch.dtype, interp: bool = False) -> str:

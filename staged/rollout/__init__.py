@@ -37,8 +37,9 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
     ``attention_mask`` (left-padded; right-padded rows are shifted), optional ``pixel_values`` /
     ``image_grid_thw`` (a processor's output as it is), ``images_per_row`` (inferred when
     missing), ``position_ids``, and ``prompt_index``: row -> its distinct prompt, which lets the
-    paged engine skip comparing rows). ``seeds`` [B] int64: row i's draws are a function
-    of seeds[i] alone. ``dtype``: the compute dtype of pixel values."""
+    paged engine skip comparing rows); tensors on a device are brought to the host first.
+    ``seeds`` [B] int64: row i's draws are a function of seeds[i] alone. ``dtype``: the compute
+    dtype of pixel values."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     B = batch["input_ids"].shape[0]
     if seeds.shape != (B,):
@@ -55,6 +56,9 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
         warnings.warn("rollout: this text model has sliding-window attention layers, which the paged engine does "
                       "not implement; using the simple engine", RuntimeWarning, stacklevel=2)
         params = dataclasses.replace(params, engine="simple")
+    # a processor's output moved to the GPU (``.to("cuda")``, as for transformers' generate()):
+    # the engines plan on the host and move what the device needs themselves
+    batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     batch = normalize_batch(model, batch)
     if "position_ids" not in batch:
         batch["position_ids"] = position_ids(model, batch["input_ids"], batch["attention_mask"],

@@ -82,17 +82,18 @@ class PagedKVCache:
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write_prompt(self, layer: int, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a prompt's keys / values [n, kv_heads, head_dim] in ``blocks`` (in order)."""
-        n, bs = k.shape[0], self.block_size
-        idx = torch.tensor(blocks, device=k.device)
-        full = n // bs
-        if full:
-            self.keys[layer][idx[:full]] = k[:full * bs].view(full, bs, *k.shape[1:])
-            self.values[layer][idx[:full]] = v[:full * bs].view(full, bs, *v.shape[1:])
-        if n % bs:
-            self.keys[layer][blocks[full], :n % bs] = k[full * bs:]
-            self.values[layer][blocks[full], :n % bs] = v[full * bs:]
+    def prompt_slots(self, blocks: list[int], n: int, device) -> torch.Tensor:
+        """[n] int64: block * block_size + offset of a prompt's n tokens in ``blocks`` (in order);
+        built once per prompt, one host-to-device copy for all its layers."""
+        bs = self.block_size
+        host = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)], dtype=torch.long)
+        if torch.device(device).type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+    def write_prompt(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a prompt's keys / values [n, kv_heads, head_dim] at ``slots`` (``prompt_slots``)."""
+        self.write_token(layer, slots, k, v)
 
     def copy_block(self, src: int, dst: int, n: int) -> None:
         """Copy the first ``n`` tokens of block ``src`` into ``dst`` in every layer (copy on write)."""

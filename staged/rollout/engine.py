@@ -257,7 +257,10 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     modules = [base_model(model).language_model, model.get_output_embeddings()]
     if packed:
         modules.append(vision_module(model))
-    with packed_linears(modules, device):
+    # Triton launches and graph captures go to the current CUDA device, not the tensors': made
+    # ``device`` for the call (generate(device="cuda:1") from a process whose current device is 0)
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with current, packed_linears(modules, device):
         return _generate_paged(model, batch, params, seeds, device, dtype, packed)
 
 
@@ -330,8 +333,9 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         """Prompt ``g``'s K/V (``k_of(layer)`` / ``v_of(layer)``: [P, kv_heads, head_dim]) into
         its blocks, its last logits kept for its rows' first tokens."""
         blocks = sched.take_prefix(g)
+        slots = cache.prompt_slots(blocks, sched.prompts[g].length, device)
         for layer in range(n_layers):
-            cache.write_prompt(layer, blocks, k_of(layer).to(kv_dtype), v_of(layer).to(kv_dtype))
+            cache.write_prompt(layer, slots, k_of(layer).to(kv_dtype), v_of(layer).to(kv_dtype))
         sched.prompts[g].logits = logits
 
     def prefill_packed(gs: list[int]) -> None:
@@ -493,7 +497,8 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         captures = graphs.captures if graphs is not None else 0
         mark = clock.start()
         with paged_attention_enabled(text_cfg):  # prefill (in fill_slots) keeps the model's own
-            kv_read = _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length)
+            kv_read = _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length,
+                                   lambda: clock.device_start(mark))
         clock.stop(mark, kv_read, captured=graphs is not None and graphs.captures != captures)
         stats["decode_row_steps"] += len(live_slots)
         step_i += 1
@@ -534,12 +539,20 @@ class DecodeClock:
         mark.record()
         return mark
 
-    def start(self):
-        return time.perf_counter(), self._event()
+    def start(self) -> list:
+        """A step begins on the host (its inputs built next)."""
+        return [time.perf_counter(), None]
 
-    def stop(self, start, kv_read: int, captured: bool) -> None:
+    def device_start(self, mark: list) -> None:
+        """Its device work is queued next: the start event goes here, after the host's part, or a
+        step queued on an idle GPU (after each of the host's looks) would count that part too."""
+        mark[1] = self._event()
+
+    def stop(self, mark: list, kv_read: int, captured: bool) -> None:
+        if mark[1] is None:
+            self.device_start(mark)
         end = self._event()
-        self.steps.append((time.perf_counter() - start[0], start[1], end, kv_read, captured))
+        self.steps.append((time.perf_counter() - mark[0], mark[1], end, kv_read, captured))
 
     def totals(self) -> dict:
         if self.cuda and self.steps:
@@ -552,11 +565,12 @@ class DecodeClock:
                 "steady_kv_tokens_read": sum(kv for _, kv in steady)}
 
 
-def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length: bool):
+def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device, per_length: bool,
+                 device_start=lambda: None):
     """One token for every live slot: the host's part (block tables, write slots, positions, in
-    one int64 buffer and one copy -- pinned and asynchronous on CUDA), then the device's. Returns
-    the cache tokens the step's attention read. ``per_length``: the torch attention once per row
-    length (eager CPU steps)."""
+    one int64 buffer and one copy -- pinned and asynchronous on CUDA), then the device's
+    (``device_start`` called between the two). Returns the cache tokens the step's attention
+    read. ``per_length``: the torch attention once per row length (eager CPU steps)."""
     bs = sched.bs
     if per_length:  # rows of one length side by side: each length group's attention takes a slice
         live_slots = sorted(live_slots, key=lambda s: sched.slots[s].length)
@@ -577,6 +591,7 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device,
         slot_idx.append(s)
     cols = [writes, lens, pos, rows, [t_of[s] for s in slot_idx], slot_idx]
     widest = max(len(b) for b in tables)
+    device_start()
     if graphs is not None:  # in passes of at most graphs.pass_rows rows (fixed shapes: exactly that many)
         step = graphs.pass_rows
         for a in range(0, len(slot_idx), step):

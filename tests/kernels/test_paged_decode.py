@@ -180,3 +180,28 @@ def test_bad_shapes_are_an_error(device):
     with pytest.raises(ValueError, match="query"):  # 6 heads over 4 kv heads
         paged_decode_attention(q, keys, keys, torch.zeros(2, 1, dtype=torch.int32, device=device),
                                torch.ones(2, dtype=torch.int32, device=device), 0.125)
+
+
+def test_tf32_setting_is_read_through_either_torch_api():
+    """fp32 kernels follow torch's matmul precision; once a caller used the newer fp32_precision
+    API, reading the legacy allow_tf32 raises (torch 2.9+), so both kernels read it through
+    ``tf32_enabled``. In a child process: the settings are process-global."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from staged.kernels.device import tf32_enabled
+m = torch.backends.cuda.matmul
+if not isinstance(getattr(m, "fp32_precision", None), str):
+    m.allow_tf32 = True; assert tf32_enabled(); m.allow_tf32 = False; assert not tf32_enabled()
+    print("legacy only"); raise SystemExit
+assert not tf32_enabled()
+m.fp32_precision = "tf32"; assert tf32_enabled()
+m.fp32_precision = "ieee"; assert not tf32_enabled()
+m.fp32_precision = "none"; torch.backends.fp32_precision = "tf32"; assert tf32_enabled()
+torch.backends.fp32_precision = "ieee"; assert not tf32_enabled()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() in ("ok", "legacy only"), out.stderr[-2000:]

@@ -87,3 +87,15 @@ def test_a_rows_tokens_ignore_its_neighbours_and_match_a_full_forward(models, ki
                                                     for k, v in batch.items()})
     m = on_device.completion_mask.bool()
     torch.testing.assert_close(on_device.logprobs[m], full[m], atol=1e-4, rtol=0)
+
+
+def test_a_batch_already_on_the_gpu_gives_the_host_batchs_completions(models):
+    """A processor's output moved with ``.to("cuda")`` (as for transformers' generate()): taken
+    as it is, the same completions as the host batch."""
+    model = models("qwen2_5_vl", torch.bfloat16)
+    batch, seeds = batch_and_seeds(group=2)
+    host = generate(model, batch, params(), seeds=seeds, device=CUDA, dtype=torch.bfloat16)
+    on_gpu = {k: v.to(CUDA) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    got = generate(model, on_gpu, params(), seeds=seeds.to(CUDA), device=CUDA, dtype=torch.bfloat16)
+    assert torch.equal(got.completion_ids, host.completion_ids)
+    assert torch.equal(got.logprobs, host.logprobs)
