@@ -38,6 +38,7 @@ from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
                                       select_rows)
+from staged.rollout.plan import DevicePlan, plan_for
 from staged.rollout.paged_attention import (DecodeStep, choose_backend, paged_attention_enabled, token_index,
                                             triton_decode_agrees)
 from staged.rollout.prefill import run_packed_prefill, supports_packed_prefill
@@ -248,23 +249,26 @@ def generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tens
     """(ids, mask, logps) [B, Tc], engine stats, the distinct prompts' image features (None
     without reuse) and row -> distinct prompt; see the module doc. ``dtype``: what pixel values
     are cast to (the cache takes the decoder weights' dtype)."""
-    # On a CPU the decoder's, lm_head's and vision tower's linears run with reordered weights:
-    # faster, and a row's numbers do not depend on how many rows share a step, nor an image's
-    # features on the images beside it in a tower call (staged.rollout.cpu_linear).
-    # The prompts of a CPU prefill go packed (no padding: a prompt's K/V and logits are the same
-    # bits whatever prompts share the forward; staged.rollout.prefill), elsewhere left-padded.
-    packed = device.type == "cpu" and supports_packed_prefill(model)
+    plan = plan_for(device)  # what this kind of device runs (staged.rollout.plan)
+    # The CPU's kernels: the decoder's, lm_head's and vision tower's linears run with reordered
+    # weights: faster, and a row's numbers do not depend on how many rows share a step, nor an
+    # image's features on the images beside it in a tower call (staged.rollout.cpu_linear).
+    # The prompts of a prefill go packed (no padding: a prompt's K/V and logits are the same
+    # bits whatever prompts share the forward; staged.rollout.prefill); elsewhere left-padded.
+    packed = plan.cpu_kernels and supports_packed_prefill(model)
     modules = [base_model(model).language_model, model.get_output_embeddings()]
     if packed:
         modules.append(vision_module(model))
+    linears = packed_linears(modules, device) if plan.cpu_kernels else contextlib.nullcontext()
     # Triton launches and graph captures go to the current CUDA device, not the tensors': made
     # ``device`` for the call (generate(device="cuda:1") from a process whose current device is 0)
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with current, packed_linears(modules, device):
-        return _generate_paged(model, batch, params, seeds, device, dtype, packed)
+    with current, linears:
+        return _generate_paged(model, batch, params, seeds, device, dtype, plan, packed)
 
 
-def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype, packed: bool):
+def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Tensor, device, dtype,
+                    plan: DevicePlan, packed: bool):
     t_start = time.perf_counter()
     B = batch["input_ids"].shape[0]
     groups = prompt_groups(batch)
@@ -309,7 +313,8 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     out_logp = torch.zeros((B + 1, T), dtype=torch.float32, device=device)
     n_out = torch.zeros(B + 1, dtype=torch.long, device=device)          # tokens emitted per row
     done = torch.zeros(B + 1, dtype=torch.bool, device=device)
-    check = _check_interval(device, params)
+    # decode steps between the host's looks at which rows finished (each a host sync on CUDA)
+    check = max(1, params.check_every) if plan.host_syncs else 1
     clock = DecodeClock(device)
     stats = {"prefill_s": 0.0, "prefill_tokens": 0, "prefill_forwards": 0, "decode_row_steps": 0, "cache_blocks": cache.pool.num_blocks, "block_size": bs,
              "cache_mb": cache.pool.num_blocks * bs * per_token / 2**20,
@@ -421,19 +426,19 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         """One decode step of ``n`` rows on the device, its inputs in ``buf`` (see _step_inputs)."""
         _device_step(buf, n, mb, cache, backend, cur_tok, text, layers, layer_cache_kw, lm_head, emit, by_length)
 
-    # Fixed-shape steps (CUDA, or static_shapes on a CPU for tests): exactly `fixed` rows per
-    # step and tables always the widest a row can reach, so that no shape follows the batch.
-    fixed = params.invariant_rows if device.type == "cuda" or params.static_shapes else 0
+    # Fixed-shape steps (CUDA's plan, or static_shapes for tests): exactly `fixed` rows per step
+    # and tables always the widest a row can reach, so that no shape follows the batch.
+    fixed = params.invariant_rows if plan.fixed_shapes or params.static_shapes else 0
     graphs = None
-    if params.static_shapes or (device.type == "cuda" and (params.cuda_graphs or fixed)):
+    if params.static_shapes or (plan.fixed_shapes and (params.cuda_graphs or fixed)):
         widest = max(p.length // bs + sched.own_worst(p) for p in sched.prompts)
         graphs = DecodeGraphs(device_step, S, widest, pad_row=[cache.scratch_block * bs, 1, 0, B, 0, S],
                               scratch_block=cache.scratch_block, device=device,
-                              capture=params.cuda_graphs and device.type == "cuda",
+                              capture=params.cuda_graphs and device.type == "cuda",  # a GPU's only
                               # flash / triton read each row's own length only; fixed: no width
                               # set by the longest neighbour (the torch path's reductions follow it)
                               fixed_width=backend in ("flash", "triton") or bool(fixed), rows=fixed)
-    per_length = graphs is None and device.type == "cpu" and backend == "torch"
+    per_length = graphs is None and plan.cpu_kernels and backend == "torch"
 
     def fill_slots() -> int:
         """Pending rows into free slots (prefilling their prompts as needed); their first tokens."""
@@ -443,11 +448,11 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
                 continue
             live = sched.admit(s)
             if live is None and sched.pending:
-                # A padded prefill on a CPU (a model the packed one cannot run) goes one prompt per
-                # forward: no padding to a neighbour's length, so a prompt's K/V stay its own bits.
-                # Fixed shapes: one prompt per forward too (a padded batch of prompts has shapes,
-                # and padding, set by the neighbours).
-                gs = sched.prompts_to_prefill(params.prefill_tokens if packed or (device.type != "cpu" and not fixed)
+                # A padded prefill with the CPU's kernels (a model the packed one cannot run) goes
+                # one prompt per forward: no padding to a neighbour's length, so a prompt's K/V
+                # stay its own bits. Fixed shapes: one prompt per forward too (a padded batch of
+                # prompts has shapes, and padding, set by the neighbours).
+                gs = sched.prompts_to_prefill(params.prefill_tokens if packed or not (plan.cpu_kernels or fixed)
                                               else 1)
                 if gs:
                     prefill(gs)
@@ -513,12 +518,6 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     Tc = max(1, int(n_out.max()))
     mask = (torch.arange(T, device=device)[None] < n_out[:, None]).long()
     return out_ids[:B, :Tc], mask[:, :Tc], out_logp[:B, :Tc], stats, vision, groups
-
-
-def _check_interval(device: torch.device, params: SamplingParams) -> int:
-    """Decode steps between the host's looks at which rows finished: every step on a CPU (a look
-    is free there), ``check_every`` on CUDA (each look is a host sync). Tests set it on a CPU."""
-    return 1 if device.type != "cuda" else max(1, params.check_every)
 
 
 class DecodeClock:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from staged.rollout.plan import plan_for
+
 _M32 = 0xFFFFFFFF
 TILE = 1024
-# On a CPU the vocabulary is processed in chunks of this many columns (a multiple of TILE): a
-# [40, 8,192] fp32 chunk is 1.3 MB, in L2 while the passes over it run (see _chunk_weights).
+# With the CPU's kernels (staged.rollout.plan) the vocabulary is processed in chunks of this
+# many columns (a multiple of TILE): a [40, 8,192] fp32 chunk is 1.3 MB, in L2 while the passes
+# over it run (see _chunk_weights).
 # Fixed, not sized from the row count: a row's weights depend on its chunks' maxes, and so would
 # then depend on how many rows share its step.
 CHUNK = 8 * TILE
@@ -118,7 +121,6 @@ def _draw(weights: torch.Tensor, u: torch.Tensor, tile_sums: torch.Tensor, tile_
 
 # Column slice of the nucleus search on a CPU: [40, 4,096] in int64 or fp64 is 1.3 MB, in L2.
 NUCLEUS_COLS = 4096
-RADIX_NUCLEUS = True  # on a CPU; False: the sort every device can run (tests take both)
 
 
 def _crossing(mass: torch.Tensor, target: torch.Tensor, above: torch.Tensor):
@@ -167,12 +169,13 @@ def _nucleus_threshold(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _chunk_weights(e: torch.Tensor, temperature: float, suppress: torch.Tensor | None):
     """``e`` [B, V] (logits) <- exp(e / T - m) in place, m the row's max within each chunk of CHUNK
-    columns (on a CPU; one chunk elsewhere), every pass over a chunk done before the next chunk:
-    it stays in L2 across its passes instead of each pass streaming the whole [B, V] block.
+    columns (with the CPU's kernels; one chunk elsewhere), every pass over a chunk done before the
+    next chunk: it stays in L2 across its passes instead of each pass streaming the whole [B, V]
+    block.
     Returns (the chunks' maxes [B, n_chunks], tile sums [B, n_tiles] rescaled to the row's max,
     the tiles' scales [B, n_tiles], the row's max [B, 1], the chunk width)."""
     B, V = e.shape
-    width = CHUNK if e.device.type == "cpu" else V
+    width = CHUNK if plan_for(e.device).cpu_kernels else V
     if suppress is not None and suppress.dtype != torch.bool:
         e.index_fill_(1, suppress, float("-inf"))  # a few columns: no pass over the block
     maxes, sums = [], []
@@ -221,10 +224,10 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         # the same row's among others -- its log-probs would follow the rows beside it.
         total = _tile_sums(e).double().sum(-1, keepdim=True)
         # vLLM/TRL nucleus: the fewest most likely tokens whose mass reaches top_p (the first
-        # always stays). On a CPU found without sorting the vocabulary and drawn in vocabulary
-        # order; on a GPU by a sort (fast there, and no host sync or atomics: capturable in a
-        # CUDA graph, the same bits every run), drawn in sorted order.
-        if e.device.type == "cpu" and RADIX_NUCLEUS:
+        # always stays). With the CPU's kernels found without sorting the vocabulary and drawn in
+        # vocabulary order; elsewhere by a sort (fast on a GPU, and no host sync or atomics:
+        # capturable in a CUDA graph, the same bits every run), drawn in sorted order.
+        if plan_for(e.device).cpu_kernels:
             tau = _nucleus_threshold(e, top_p * total)
             for a in range(0, e.shape[1], NUCLEUS_COLS):
                 z = e[:, a:a + NUCLEUS_COLS]

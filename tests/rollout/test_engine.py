@@ -533,7 +533,7 @@ def test_host_checks_every_few_steps_as_on_cuda(models, monkeypatch, static):
     not be decoded again: its next token index is past the output buffers (an index out of range:
     a device-side assert on CUDA) and its next write past its reserved blocks. Run here on a CPU
     with CUDA's cadence: the same completions as looking every step."""
-    import staged.rollout.engine as engine
+    from staged.rollout import plan
 
     model = models("qwen2_5_vl")
     gen = torch.Generator().manual_seed(1)
@@ -542,7 +542,8 @@ def test_host_checks_every_few_steps_as_on_cuda(models, monkeypatch, static):
     kw = dict(static_shapes=True, invariant_rows=4) if static else {}
     ref = generate(model, batch, params(**kw), seeds=seeds_for(B))
     assert (ref.completion_mask.sum(-1) == 14).any(), "some rows should reach max_new_tokens"
-    monkeypatch.setattr(engine, "_check_interval", lambda device, p: p.check_every)
+    # the CPU's kernels (bit-exact), CUDA's cadence (staged.rollout.plan)
+    monkeypatch.setitem(plan.PLANS, "cpu", dataclasses.replace(plan.CPU, host_syncs=True))
     for every, slots in ((8, 0), (3, 2), (5, 4)):
         ro = generate(model, batch, params(check_every=every, batch_size=slots, **kw), seeds=seeds_for(B))
         assert torch.equal(ro.completion_ids, ref.completion_ids), (every, slots)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from staged.rollout import sampler
+from staged.rollout import plan, sampler
 from staged.rollout.sampler import TILE, row_seed, sample_tokens, uniform_from_seed
 
 
@@ -55,7 +55,7 @@ def test_draws_follow_the_distribution(V, temperature, top_p):
 @pytest.mark.parametrize("V,temperature,top_p", [(2500, 0.6, 0.95), (37, 1.0, 0.7)])
 def test_sorted_nucleus_draws_follow_the_distribution(monkeypatch, V, temperature, top_p):
     """The nucleus by a sort (the GPU's path: no host sync, no atomics), drawn in sorted order."""
-    monkeypatch.setattr(sampler, "RADIX_NUCLEUS", False)
+    monkeypatch.setitem(plan.PLANS, "cpu", plan.CUDA)
     test_draws_follow_the_distribution(V, temperature, top_p)
 
 
