@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny models and batches of test_engine
 from test_engine import KINDS, build, make_batch, params, prompts_for, seeds_for  # noqa: E402
 
-from staged.rollout import generate, plan, select_rows  # noqa: E402
+from staged.rollout import generate, plan, sample_tokens, select_rows  # noqa: E402
 
 T = 10  # max_new_tokens: with the end tokens of test_engine's params, some rows end early, some at T
 
@@ -103,3 +103,14 @@ def test_with_invariant_rows_a_rows_bits_ignore_its_neighbours(models, kind):
             assert int(got.completion_mask[i].sum()) == n, (rows, slots, r)
             assert torch.equal(got.completion_ids[i, :n], ref.completion_ids[r, :n]), (rows, slots, r)
             assert torch.equal(got.logprobs[i, :n], ref.logprobs[r, :n]), (rows, slots, r)
+
+
+def test_the_sampler_takes_the_gpus_nucleus(monkeypatch):
+    """CUDA's plan reaches the sampler too (which the comparison above cannot show: the simple
+    engine samples with the same branch): the nucleus drawn in sorted order, where a uniform
+    near 0 draws the most likely token, not the CPU's vocabulary order (the nucleus' first id)."""
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0]])  # nucleus at 0.9: tokens 2, 3, 1
+    u = torch.tensor([1e-6], dtype=torch.float64)
+    assert sample_tokens(logits, u, 1.0, 0.9)[0].tolist() == [2]
+    monkeypatch.setitem(plan.PLANS, "cpu", plan.CPU)
+    assert sample_tokens(logits, u, 1.0, 0.9)[0].tolist() == [1]
