@@ -435,8 +435,10 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         graphs = DecodeGraphs(device_step, S, widest, pad_row=[cache.scratch_block * bs, 1, 0, B, 0, S],
                               scratch_block=cache.scratch_block, device=device,
                               capture=params.cuda_graphs and device.type == "cuda",  # a GPU's only
-                              # flash / triton read each row's own length only; fixed: no width
-                              # set by the longest neighbour (the torch path's reductions follow it)
+                              # flash / triton read each row's own length only. The torch path's
+                              # reductions follow the table width: fixed, it is the widest the
+                              # call's longest prompt lets a row grow, not the live rows' (a row's
+                              # bits then follow that prompt, no longer the live rows beside it).
                               fixed_width=backend in ("flash", "triton") or bool(fixed), rows=fixed)
     per_length = graphs is None and plan.cpu_kernels and backend == "torch"
 

@@ -66,7 +66,9 @@ class SamplingParams:
     many rows (padding rows fill a short step; more live rows go in several passes) and prompts
     are prefilled one per forward, so that no kernel sees a shape set by the rows beside a row:
     cuBLAS and torch's reductions pick their kernels, and with them the rounding, by shape. A row's
-    completion then depends on its seed and prompt only, as on a CPU (where it is exact anyway).
+    completion then depends on its seed and prompt only, as on a CPU (where it is exact anyway)
+    -- with the flash or triton attention; the torch one reads block tables as wide as the
+    call's longest prompt lets a row grow, and its rounding follows that width.
     0: steps at power-of-two buckets of the live rows instead (one pass at any row count; a
     row's bits then move with the batch: tokens agree only up to flips)."""
     static_shapes: bool = False
