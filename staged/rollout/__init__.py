@@ -42,6 +42,10 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
     dtype of pixel values."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     B = batch["input_ids"].shape[0]
+    seeds = torch.as_tensor(seeds)
+    if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
+        raise ValueError(f"seeds: expected integers (int64), got {seeds.dtype}")
+    seeds = seeds.to(torch.int64)  # the sampler's arithmetic is int64's: an int32 seed drew from half the mass
     if seeds.shape != (B,):
         raise ValueError(f"seeds: expected shape ({B},) (one per row), got {tuple(seeds.shape)}")
     if not params.eos_token_ids:  # the model's own end tokens, as transformers' generate() takes them
@@ -81,6 +85,12 @@ def generate(model, batch: dict, params: SamplingParams, *, seeds: torch.Tensor,
                 ids, mask, logps = generate_simple(model, batch, params, seeds, device, dtype)
     finally:
         model.train(was_training)
+    bad = mask.bool() & ~torch.isfinite(logps)
+    if bool(bad.any()):  # the trainer skips such a step (a non-finite loss); a caller is told
+        rows = bad.any(-1).nonzero().flatten().tolist()
+        warnings.warn(f"rollout: {len(rows)} of {B} rows drew from non-finite logits (NaN / inf in the model's "
+                      f"output): their tokens are meaningless, their log-probs not finite (rows {rows[:8]}"
+                      f"{', ...' if len(rows) > 8 else ''})", RuntimeWarning, stacklevel=2)
     return Rollout(prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"], completion_ids=ids,
                    completion_mask=mask, logprobs=logps,
                    position_ids=extend_positions(batch["position_ids"], ids.shape[1]), stats=stats,

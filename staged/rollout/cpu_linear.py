@@ -104,7 +104,10 @@ def packed_linears(modules, device: torch.device):
     if device.type != "cpu" or not available():
         yield
         return
-    linears = {id(m): m for root in modules for m in root.modules() if type(m) is nn.Linear or _is_patch_conv(m)}
+    # A module whose forward was set on the instance (accelerate's hooks, which may move its
+    # weights in first; a user's wrapper) keeps it: the packed forward would skip it
+    linears = {id(m): m for root in modules for m in root.modules()
+               if (type(m) is nn.Linear or _is_patch_conv(m)) and "forward" not in m.__dict__}
     for m in linears.values():
         m.forward = _packed_forward(m)
     try:

@@ -83,6 +83,10 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}: {msg}")
 
+        for name in ("eos_token_ids", "suppress_token_ids"):  # one id, or a list, as generate() takes them
+            ids = getattr(self, name)
+            setattr(self, name, (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids))
+
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
               f"must be a finite number > 0, got {self.temperature} (greedy decoding: a tiny temperature, as "
@@ -187,8 +191,9 @@ def normalize_batch(model, batch: dict) -> dict:
             raise ValueError(f"rollout batch: {key} must be a [rows, tokens] tensor")
         batch[key] = batch[key].long()  # int32 ids / bool or float masks, as processors and callers make them
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    if ids.shape[0] == 0:
-        raise ValueError("rollout batch: no rows")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"rollout batch: no {'rows' if ids.shape[0] == 0 else 'prompt tokens'} (input_ids "
+                         f"{tuple(ids.shape)})")
     if ids.shape != attn.shape:
         raise ValueError(f"rollout batch: input_ids {tuple(ids.shape)} and attention_mask {tuple(attn.shape)} differ")
     for key in ("pixel_values_videos", "video_grid_thw"):
@@ -196,14 +201,23 @@ def normalize_batch(model, batch: dict) -> dict:
             raise ValueError(f"rollout batch: {key}: video inputs are not supported by the rollout engines")
     if (batch.get("image_grid_thw") is None) != (batch.get("pixel_values") is None):
         raise ValueError("rollout batch: pixel_values and image_grid_thw come together (one of them is missing)")
+    vocab = model.config.get_text_config().vocab_size
+    outside = attn.bool() & ((ids < 0) | (ids >= vocab))
+    if bool(outside.any()):  # else an index error deep in the embedding
+        r, c = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(f"rollout batch row {r}: token id {int(ids[r, c])} outside the model's vocabulary of {vocab}")
     if batch.get("image_grid_thw") is not None:
-        patches = int(torch.as_tensor(batch["image_grid_thw"]).prod(-1).sum())
+        batch["image_grid_thw"] = torch.as_tensor(batch["image_grid_thw"]).long().reshape(-1, 3)
+        patches = int(batch["image_grid_thw"].prod(-1).sum())
         if patches != batch["pixel_values"].shape[0]:
             raise ValueError(f"rollout batch: image_grid_thw's images have {patches} patches, pixel_values has "
                              f"{batch['pixel_values'].shape[0]} rows")
     per_row = batch.get("images_per_row")
     if per_row is not None and len(per_row) != ids.shape[0]:
         raise ValueError(f"rollout batch: images_per_row has {len(per_row)} entries for {ids.shape[0]} rows")
+    images = len(batch["image_grid_thw"]) if batch.get("image_grid_thw") is not None else 0
+    if per_row is not None and sum(per_row) != images:
+        raise ValueError(f"rollout batch: images_per_row counts {sum(per_row)} images, image_grid_thw has {images}")
     T = ids.shape[1]
     pos = torch.arange(T)
     count = attn.sum(-1)

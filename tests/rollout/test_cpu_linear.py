@@ -111,3 +111,22 @@ def test_a_refused_reorder_falls_back_to_the_modules_forward(monkeypatch):
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     assert len(calls) == 1  # asked once, then the module's own forward
     assert "forward" not in vars(lin)
+
+
+def test_a_forward_set_on_the_instance_runs_and_stays():
+    """accelerate's hooks (and users' wrappers) replace a module's forward on the instance: such a
+    module keeps its own during the rollout (a hook may move the weights in first) and after it."""
+    lin, plain = nn.Linear(8, 4), nn.Linear(8, 4)
+    calls = []
+    inner = lin.forward
+
+    def hooked(x):
+        calls.append(1)
+        return inner(x)
+
+    lin.forward = hooked
+    with torch.no_grad(), cpu_linear.packed_linears([nn.Sequential(lin, plain)], torch.device("cpu")):
+        lin(torch.randn(2, 8))
+        assert calls == [1] and vars(lin)["forward"] is hooked
+        assert "forward" in vars(plain)  # the others still packed
+    assert vars(lin)["forward"] is hooked and "forward" not in vars(plain)

@@ -503,6 +503,12 @@ def test_bad_batches_are_one_clear_error(models):
              (dict(pixel_values=None), "come together"),
              (dict(pixel_values=batch["pixel_values"][:-4]), "patches"),
              (dict(images_per_row=[1, 0, 2]), "images_per_row has 3 entries for 4 rows"),
+             (dict(images_per_row=[1, 0, 1, 0]), "images_per_row counts 2 images, image_grid_thw has 3"),
+             (dict(input_ids=batch["input_ids"][:, :0], attention_mask=batch["attention_mask"][:, :0]),
+              r"no prompt tokens \(input_ids \(4, 0\)\)"),
+             (dict(input_ids=torch.where(torch.arange(batch["input_ids"].shape[1]) == batch["input_ids"].shape[1] - 1,
+                                         100, batch["input_ids"])),
+              "row 0: token id 100 outside the model's vocabulary of 100"),
              (dict(pixel_values_videos=torch.zeros(4, PATCH_DIM)), "video inputs are not supported")]
     for change, msg in cases:
         bad = dict(batch, **change)
@@ -511,8 +517,12 @@ def test_bad_batches_are_one_clear_error(models):
     # what callers make (int32 ids, a float or bool mask) is taken as it is
     ref = generate(model, batch, p, seeds=s)
     for change in (dict(input_ids=batch["input_ids"].int()), dict(attention_mask=batch["attention_mask"].float()),
-                   dict(attention_mask=batch["attention_mask"].bool())):
+                   dict(attention_mask=batch["attention_mask"].bool()),
+                   dict(image_grid_thw=batch["image_grid_thw"].tolist())):
         assert torch.equal(generate(model, dict(batch, **change), p, seeds=s).completion_ids, ref.completion_ids)
+    # one end token as an int, ids as lists: as transformers' generate() takes them
+    one = params(max_new_tokens=2, eos_token_ids=EOS, suppress_token_ids=[IMG, 91, VS, VE])
+    assert one.eos_token_ids == (EOS,) and one.suppress_token_ids == (IMG, 91, VS, VE)
 
 
 def test_a_model_made_in_inference_mode_runs():
@@ -553,3 +563,34 @@ def test_host_checks_every_few_steps_as_on_cuda(models, monkeypatch, static):
     # no early end at all (the end token is a suppressed one): every row runs to max_new_tokens
     ro = generate(model, batch, params(eos_token_ids=(VE,), check_every=8, **kw), seeds=seeds_for(B))  # suppressed
     assert ro.completion_mask.sum(-1).tolist() == [14] * B
+
+
+def test_seeds_of_any_integer_type_draw_as_int64_and_others_are_refused(models):
+    """int32 seeds (a caller's ``torch.arange(B, dtype=torch.int32)``) once drew every uniform
+    from [0, 0.5): the sampler's arithmetic assumes int64. Integer seeds of any type or a list
+    now draw what the same int64 seeds draw; float seeds are an error naming the dtype."""
+    model = models("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(5)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    B = batch["input_ids"].shape[0]
+    want = generate(model, batch, params(), seeds=torch.arange(B) * 7919)
+    for seeds in ((torch.arange(B) * 7919).int(), (torch.arange(B) * 7919).tolist()):
+        got = generate(model, batch, params(), seeds=seeds)
+        assert torch.equal(got.completion_ids, want.completion_ids)
+        assert torch.equal(got.logprobs, want.logprobs)
+    with pytest.raises(ValueError, match=r"^seeds: expected integers \(int64\), got torch.float64"):
+        generate(model, batch, params(), seeds=torch.arange(B, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("engine", ["paged", "simple"])
+def test_non_finite_logits_are_reported(engine):
+    """A diverged policy (NaN in its lm_head): the rollout still returns (the trainer skips the
+    step as non-finite), and says so once, naming the rows."""
+    model = build("qwen2_5_vl")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    gen = torch.Generator().manual_seed(3)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    with pytest.warns(RuntimeWarning, match=r"rollout: 8 of 8 rows drew from non-finite logits"):
+        ro = generate(model, batch, params(engine=engine), seeds=seeds_for(8))
+    assert not torch.isfinite(ro.logprobs[ro.completion_mask.bool()]).any()
