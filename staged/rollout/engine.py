@@ -38,9 +38,9 @@ from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
                                       select_rows)
-from staged.rollout.plan import DevicePlan, plan_for
 from staged.rollout.paged_attention import (DecodeStep, choose_backend, paged_attention_enabled, token_index,
                                             triton_decode_agrees)
+from staged.rollout.plan import DevicePlan, plan_for
 from staged.rollout.prefill import run_packed_prefill, supports_packed_prefill
 from staged.rollout.sampler import sample_tokens, suppress_index, uniform_from_seed
 from staged.vision_reuse import image_features, injected_image_features, per_row_features, supports_reuse
