@@ -442,11 +442,9 @@ def text_forward_varlen(model, embeds: torch.Tensor, position_ids: torch.Tensor,
     if _text_takes_deepstack(text):
         mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=embeds.device)
         if len(deepstack):
-            n_layers = len(text.layers)
-            if len(deepstack) > n_layers:
-                raise ValueError(f"packed_text_forward: {len(deepstack)} deepstack feature sets for "
-                                 f"{n_layers} decoder layers")
-            kw = dict(visual_pos_masks=vision_rows[None], deepstack_visual_embeds=list(deepstack))
+            # sets past the decoder's layers are ignored, as the model's own forward ignores them
+            # (it adds set i after layer i, for the layers it has)
+            kw = dict(visual_pos_masks=vision_rows[None], deepstack_visual_embeds=list(deepstack)[:len(text.layers)])
     else:
         if len(deepstack):
             raise ValueError(f"packed_text_forward: {type(text).__name__} takes no deepstack features")

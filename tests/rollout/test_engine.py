@@ -594,3 +594,25 @@ def test_non_finite_logits_are_reported(engine):
     with pytest.warns(RuntimeWarning, match=r"rollout: 8 of 8 rows drew from non-finite logits"):
         ro = generate(model, batch, params(engine=engine), seeds=seeds_for(8))
     assert not torch.isfinite(ro.logprobs[ro.completion_mask.bool()]).any()
+
+
+def test_qwen3_vl_deepstack_sets_past_the_decoders_layers_are_ignored_as_its_forward_does():
+    """A Qwen3-VL whose tower feeds more deepstack sets than the decoder has layers (a small
+    config): the model's own forward adds set i after layer i for the layers it has; the paged
+    engine's packed prefill does the same (it once refused such a model)."""
+    import transformers as tf
+
+    text = dict(TEXT, head_dim=16, num_hidden_layers=1, rope_parameters=dict(MROPE, mrope_interleaved=True))
+    cfg = tf.Qwen3VLConfig(text_config=text, vision_config=dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, out_hidden_size=64,
+        num_position_embeddings=16, deepstack_visual_indexes=[0, 1]), **IDS)
+    torch.manual_seed(0)
+    model = tf.Qwen3VLForConditionalGeneration(cfg).eval()
+    model.config.get_text_config()._attn_implementation_internal = "sdpa"
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(prompts_for(gen), 2, gen)
+    simple = generate(model, batch, params(engine="simple"), seeds=seeds_for(8))
+    paged = generate(model, batch, params(), seeds=seeds_for(8))
+    assert torch.equal(paged.completion_ids, simple.completion_ids)
+    m = paged.completion_mask.bool()
+    torch.testing.assert_close(paged.logprobs[m], full_forward_logprobs(model, paged, batch)[m], atol=1e-5, rtol=0)
