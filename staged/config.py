@@ -105,6 +105,15 @@ class DataConfig:
                 raise ValueError(str(e)) from None
 
 
+def _row_blocks(max_prompt: int, max_new: int, bs: int) -> int:
+    """KV blocks the paged engine reserves for one row of a prompt of up to ``max_prompt`` tokens
+    (staged.rollout.engine.Scheduler: the prompt's blocks + the row's own, which start with the
+    prompt's partial block). Not monotone in the prompt length (a shorter prompt's partial block
+    can cost one more), so the worst of the last ``bs`` lengths: shorter ones repeat their
+    partial blocks with fewer full ones."""
+    return max(-(-p // bs) + -(-(p % bs + max_new) // bs) for p in range(max(1, max_prompt - bs + 1), max_prompt + 1))
+
+
 def check_pixel_bounds(lo: int | None, hi: int | None, prefix: str) -> None:
     for name, v in ((f"{prefix}min_pixels", lo), (f"{prefix}max_pixels", hi)):
         _check(v is None or v >= 1, name, f"must be >= 1 when set, got {v}")
@@ -632,14 +641,18 @@ class TrainConfig:
                f"{self.rollout.attention!r} runs on CUDA only; device = 'cpu' (use 'auto' or 'torch')")
         if self.rollout.engine == "paged" and self.rollout.kv_cache_tokens:
             # what the engine would refuse at the stage's first rollout (KVCacheTooSmall), refused
-            # before the model loads where the longest prompt is known
+            # before the model loads where the longest prompt is known; counted in whole blocks as
+            # the engine counts (at the smallest block it may pick when block_size = 0)
+            bs = self.rollout.block_size or 16
             for s in self.stages:
                 limit = s.data.max_prompt_tokens
-                if s.type == "grpo" and limit and limit + s.grpo.max_response_tokens > self.rollout.kv_cache_tokens:
-                    _check(False, "rollout.kv_cache_tokens",
-                           f"{self.rollout.kv_cache_tokens} tokens cannot hold one row of stage {s.name!r}: a prompt "
-                           f"of up to data.max_prompt_tokens={limit} + grpo.max_response_tokens="
-                           f"{s.grpo.max_response_tokens} needs at least {limit + s.grpo.max_response_tokens}")
+                if s.type != "grpo" or not limit:
+                    continue
+                need = _row_blocks(limit, s.grpo.max_response_tokens, bs)
+                _check(need <= self.rollout.kv_cache_tokens // bs, "rollout.kv_cache_tokens",
+                       f"{self.rollout.kv_cache_tokens} tokens cannot hold one row of stage {s.name!r}: a prompt "
+                       f"of up to data.max_prompt_tokens={limit} + grpo.max_response_tokens="
+                       f"{s.grpo.max_response_tokens} needs at least {need * bs} ({need} blocks of {bs} tokens)")
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "stages", f"stage names must be unique, repeated: {dup}")

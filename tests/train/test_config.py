@@ -195,17 +195,51 @@ def test_dual_clip_with_a_loss_type_that_has_no_clip_is_a_config_error():
 
 
 def test_a_kv_cache_too_small_for_the_longest_prompt_is_refused_before_the_model_loads():
-    """rollout.kv_cache_tokens below a stage's data.max_prompt_tokens + grpo.max_response_tokens:
-    the engine could never admit such a row; said at config time, naming the stage and the numbers."""
+    """rollout.kv_cache_tokens below what the engine reserves for one row of a prompt of up to a
+    stage's data.max_prompt_tokens + grpo.max_response_tokens (whole blocks, as the engine counts:
+    200 + 64 tokens take 18 blocks of 16): the engine could never admit such a row; said at
+    config time, naming the stage and the numbers."""
     stage = {"name": "files", "data": {"files": ["x.jsonl"], "max_prompt_tokens": 200},
              "grpo": {"max_response_tokens": 64}}
-    with pytest.raises(ValueError, match=r"^rollout\.kv_cache_tokens: 263 tokens cannot hold one row of stage "
-                                         r"'files': a prompt of up to data\.max_prompt_tokens=200 \+ "
-                                         r"grpo\.max_response_tokens=64 needs at least 264"):
-        from_dict({"rollout": {"kv_cache_tokens": 263}, "stages": [stage]})
-    from_dict({"rollout": {"kv_cache_tokens": 264}, "stages": [stage]})  # enough for the row itself
+    for tokens in (263, 264, 287):  # 264 = 200 + 64 tokens, but 16 blocks: the engine needs 18
+        with pytest.raises(ValueError, match=rf"^rollout\.kv_cache_tokens: {tokens} tokens cannot hold one row of "
+                                             r"stage 'files': a prompt of up to data\.max_prompt_tokens=200 \+ "
+                                             r"grpo\.max_response_tokens=64 needs at least 288 \(18 blocks of 16"):
+            from_dict({"rollout": {"kv_cache_tokens": tokens}, "stages": [stage]})
+    from_dict({"rollout": {"kv_cache_tokens": 288}, "stages": [stage]})  # enough for the row itself
     from_dict({"rollout": {"kv_cache_tokens": 0}, "stages": [stage]})    # sized by the engine
     from_dict({"rollout": {"kv_cache_tokens": 263, "engine": "simple"}, "stages": [stage]})  # no paged cache
+
+
+@pytest.mark.parametrize("block_size", [0, 1, 4, 16, 64])
+@pytest.mark.parametrize("limit,new", [(1, 1), (15, 1), (16, 16), (17, 5), (200, 64), (208, 64), (250, 7)])
+def test_the_config_time_kv_check_agrees_with_the_engine(block_size, limit, new):
+    """The smallest kv_cache_tokens the config takes is one with which the engine admits a row of
+    every prompt length up to data.max_prompt_tokens, and one block less is refused by both."""
+    import torch
+
+    from staged.config import _row_blocks
+    from staged.rollout.cache import KVCacheTooSmall, PagedKVCache
+    from staged.rollout.engine import Scheduler
+
+    bs = block_size or 16
+    stage = {"name": "s", "data": {"files": ["x.jsonl"], "max_prompt_tokens": limit},
+             "grpo": {"max_response_tokens": new}}
+    least = _row_blocks(limit, new, bs) * bs
+    from_dict({"rollout": {"kv_cache_tokens": least, "block_size": block_size}, "stages": [stage]})
+    with pytest.raises(ValueError, match="cannot hold one row"):
+        from_dict({"rollout": {"kv_cache_tokens": least - 1, "block_size": block_size}, "stages": [stage]})
+
+    def engine_takes(tokens: int, prompt: int) -> bool:
+        sched = Scheduler([0], [prompt], bs, 1, new)
+        try:
+            sched.bind(PagedKVCache(1, max(1, tokens // bs), bs, 1, 1, torch.float32, "cpu"))
+        except KVCacheTooSmall:
+            return False
+        return True
+
+    assert all(engine_takes(least, p) for p in range(1, limit + 1))
+    assert not all(engine_takes(least - 1, p) for p in range(1, limit + 1))
 
 
 def test_errors_the_user_must_fix_are_one_message_others_keep_their_traceback(monkeypatch, capsys):
