@@ -85,7 +85,11 @@ class SamplingParams:
 
         for name in ("eos_token_ids", "suppress_token_ids"):  # one id, or a list, as generate() takes them
             ids = getattr(self, name)
-            setattr(self, name, (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids))
+            if ids is None:  # transformers' "unset": the model's own end tokens (generate()), none suppressed
+                ids = ()
+            elif isinstance(ids, torch.Tensor) or not hasattr(ids, "__iter__"):  # an int, a numpy / 0-d one
+                ids = torch.as_tensor(ids).flatten().tolist()
+            setattr(self, name, tuple(int(i) for i in ids))
 
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(math.isfinite(self.temperature) and self.temperature > 0, "temperature",

@@ -616,3 +616,23 @@ def test_qwen3_vl_deepstack_sets_past_the_decoders_layers_are_ignored_as_its_for
     assert torch.equal(paged.completion_ids, simple.completion_ids)
     m = paged.completion_mask.bool()
     torch.testing.assert_close(paged.logprobs[m], full_forward_logprobs(model, paged, batch)[m], atol=1e-5, rtol=0)
+
+
+def test_end_and_suppressed_ids_in_the_forms_transformers_takes():
+    """eos_token_ids=None is transformers' "unset" (the model's own end tokens, as generate()
+    reads them when the tuple is empty); one id may be an int of any kind or a tensor."""
+    import numpy as np
+
+    for ids, want in ((None, ()), (EOS, (EOS,)), (np.int64(EOS), (EOS,)), (torch.tensor(EOS), (EOS,)),
+                      (torch.tensor([EOS, 11]), (EOS, 11)), ([EOS, 11], (EOS, 11))):
+        p = params(eos_token_ids=ids, suppress_token_ids=ids)
+        assert p.eos_token_ids == want and p.suppress_token_ids == want, (ids, p.eos_token_ids)
+        assert all(type(i) is int for i in p.eos_token_ids)
+    model = build("qwen2_5_vl")
+    model.generation_config.eos_token_id = [EOS, 11]
+    gen = torch.Generator().manual_seed(3)
+    batch = make_batch(prompts_for(gen), 1, gen)
+    s = seeds_for(batch["input_ids"].shape[0])
+    unset = generate(model, batch, params(eos_token_ids=None), seeds=s)
+    given = generate(model, batch, params(eos_token_ids=(EOS, 11)), seeds=s)
+    assert torch.equal(unset.completion_ids, given.completion_ids)
