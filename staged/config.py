@@ -646,8 +646,8 @@ class TrainConfig:
             bs = self.rollout.block_size or 16
             for s in self.stages:
                 limit = s.data.max_prompt_tokens
-                if s.type != "grpo" or not limit:
-                    continue
+                if s.type != "grpo" or not limit or (s.steps is not None and s.sft_warmup_steps >= s.steps):
+                    continue  # no rollout: an sft stage, or a grpo one of format warm-up steps only
                 need = _row_blocks(limit, s.grpo.max_response_tokens, bs)
                 _check(need <= self.rollout.kv_cache_tokens // bs, "rollout.kv_cache_tokens",
                        f"{self.rollout.kv_cache_tokens} tokens cannot hold one row of stage {s.name!r}: a prompt "

@@ -209,6 +209,11 @@ def test_a_kv_cache_too_small_for_the_longest_prompt_is_refused_before_the_model
     from_dict({"rollout": {"kv_cache_tokens": 288}, "stages": [stage]})  # enough for the row itself
     from_dict({"rollout": {"kv_cache_tokens": 0}, "stages": [stage]})    # sized by the engine
     from_dict({"rollout": {"kv_cache_tokens": 263, "engine": "simple"}, "stages": [stage]})  # no paged cache
+    # no rollout at all: an sft stage, a grpo stage of format warm-up steps only
+    from_dict({"rollout": {"kv_cache_tokens": 263}, "stages": [dict(stage, type="sft")]})
+    from_dict({"rollout": {"kv_cache_tokens": 263}, "stages": [dict(stage, steps=4, sft_warmup_steps=4)]})
+    with pytest.raises(ValueError, match="cannot hold one row"):
+        from_dict({"rollout": {"kv_cache_tokens": 263}, "stages": [dict(stage, steps=4, sft_warmup_steps=3)]})
 
 
 @pytest.mark.parametrize("block_size", [0, 1, 4, 16, 64])
