@@ -823,7 +823,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = from_cli(args)
     except (ValueError, FileNotFoundError) as e:  # a bad config is the user's, not a crash
-        print(f"staged.train: config error: {e}", file=sys.stderr)
+        # every rank reads the same config and fails alike, before any process group exists: the
+        # first of each node says it (one message, as after startup: staged.parallel.fail; per
+        # node, as a file missing on one node fails there only)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"staged.train: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
         train(cfg)

@@ -268,3 +268,18 @@ def test_errors_the_user_must_fix_are_one_message_others_keep_their_traceback(mo
     monkeypatch.setattr(train, "train", bug)
     with pytest.raises(ValueError, match="a bug"):
         train.main([])
+
+
+def test_a_config_error_is_said_once_on_several_ranks(monkeypatch, capsys):
+    """Every rank of a torchrun job parses the same config and refuses it alike: rank 0 says it
+    (the kv_cache_tokens refusal moved the KV-cache error here from the run, where it is one
+    message on any rank count): the first rank of each node says it; every rank exits 2."""
+    from staged import train
+
+    bad = ["rollout.kv_cache_tokens=-1"]
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            train.main(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and ("config error: rollout.kv_cache_tokens" in err) == said, (rank, err)
