@@ -11,12 +11,14 @@ Shapes (prompts x G = 5 samples, one image each):
   text   8 prompts of ~140 text tokens, no image, 64 new tokens: the textual stage's rows, where
          transformers' own continuous batching (``generate_batch``, text-only requests; G samples
          as ``num_return_sequences``) applies and runs beside the others.
-Rows report wall time (one timed run after a warm-up; CPU), tokens/s
-over the completion tokens, peak memory (on a CPU ``peak_extra_mb``, the resident peak of the timed
-call above the resident memory before it; on CUDA the allocator's peak, ``peak_gpu_mb``), the paged engine's prefill / decode split, its decode time as a
-% of the read bound (decoder + lm_head weights and the live KV read once per step, over the copy
-bandwidth measured in the same run), and ``same_alone``: of three rows decoded again alone, how
-many got the tokens they got in the batch (a row's completion must not depend on its neighbours). ``make gpu-check`` runs the same in bf16 on CUDA, the paged
+Rows report wall time (one timed run after a warm-up; CPU), tokens/s over the completion tokens,
+peak memory (on a CPU ``peak_extra_mb``, the resident peak of the timed call above the resident
+memory before it; on CUDA the allocator's peak, ``peak_gpu_mb``), the paged engine's prefill /
+decode split, its decode time as a % of the read bound (decoder + lm_head weights and the live KV
+read once per step, over the copy bandwidth measured in the same run), and ``same_alone``: of
+three rows decoded again alone, how many got the tokens they got in the batch (a row's completion
+must not depend on its neighbours).
+``make gpu-check`` runs the same in bf16 on CUDA, the paged
 engine with its decode steps as CUDA graphs and without, and with the torch decode attention in
 place of the Triton kernel (``rollout_at_scale``, bench_rollout_at_scale.py: the engine at the GPU
 goal's shape).

@@ -3,13 +3,14 @@ one command, in under 8 minutes (a cold H100/H200 of the lent image: torch 2.11,
 transformers 5.17, no flash-attn / xformers / network; liger-kernel when carried as a wheel).
 
 1. the CUDA tests: tests/kernels and tests/packing (not ``slow``) with the kernels compiled for
-   the real card instead of interpreted, and the rollout engine's CUDA-only tests (graphs replay
-   the eager steps bit for bit, rows at max_new_tokens between the host's looks, neighbours) (the workspace test holds the allocator's peak to
+   the real card instead of interpreted (the workspace test holds the allocator's peak to
    ``fused_linear_logprob_workspace``; the attention backends torch_varlen / flex against the
-   SDPA loop); the CPU-only TRL-adapter and AOT-compile tests are left to ``make test``;
+   SDPA loop), and the rollout engine's CUDA-only tests (graphs replay the eager steps bit for
+   bit, rows at max_new_tokens between the host's looks, neighbours); the CPU-only TRL-adapter
+   and AOT-compile tests are left to ``make test``;
 2. the microbenchmarks (``python -m benchmarks --only paged_decode rollout rollout_at_scale
-   linear_logprob grpo_loss packing --device cuda`` with STAGED_BENCH_GPU_CHECK=1, in that order): the fused log-prob at the 7B head, N = 2048
-   and 16384, as a ratio to the cuBLAS lm_head GEMMs timed in the same run (``x_gemm``) and its
+   linear_logprob grpo_loss packing --device cuda`` with STAGED_BENCH_GPU_CHECK=1, in that
+   order): the fused log-prob at the 7B head, N = 2048 and 16384, as a ratio to the cuBLAS lm_head GEMMs timed in the same run (``x_gemm``) and its
    workspace as % of fp32 logits, and on sm_90 the TMA forward (``tma=True``, opt-in until
    this measures it) beside the cp.async one (``tma/cp.async`` time ratios); GRPO loss and
    pack_embed as % of the copy bandwidth measured in the same run; vs eager, torch.compile and

@@ -484,8 +484,8 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
     def decodable() -> list[int]:
         # A row that has drawn all T tokens is done (the host knows it without asking the device)
         # but keeps its slot until the next look: it must not be decoded again -- its token index
-        # T is past out_ids (an index out of range: a device-side assert on CUDA) and its next
-        # write past the blocks reserved for it.
+        # T is past out_ids (an index out of range: a device-side assert on CUDA), and a second
+        # extra step would write past the blocks reserved for it.
         return [s for s in range(S) if sched.slots[s] is not None and t_of[s] < T]
 
     step_i = 0

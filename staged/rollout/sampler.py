@@ -60,11 +60,14 @@ def uniform_from_seed(seeds: torch.Tensor, t: int | torch.Tensor) -> torch.Tenso
     """One uniform in (0, 1) per row for token index ``t`` (an int, or [B] per row); seeds [B]
     int64 (any 62-bit values). The token index is added to a key the whole seed is mixed into,
     not to the seed: seeds s and s + 1 (a caller's ``arange``) would otherwise give one stream
-    shifted by a token, u(s, t + 1) == u(s + 1, t)."""
+    shifted by a token, u(s, t + 1) == u(s + 1, t). A second key from the whole seed enters
+    after: two seeds whose first keys happen to lie a few tokens apart (among 100k arange seeds,
+    thousands of pairs) then still differ unless both 32-bit keys collide."""
     lo, hi = seeds & _M32, (seeds >> 32) & _M32
     key = _mix32(lo ^ _mix32(hi ^ 0x9E3779B9))
+    key2 = _mix32(hi ^ _mix32(lo ^ 0x85EBCA77))
     x = _mix32((key + t) & _M32)
-    x = _mix32(x ^ hi)
+    x = _mix32(x ^ key2)
     return (x.double() + 0.5) / 4294967296.0
 
 
