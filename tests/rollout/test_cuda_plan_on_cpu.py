@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny models and batches of test_engine
-from test_engine import KINDS, build, make_batch, params, prompts_for, seeds_for  # noqa: E402
+from test_engine import KINDS, make_batch, models, params, prompts_for, seeds_for  # noqa: E402,F401 (models: a fixture)
 
 from staged.rollout import generate, plan, sample_tokens, select_rows  # noqa: E402
 
@@ -27,18 +27,6 @@ T = 10  # max_new_tokens: with the end tokens of test_engine's params, some rows
 @pytest.fixture(autouse=True)
 def cuda_plan(monkeypatch):
     monkeypatch.setitem(plan.PLANS, "cpu", plan.CUDA)
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = build(kind)
-        return cache[kind]
-
-    return get
 
 
 def batch_and_seeds(group=3, seed=1):
