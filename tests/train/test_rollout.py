@@ -5,7 +5,7 @@ import torch
 
 from staged.data.prompting import build_generation_batch
 from staged.data.synthetic import make_synthetic_dataset
-from staged.grpo import group_advantages, token_logprobs
+from staged.grpo import VocabMask, group_advantages, token_logprobs
 from staged.models.loading import load_model_and_processor
 from staged.rollout import (SamplingParams, extend_positions, generate, model_inputs, position_ids, row_seed,
                             sample_tokens, select_rows, uniform_from_seed)
@@ -98,20 +98,29 @@ def test_eos_ends_a_completion(model_and_processor):
 
 
 def test_sampler_logprobs_match_the_trainer(model_and_processor):
-    """Positions and inputs of the training forward reproduce the sampler's log-probs."""
+    """Positions and inputs of the training forward reproduce the sampler's log-probs, with the
+    trainer's suppressed tokens (a sampled image placeholder would not even fit the training
+    forward: its features would not match its tokens) and its log-probs over the rest."""
+    from staged.config import load_config
+    from staged.train import sampling_params
+
     model, processor = model_and_processor
     samples = make_synthetic_dataset("perception", 3, seed=4) + make_synthetic_dataset("textual", 2, seed=4)
     batch = _batch(processor, samples)
     seeds = torch.tensor([row_seed(2, 0, i) for i in range(5)])
-    ro = generate(model, batch, _params(processor), seeds=seeds)  # nothing suppressed
+    cfg = load_config(None, [])
+    suppress = sampling_params(cfg.stages[0], cfg, model, processor.tokenizer).suppress_token_ids
+    assert suppress  # the vision placeholders at least
+    ro = generate(model, batch, _params(processor, suppress_token_ids=suppress), seeds=seeds)
     Tp = ro.prompt_ids.shape[1]
     seq = select_rows(batch, list(range(5)))
     seq.update(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
                attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1),
                position_ids=ro.position_ids)
     inputs = model_inputs(seq, torch.device("cpu"), torch.float32)
+    vocab = VocabMask.build(suppress, model.config.get_text_config().vocab_size, torch.device("cpu"))
     with torch.no_grad():
-        logp = token_logprobs(model, inputs, inputs["input_ids"][:, Tp:], Tp)
+        logp = token_logprobs(model, inputs, inputs["input_ids"][:, Tp:], Tp, vocab=vocab)
     m = ro.completion_mask.bool()
     torch.testing.assert_close(logp[m], ro.logprobs[m], atol=2e-5, rtol=0)
     # the positions are those the model itself computes for the prompt, then one per token
