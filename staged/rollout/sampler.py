@@ -60,14 +60,15 @@ def uniform_from_seed(seeds: torch.Tensor, t: int | torch.Tensor) -> torch.Tenso
     """One uniform in (0, 1) per row for token index ``t`` (an int, or [B] per row); seeds [B]
     int64 (any 62-bit values). The token index is added to a key the whole seed is mixed into,
     not to the seed: seeds s and s + 1 (a caller's ``arange``) would otherwise give one stream
-    shifted by a token, u(s, t + 1) == u(s + 1, t). A second key from the whole seed enters
-    after: two seeds whose first keys happen to lie a few tokens apart (among 100k arange seeds,
-    thousands of pairs) then still differ unless both 32-bit keys collide."""
+    shifted by a token, u(s, t + 1) == u(s + 1, t). Left: the key has 32 bits, so two seeds that
+    share their high word and whose keys happen to lie d < T apart still share a stream shifted by
+    d tokens (~n^2 T / 2^32 pairs of n such seeds: ~3 among 2,560 arange seeds at T = 2,048; never
+    in practice for the trainer's ``row_seed`` seeds, whose high words differ). A second key from
+    the whole seed would close that too; it was measured and not kept (RESULTS.md, session 8)."""
     lo, hi = seeds & _M32, (seeds >> 32) & _M32
     key = _mix32(lo ^ _mix32(hi ^ 0x9E3779B9))
-    key2 = _mix32(hi ^ _mix32(lo ^ 0x85EBCA77))
     x = _mix32((key + t) & _M32)
-    x = _mix32(x ^ key2)
+    x = _mix32(x ^ hi)
     return (x.double() + 0.5) / 4294967296.0
 
 
