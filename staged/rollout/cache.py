@@ -91,10 +91,6 @@ class PagedKVCache:
             return host.pin_memory().to(device, non_blocking=True)
         return host.to(device)
 
-    def write_prompt(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a prompt's keys / values [n, kv_heads, head_dim] at ``slots`` (``prompt_slots``)."""
-        self.write_token(layer, slots, k, v)
-
     def copy_block(self, src: int, dst: int, n: int) -> None:
         """Copy the first ``n`` tokens of block ``src`` into ``dst`` in every layer (copy on write)."""
         for k, v in zip(self.keys, self.values):
@@ -102,6 +98,7 @@ class PagedKVCache:
             v[dst, :n] = v[src, :n]
 
     def write_token(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one token per row: slot [S] = block * block_size + offset; k, v [S, kv_heads, head_dim]."""
+        """Store tokens at ``slot`` [S] = block * block_size + offset; k, v [S, kv_heads, head_dim]:
+        one token per decode row, or a prompt's tokens at its ``prompt_slots``."""
         self.keys[layer].view(-1, *k.shape[1:]).index_copy_(0, slot, k)
         self.values[layer].view(-1, *v.shape[1:]).index_copy_(0, slot, v)

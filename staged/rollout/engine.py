@@ -340,7 +340,7 @@ def _generate_paged(model, batch: dict, params: SamplingParams, seeds: torch.Ten
         blocks = sched.take_prefix(g)
         slots = cache.prompt_slots(blocks, sched.prompts[g].length, device)
         for layer in range(n_layers):
-            cache.write_prompt(layer, slots, k_of(layer).to(kv_dtype), v_of(layer).to(kv_dtype))
+            cache.write_token(layer, slots, k_of(layer).to(kv_dtype), v_of(layer).to(kv_dtype))
         sched.prompts[g].logits = logits
 
     def prefill_packed(gs: list[int]) -> None:
