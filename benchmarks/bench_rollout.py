@@ -11,9 +11,11 @@ Shapes (prompts x G = 5 samples, one image each):
   text   8 prompts of ~140 text tokens, no image, 64 new tokens: the textual stage's rows, where
          transformers' own continuous batching (``generate_batch``, text-only requests; G samples
          as ``num_return_sequences``) applies and runs beside the others.
-Rows report wall time (one timed run after a warm-up; CPU), tokens/s over the completion tokens,
-peak memory (on a CPU ``peak_extra_mb``, the resident peak of the timed call above the resident
-memory before it; on CUDA the allocator's peak, ``peak_gpu_mb``), the paged engine's prefill /
+Rows report wall time (the median of ``STAGED_BENCH_REPS`` timed calls, 3 by default, taken in
+turns across the implementations after a warm-up call of each), tokens/s over the completion
+tokens of the median call, peak memory read on the warm-up call (on a CPU ``peak_extra_mb``, its
+resident peak above the resident memory before it; on CUDA the allocator's peak,
+``peak_gpu_mb``), the paged engine's prefill /
 decode split, its decode time as a % of the read bound (decoder + lm_head weights and the live KV
 read once per step, over the copy bandwidth measured in the same run), and ``same_alone``: of
 three rows decoded again alone, how many got the tokens they got in the batch (a row's completion
@@ -32,7 +34,7 @@ import time
 
 import torch
 
-from benchmarks.common import PeakExtraRSS
+from benchmarks.common import PeakExtraRSS, quantiles_ms
 
 PATCH = 14
 VOCAB = 151_936
@@ -180,6 +182,18 @@ def read_bound_pct(weight_bytes: int, stats: dict, copy_gbps: float) -> float:
     return 100 * read / (copy_gbps * 1e9) / secs
 
 
+def completion_tokens(impl: str, out, eos) -> tuple[int, dict]:
+    """(completion tokens, the engine's stats) of one call's output: ours a Rollout; transformers'
+    ``generate()`` the ids after the prompt (counted up to and with the first end token);
+    ``generate_batch`` the completions' token lists."""
+    if impl == "transformers continuous batching":
+        return sum(len(t) for t in out), {}
+    if impl == "transformers generate()":
+        ended = torch.isin(out, torch.tensor(eos, device=out.device)).long()
+        return int(((ended.cumsum(-1) - ended) == 0).sum()), {}
+    return int(out.completion_mask.sum()), out.stats or {}
+
+
 def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) -> list[dict]:
     from staged.rollout import SamplingParams, generate, row_seed
 
@@ -192,6 +206,7 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
               [("short", 8, 5, 64, 64, 0.0), ("long", 4, 5, 256, 256, 1 / 128), ("text", 8, 5, 0, 64, 0.0)])
     if os.environ.get("STAGED_BENCH_GPU_CHECK") == "1":  # make gpu-check's time budget: the short shape
         shapes = shapes[:1]
+    reps = int(os.environ.get("STAGED_BENCH_REPS", 1 if quick else 3))
     rows = []
     for name, P, G, vt, new, end_frac in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -259,28 +274,36 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                  "round-1 loop": round1(ours("simple")), "transformers generate()": hf_generate,
                  **({"transformers continuous batching": hf_continuous_batching}
                     if prompt_ids is not None and hasattr(model, "generate_batch") else {})}
+        # Each implementation's first call is its warm-up (allocator, kernels) and where its host
+        # memory is read: the heap trimmed first (PeakExtraRSS), which makes the call that follows
+        # fault its pages in afresh -- 0.3-0.7 s on this CPU, so never a timed one. The timed calls
+        # then go round the implementations REPS times, so that a change in the machine's load
+        # (a shared CPU) falls on all of them alike; each row reports the median.
+        peak = {}
         for impl, fn in impls.items():
-            fn()  # warm-up (allocator, kernels)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             with PeakExtraRSS() as host_mem:
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            peak[impl] = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else host_mem.mb)
+        runs = {impl: [] for impl in impls}
+        for _ in range(reps):
+            for impl, fn in impls.items():
                 t0 = time.perf_counter()
                 out = fn()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            if impl == "transformers continuous batching":
-                n_tok, stats = sum(len(t) for t in out), {}
-            elif impl == "transformers generate()":
-                ids = out
-                ended = torch.isin(ids, torch.tensor(eos, device=ids.device)).long()
-                n_tok = int(((ended.cumsum(-1) - ended) == 0).sum())  # tokens up to and with the first end
-                stats = {}
-            else:
-                n_tok, stats = int(out.completion_mask.sum()), out.stats or {}
-            row = {"case": case, "impl": impl, "median_ms": dt * 1e3, "p20_ms": dt * 1e3, "p80_ms": dt * 1e3,
-                   "completion_tokens": n_tok, "tokens_per_s": n_tok / dt}
+                runs[impl].append((time.perf_counter() - t0, out))
+        for impl, fn in impls.items():
+            timed = sorted(runs[impl], key=lambda r: r[0])
+            dt, out = timed[len(timed) // 2]  # the median run (its stats: the prefill / decode split)
+            n_tok, stats = completion_tokens(impl, out, eos)
+            row = {"case": case, "impl": impl,
+                   **quantiles_ms([t * 1e3 for t, _ in runs[impl]]),
+                   "completion_tokens": n_tok, "tokens_per_s": n_tok / dt, "reps": reps}
             if stats:
                 row.update(prefill_ms=stats["prefill_s"] * 1e3, decode_ms=stats["decode_s"] * 1e3,
                            cache_mb=stats["cache_mb"])
@@ -292,10 +315,8 @@ def run(device: str = "cpu", limits: dict | None = None, quick: bool = False) ->
                         row["graphs"] += " (capture failed: eager)"
                 if limits and limits.get("copy_gbps"):
                     row["pct_of_read_bound"] = read_bound_pct(weight_bytes, stats, limits["copy_gbps"])
-            if dev.type == "cuda":
-                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            elif host_mem.mb is not None:
-                row["peak_extra_mb"] = host_mem.mb
+            if peak[impl] is not None:
+                row["peak_gpu_mb" if dev.type == "cuda" else "peak_extra_mb"] = peak[impl]
             if impl.startswith("paged"):
                 row["same_alone"] = same_alone(model, batch, fn.params, seeds, out, dev, dtype)
             rows.append(row)

@@ -106,12 +106,25 @@ class DataConfig:
 
 
 def _row_blocks(max_prompt: int, max_new: int, bs: int) -> int:
-    """KV blocks the paged engine reserves for one row of a prompt of up to ``max_prompt`` tokens
-    (staged.rollout.engine.Scheduler: the prompt's blocks + the row's own, which start with the
-    prompt's partial block). Not monotone in the prompt length (a shorter prompt's partial block
-    can cost one more), so the worst of the last ``bs`` lengths: shorter ones repeat their
-    partial blocks with fewer full ones."""
-    return max(-(-p // bs) + -(-(p % bs + max_new) // bs) for p in range(max(1, max_prompt - bs + 1), max_prompt + 1))
+    """KV blocks the paged engine reserves for one row of a prompt of up to ``max_prompt`` tokens.
+    Not monotone in the prompt length (a shorter prompt's partial block can cost one more), so the
+    worst of the last ``bs`` lengths: shorter ones repeat their partial blocks with fewer full ones."""
+    from staged.rollout.cache import row_blocks  # here: staged.rollout imports this module
+
+    return max(row_blocks(p, max_new, bs) for p in range(max(1, max_prompt - bs + 1), max_prompt + 1))
+
+
+def check_engine_settings(s, check) -> None:
+    """The rollout engine's settings that ``RolloutConfig`` and ``SamplingParams`` share, checked
+    alike; ``check(ok, name, message)`` raises in the caller's words."""
+    check(s.engine in ROLLOUT_ENGINES, "engine", f"expected one of {', '.join(ROLLOUT_ENGINES)}, got {s.engine!r}")
+    check(s.attention in ATTENTION_BACKENDS, "attention",
+          f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {s.attention!r}")
+    for name in ("block_size", "kv_cache_tokens", "invariant_rows"):
+        check(getattr(s, name) >= 0, name, f"must be >= 0, got {getattr(s, name)}")
+    check(s.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {s.prefill_tokens}")
+    check(0.0 < s.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
+          f"must lie in (0, 0.95], got {s.kv_cache_memory_fraction}")
 
 
 def check_pixel_bounds(lo: int | None, hi: int | None, prefix: str) -> None:
@@ -453,16 +466,7 @@ class RolloutConfig:
     once per mini-batch over its distinct images (not per row). false: the tower per row."""
 
     def __post_init__(self):
-        _check(self.engine in ROLLOUT_ENGINES, "engine",
-               f"expected one of {', '.join(ROLLOUT_ENGINES)}, got {self.engine!r}")
-        _check(self.block_size >= 0, "block_size", f"must be >= 0, got {self.block_size}")
-        _check(self.attention in ATTENTION_BACKENDS, "attention",
-               f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
-        _check(self.kv_cache_tokens >= 0, "kv_cache_tokens", f"must be >= 0, got {self.kv_cache_tokens}")
-        _check(0.0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
-               f"must lie in (0, 0.95], got {self.kv_cache_memory_fraction}")
-        _check(self.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
-        _check(self.invariant_rows >= 0, "invariant_rows", f"must be >= 0, got {self.invariant_rows}")
+        check_engine_settings(self, _check)
 
 
 @dataclass

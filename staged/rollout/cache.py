@@ -18,6 +18,13 @@ from __future__ import annotations
 import torch
 
 
+def host_longs(values: list[int], device) -> torch.Tensor:
+    """``values`` as a host int64 tensor for a copy to ``device``: pinned where that is CUDA, so
+    that ``.to(device, non_blocking=True)`` is asynchronous (from pageable memory it waits)."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory() if torch.device(device).type == "cuda" else host
+
+
 class KVCacheTooSmall(ValueError):
     """The KV-cache budget cannot hold one row (its prompt and max_new_tokens): a setting to raise,
     so the trainer prints it as one message, without a traceback (``staged.parallel.fail``)."""
@@ -27,6 +34,17 @@ class KVCacheTooSmall(ValueError):
 
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
+
+
+def own_blocks(prompt_len: int, max_new: int, block_size: int) -> int:
+    """Blocks a row owns at most: its prompt's partial last block (copied on write into the row's
+    first own block) and up to ``max_new`` tokens after it."""
+    return blocks_for(prompt_len % block_size + max_new, block_size)
+
+
+def row_blocks(prompt_len: int, max_new: int, block_size: int) -> int:
+    """Blocks one row needs at most, alone in the cache: its prompt's and its own."""
+    return blocks_for(prompt_len, block_size) + own_blocks(prompt_len, max_new, block_size)
 
 
 class BlockPool:
@@ -86,10 +104,7 @@ class PagedKVCache:
         """[n] int64: block * block_size + offset of a prompt's n tokens in ``blocks`` (in order);
         built once per prompt, one host-to-device copy for all its layers."""
         bs = self.block_size
-        host = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)], dtype=torch.long)
-        if torch.device(device).type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+        return host_longs([blocks[t // bs] * bs + t % bs for t in range(n)], device).to(device, non_blocking=True)
 
     def copy_block(self, src: int, dst: int, n: int) -> None:
         """Copy the first ``n`` tokens of block ``src`` into ``dst`` in every layer (copy on write)."""

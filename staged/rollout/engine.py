@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from staged.models.loading import base_model, vision_module
-from staged.rollout.cache import KVCacheTooSmall, PagedKVCache, blocks_for
+from staged.rollout.cache import KVCacheTooSmall, PagedKVCache, blocks_for, host_longs, own_blocks, row_blocks
 from staged.rollout.cpu_linear import packed_linears
 from staged.rollout.graphs import DecodeGraphs
 from staged.rollout.interface import (SamplingParams, cache_kwarg, image_ranges, images_per_row, model_inputs,
@@ -120,7 +120,7 @@ class Scheduler:
         self.reserved = 0           # blocks promised to live rows / prefilled prompts' next row
 
     def own_worst(self, p: Prompt) -> int:
-        return blocks_for(p.length % self.bs + self.max_new, self.bs)
+        return own_blocks(p.length, self.max_new, self.bs)
 
     def worst_case_blocks(self) -> int:
         """Blocks this call can need at most: every prefix and every row's worst case at once."""
@@ -133,8 +133,8 @@ class Scheduler:
     def check_fits(self) -> None:
         """A budget that cannot hold the longest single row is an error now, not a hang later."""
         nb = self.cache.pool.num_blocks
-        worst = max(self.prompts, key=lambda p: blocks_for(p.length, self.bs) + self.own_worst(p))
-        need = blocks_for(worst.length, self.bs) + self.own_worst(worst)
+        worst = max(self.prompts, key=lambda p: row_blocks(p.length, self.max_new, self.bs))
+        need = row_blocks(worst.length, self.max_new, self.bs)
         if need > nb:
             raise KVCacheTooSmall(
                 f"rollout KV cache too small for one row: a prompt of {worst.length} tokens + max_new_tokens "
@@ -156,7 +156,7 @@ class Scheduler:
             p = self.prompts[g]
             if g in seen or p.blocks:
                 continue
-            need = blocks_for(p.length, self.bs) + self.own_worst(p)
+            need = row_blocks(p.length, self.max_new, self.bs)
             if need > avail or (out and tokens + p.length > token_budget):
                 break
             out.append(g)
@@ -601,11 +601,9 @@ def _decode_step(live_slots, sched, t_of, next_pos, device_step, graphs, device,
             graphs.run(graphs.pack([c[a:a + step] for c in cols], part, shape), shape)
     else:
         n = len(slot_idx)
-        host = torch.tensor([x for c in cols for x in c] + [x for b in tables for x in b + [0] * (widest - len(b))],
-                            dtype=torch.long)
+        host = host_longs([x for c in cols for x in c] + [x for b in tables for x in b + [0] * (widest - len(b))],
+                          device)
         by_length = _length_groups(lens) if per_length else None
-        if device.type == "cuda":
-            host = host.pin_memory()
         device_step(host.to(device, non_blocking=True), n, widest, by_length)
     for s in slot_idx:
         t_of[s] += 1

@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from staged.rollout.cache import host_longs
+
 
 def buckets(slots: int) -> list[int]:
     """Row counts a step is padded to: powers of two below ``slots``, then ``slots``."""
@@ -86,8 +88,7 @@ class DecodeGraphs:
         for b in tables:
             body += b + [self.scratch_block] * (mb - len(b))
         body += [self.scratch_block] * (mb * (nb - n))
-        host = torch.tensor(body, dtype=torch.long)
-        return host.pin_memory() if self.device.type == "cuda" else host
+        return host_longs(body, self.device)
 
     def run(self, host: torch.Tensor, shape: tuple[int, int]) -> None:
         nb, mb = shape

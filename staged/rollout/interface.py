@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from staged.config import ATTENTION_BACKENDS, ROLLOUT_ENGINES
+from staged.config import check_engine_settings
 from staged.models.loading import base_model
 
 # ------------------------------------------------------------------------------------------
@@ -96,15 +96,9 @@ class SamplingParams:
               f"must be a finite number > 0, got {self.temperature} (greedy decoding: a tiny temperature, as "
               f"staged.eval does with {GREEDY_HINT})")
         check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
-        check(self.engine in ROLLOUT_ENGINES, "engine", f"expected one of {ROLLOUT_ENGINES}, got {self.engine!r}")
-        check(self.attention in ATTENTION_BACKENDS, "attention",
-              f"expected one of {ATTENTION_BACKENDS}, got {self.attention!r}")
-        for name in ("batch_size", "block_size", "kv_cache_tokens", "invariant_rows"):
-            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        check(self.prefill_tokens >= 1, "prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
+        check(self.batch_size >= 0, "batch_size", f"must be >= 0, got {self.batch_size}")
         check(self.check_every >= 1, "check_every", f"must be >= 1, got {self.check_every}")
-        check(0.0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction",
-              f"must lie in (0, 0.95], got {self.kv_cache_memory_fraction}")
+        check_engine_settings(self, check)
 
 
 @dataclass

@@ -167,22 +167,42 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2), None
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads set to 1 inside the block (restored after; ~0.2 us a switch)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _attend_by_length(query, keys, values, paged: DecodeStep, scaling):
     """Each row over exactly its own keys, no mask: its numbers then do not depend on the longest
     row beside it (SDPA's CPU kernel sums a row's keys in an order set by the key count, so padding
     to the batch's width moves the rounding: enough to flip a sampled token among 152k near-equal
-    probabilities). One gather per pool for all rows; each length group attends over its slice."""
+    probabilities). One gather per pool for all rows; each length group attends over its slice.
+
+    On one thread: with several, torch's CPU flash attention shares a one-query call's work out
+    differently by how many (row, head) pairs it holds, and a row's output bits then follow the
+    rows of its length group (measured: 2 threads, an AVX-512 EPYC, 255+ keys: 4 rows of 5 differ
+    from the same rows alone). One thread costs ~25% of these calls' time (~1-2% of a step)."""
     kv = keys.shape[2:]
     k_all = keys.view(-1, *kv).index_select(0, paged.token_index)
     v_all = values.view(-1, *kv).index_select(0, paged.token_index)
     outs, at = [], 0
-    for start, stop, L in paged.by_length:
-        n = stop - start
-        k = k_all[at:at + n * L].view(n, L, *kv).transpose(1, 2)
-        v = v_all[at:at + n * L].view(n, L, *kv).transpose(1, 2)
-        outs.append(F.scaled_dot_product_attention(query[start:stop], k, v, scale=scaling,
-                                                   enable_gqa=k.shape[1] != query.shape[1]))
-        at += n * L
+    with one_thread():
+        for start, stop, L in paged.by_length:
+            n = stop - start
+            k = k_all[at:at + n * L].view(n, L, *kv).transpose(1, 2)
+            v = v_all[at:at + n * L].view(n, L, *kv).transpose(1, 2)
+            outs.append(F.scaled_dot_product_attention(query[start:stop], k, v, scale=scaling,
+                                                       enable_gqa=k.shape[1] != query.shape[1]))
+            at += n * L
     return torch.cat(outs).transpose(1, 2)
 
 
