@@ -156,8 +156,8 @@ def plan(out: str | Path, *, arms=DEFAULT_ARMS, seeds=DEFAULT_SEEDS, quick: bool
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
             common = [f"seed={seed}"]
-            if base[name].model == "embedded":  # the initial weights are built from the seed: one dir per seed
-                common.append(f"embedded_dir={out / 'embedded' / f'seed{seed}'}")
+            if base[name].model == "embedded":  # built from the seed: one dir per seed beside it (train.embedded_path)
+                common.append(f"embedded_dir={out / 'embedded' / 'model'}")
             common += list(overrides)
             cfg0 = load_config(recipe, common)
             ov = common + (quick_overrides(cfg0) if quick else []) + curriculum_overrides(cfg0, cur) \

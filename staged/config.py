@@ -563,7 +563,9 @@ class TrainConfig:
     """A local HF checkpoint directory, a Hugging Face model id whose snapshot is in the local HF
     cache (``Qwen/Qwen3-VL-8B-Instruct``), or ``embedded`` for the tiny built-in Qwen2.5-VL."""
     embedded_dir: str = "outputs/embedded-model"
-    """Where the embedded checkpoint is built (once) and loaded from."""
+    """Where the embedded checkpoint is built (once) and loaded from. Its weights follow ``seed``:
+    seed 0's live here, another seed's beside it in ``<embedded_dir>-seed<seed>`` (runs of
+    different seeds at once never rebuild each other's)."""
     precision: str = "auto"
     """auto (bf16 params / fp32 reductions on GPU, fp32 on CPU), bf16 or fp32."""
     attn_implementation: str = "sdpa"

@@ -61,10 +61,18 @@ def resolve_model_path(cfg: TrainConfig, d: parallel.Dist) -> Path:
         return local_checkpoint(cfg.model)
     from staged.models.embedded import build_embedded_checkpoint
 
+    path = embedded_path(cfg)
     if d.is_main:
-        build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
+        build_embedded_checkpoint(path, seed=cfg.seed)
     parallel.barrier()
-    return build_embedded_checkpoint(cfg.embedded_dir, seed=cfg.seed)
+    return build_embedded_checkpoint(path, seed=cfg.seed)
+
+
+def embedded_path(cfg: TrainConfig) -> Path:
+    """The embedded checkpoint of ``cfg.seed``: one directory per seed, so that runs of different
+    seeds at once (an ablation's) do not replace each other's weights while another loads them."""
+    base = Path(cfg.embedded_dir)
+    return base if cfg.seed == 0 else base.with_name(f"{base.name}-seed{cfg.seed}")
 
 
 def local_checkpoint(model: str) -> Path:

@@ -11,6 +11,7 @@ import pytest
 
 from staged import ablation
 from staged.config import DataConfig, StageConfig, load_config
+from staged.train import embedded_path
 
 
 def grpo_steps(cfg) -> int:
@@ -142,7 +143,7 @@ def test_plan_arms_seeds_curriculum_and_eval(tmp_path):
         cfg = r["cfg"]
         assert cfg.seed == r["seed"] and cfg.stages[0].lr == 1e-4
         assert Path(cfg.output_dir) == tmp_path / r["arm"] / f"seed{r['seed']}"
-        assert Path(cfg.embedded_dir) == tmp_path / "embedded" / f"seed{r['seed']}"  # weights from the seed
+        assert embedded_path(cfg) == tmp_path / "embedded" / f"model-seed{r['seed']}"  # weights from the seed
         assert cfg.eval.synthetic == list(ablation.EVAL_SETS) and cfg.eval.n == 128 and cfg.eval.stages == "all"
         assert cfg.eval.max_new_tokens == 16
         e2h = r["arm"] != "staged"

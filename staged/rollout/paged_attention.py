@@ -162,8 +162,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     S, MB = paged.block_table.shape
     k = c.keys[layer][bt].view(S, MB * c.block_size, *c.keys[layer].shape[2:]).transpose(1, 2)
     v = c.values[layer][bt].view(S, MB * c.block_size, *c.values[layer].shape[2:]).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=paged.mask, scale=scaling,
-                                         enable_gqa=k.shape[1] != query.shape[1])
+    # On a CPU on one thread, as _attend_by_length: else a row's bits follow its place in the call
+    with one_thread() if query.device.type == "cpu" else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=paged.mask, scale=scaling,
+                                             enable_gqa=k.shape[1] != query.shape[1])
     return out.transpose(1, 2), None
 
 

@@ -157,3 +157,21 @@ def test_unsupported_checkpoint_errors_name_the_dir(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match=f"{tmp_path}.*llama"):
         load_model_and_processor(tmp_path)
+
+
+def test_runs_of_two_seeds_keep_their_own_checkpoints(tmp_path):
+    """The embedded weights follow the run seed. Two runs of different seeds with one embedded_dir
+    (an ablation's, or two shells) once rebuilt the same directory in turn: the second replaced the
+    first's weights under it (or failed renaming its build into place while the first held it)."""
+    from staged import parallel
+    from staged.config import load_config
+    from staged.train import resolve_model_path
+
+    single = parallel.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    paths = {}
+    for seed in (0, 1, 0):
+        cfg = load_config("default", [f"seed={seed}", f"embedded_dir={tmp_path / 'model'}"])
+        paths.setdefault(seed, []).append(resolve_model_path(cfg, single))
+    assert paths[0][0] == paths[0][1] == tmp_path / "model" and paths[1][0] != paths[0][0]
+    stamps = {s: json.loads((p[0] / E.STAMP_FILE).read_text()) for s, p in paths.items()}
+    assert stamps[0]["seed"] == 0 and stamps[1]["seed"] == 1
